@@ -1,0 +1,13 @@
+"""entmath: entropy, softmax and their relatives, as verified PyTorch ops with Triton kernels.
+
+Every op works along ``dim`` for any leading shape, accumulates in fp32 (fp64 stays fp64),
+returns the input's dtype, and takes ``backend="auto" | "torch" | "triton"``.  The book derives
+each op; each module's docstring names its chapter.
+"""
+from ._backend import triton_available
+from .ops.cross_entropy import cross_entropy
+from .ops.entropy import entropy
+from .ops.kl import kl
+
+__version__ = "0.1.0"
+__all__ = ["entropy", "cross_entropy", "kl", "triton_available", "__version__"]

@@ -1,0 +1,64 @@
+"""Online per-row softmax statistics: the building block of every forward kernel.
+
+For a row z the kernels keep, relative to the running maximum m,
+
+    c = #{i : z_i = m}                      (how many logits sit at the maximum)
+    T = sum_{z_i < m} exp(z_i - m)          (mass strictly below the maximum)
+    A = sum_{z_i < m} exp(z_i - m)(z_i - m) (first moment of that mass)
+
+so that S = sum_i exp(z_i - m) = c + T, log S = log c + log1p(T / c) and
+H = log S - A / S.  Keeping the maximal entries out of T is what makes log S accurate when the
+row is nearly one-hot (T << 1): a plain sum would round 1 + T to 1 and lose the entropy.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_row_chunk(ptr, cols, n_cols, ACC: tl.constexpr):
+    """Load one chunk of a row in the accumulation dtype; padding and NaN are returned as -inf,
+    NaN-ness separately (so it can be propagated explicitly: tl.max need not propagate NaN)."""
+    x = tl.load(ptr + cols, mask=cols < n_cols, other=float("-inf")).to(ACC)
+    is_nan = x != x
+    return tl.where(is_nan, float("-inf"), x), tl.sum(is_nan.to(tl.int32), axis=0)
+
+
+@triton.jit
+def update_stats(m, c, T, A, x):
+    """Fold one chunk ``x`` into the running (m, c, T, A) of the row."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    grow = m_new > m
+    # m_new is -inf only while every logit so far is -inf; subtracting 0 then avoids -inf - -inf.
+    m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    # Rescale the old statistics to the new maximum: old maxima become "below" mass.
+    old_mass = T + c
+    # delta = m - m_new <= 0 is -inf while the row has had no finite logit (then old_mass = 0).
+    delta = tl.where(grow & (old_mass > 0), m - m_ref, 0.0)
+    alpha = tl.exp(delta)
+    T = tl.where(grow, alpha * old_mass, T)
+    A = tl.where(grow, alpha * (A + delta * old_mass), A)
+    c = tl.where(grow, 0.0, c)
+    # This chunk's contributions.  -inf logits (and padding) have e = 0 and d is zeroed with
+    # them, so they add exactly nothing: never 0 * (-inf) = NaN.
+    at_max = (x == m_new) & (x > float("-inf"))
+    below = (x < m_new) & (x > float("-inf"))
+    d = tl.where(below, x - m_ref, 0.0)
+    e = tl.where(below, tl.exp(d), 0.0)
+    c += tl.sum(at_max.to(c.dtype), axis=0)
+    T += tl.sum(e, axis=0)
+    A += tl.sum(e * d, axis=0)
+    return m_new, c, T, A
+
+
+@triton.jit
+def log1p(x):
+    # log1p without cancellation: with u = fl(1 + x), log(u) * x / (u - 1) is accurate to a few
+    # ulp (Goldberg 1991, "What every computer scientist should know about floating point").
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / tl.where(u == 1.0, 1.0, u - 1.0))
+
+
+@triton.jit
+def log_normaliser(c, T):
+    """log S = log(c + T), accurate when T << c."""
+    return tl.log(c) + log1p(T / c)

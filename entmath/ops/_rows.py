@@ -1,0 +1,24 @@
+"""Shape plumbing shared by the ops: classes along the last dimension, rows everywhere else."""
+from __future__ import annotations
+
+import torch
+
+
+def rows_2d(z: torch.Tensor) -> torch.Tensor:
+    """View ``z`` (classes last) as (rows, n) with unit column stride, copying only if needed."""
+    z2d = z.reshape(-1, z.shape[-1])
+    if z2d.stride(-1) != 1 or (z2d.shape[0] > 1 and z2d.stride(0) < z2d.shape[1]):
+        z2d = z2d.contiguous()
+    return z2d
+
+
+def upcast(z: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 logits are computed in fp32; fp32 and fp64 stay as they are."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def kernels(name: str):
+    """Import ``entmath.kernels.<name>`` on first use (Triton is optional)."""
+    import importlib
+
+    return importlib.import_module(f"entmath.kernels.{name}")
