@@ -81,7 +81,6 @@ def cross_entropy_bwd_kernel(z_ptr, t_ptr, y_ptr, g_ptr, lse_ptr, gz_ptr, coef_p
         t = -1
     else:
         t = tl.load(t_ptr + row)
-        g = tl.where(t != ignore_index, g, 0.0)
         sum_y = 1.0
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
@@ -93,6 +92,9 @@ def cross_entropy_bwd_kernel(z_ptr, t_ptr, y_ptr, g_ptr, lse_ptr, gz_ptr, coef_p
         else:
             y = tl.where(start + cols == t, keep, 0.0) + spread
         grad = g * (sum_y * p - y)
+        if not SOFT:
+            # an ignored row may be all -inf (lse = NaN): select 0, don't multiply by it
+            grad = tl.where(t != ignore_index, grad, 0.0)
         tl.store(gz_ptr + row * stride_grad + start + cols, grad.to(gz_ptr.dtype.element_ty), mask=mask)
 
 

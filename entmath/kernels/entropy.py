@@ -48,10 +48,10 @@ def entropy_bwd_kernel(z_ptr, gz_ptr, gh_ptr, h_ptr, lse_ptr, n_cols, stride_row
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
         z = tl.load(z_ptr + row * stride_row + start + cols, mask=mask, other=0.0).to(ACC)
-        log_p = z - lse
-        p = tl.exp(log_p)
-        # p = 0 for -inf logits: their gradient is 0, not 0 * (-inf).
-        g = tl.where(p > 0, -gh * p * (log_p + h), 0.0)
+        live = z > float("-inf")
+        log_p = tl.where(live, z - lse, 0.0)  # -inf logits: p = 0 and gradient 0, not 0 * (-inf)
+        p = tl.where(live, tl.exp(log_p), 0.0)
+        g = -gh * p * (log_p + h)
         tl.store(gz_ptr + row * stride_grad + start + cols, g.to(gz_ptr.dtype.element_ty), mask=mask)
 
 

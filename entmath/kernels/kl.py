@@ -31,12 +31,14 @@ def kl_fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, n_cols, stride_a, 
     Tb = tl.zeros([], ACC)
     Ab = tl.zeros([], ACC)
     B = tl.zeros([], ACC)
-    n_nan = tl.zeros([], tl.int32)
+    nan_a = tl.zeros([], tl.int32)
+    nan_b = tl.zeros([], tl.int32)
     n_lost = tl.zeros([], tl.int32)
     for start in range(0, n_cols, BLOCK):
         a, ka = load_row_chunk(a_ptr + row * stride_a + start, cols, n_cols - start, ACC)
         b, kb = load_row_chunk(b_ptr + row * stride_b + start, cols, n_cols - start, ACC)
-        n_nan += ka + kb
+        nan_a += ka
+        nan_b += kb
         m_old = ma
         ma, ca, Ta, Aa = update_stats(ma, ca, Ta, Aa, a)
         mb, cb, Tb, Ab = update_stats(mb, cb, Tb, Ab, b)
@@ -54,10 +56,10 @@ def kl_fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, n_cols, stride_a, 
     kl = B / tl.exp(log_sa) - lse_a + lse_b
     kl = tl.where(kl < 0.0, 0.0, kl)  # Gibbs: KL >= 0; only rounding makes it negative
     kl = tl.where(n_lost > 0, float("inf"), kl)
-    bad = n_nan > 0
-    tl.store(kl_ptr + row, tl.where(bad, float("nan"), kl))
-    tl.store(lse_a_ptr + row, tl.where(bad, float("nan"), lse_a))
-    tl.store(lse_b_ptr + row, tl.where(bad, float("nan"), lse_b))
+    # NaN goes to the lse of the argument that holds it, so validation can name that argument.
+    tl.store(kl_ptr + row, tl.where(nan_a + nan_b > 0, float("nan"), kl))
+    tl.store(lse_a_ptr + row, tl.where(nan_a > 0, float("nan"), lse_a))
+    tl.store(lse_b_ptr + row, tl.where(nan_b > 0, float("nan"), lse_b))
 
 
 @triton.jit

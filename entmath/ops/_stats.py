@@ -1,4 +1,8 @@
-"""Per-row softmax statistics in torch, the reference twin of ``kernels/softmax_stats.py``."""
+"""Per-row softmax statistics in torch, the reference twin of ``kernels/softmax_stats.py``.
+
+Written for CPU speed as well as accuracy: fused torch primitives where they exist, in-place
+updates of one temporary otherwise (an extra logits-sized allocation costs as much as a pass).
+"""
 from __future__ import annotations
 
 import torch
@@ -6,21 +10,35 @@ import torch
 from .._validate import lowest
 
 
-def softmax_stats(z: torch.Tensor):
-    """For logits ``z`` (classes last, accumulation dtype) return ``(m, d, e, log_s)``.
+def log_normaliser(z: torch.Tensor, keep_exp: bool = False):
+    """Return ``(m, log_s)`` with m = max z (keepdim) and log S = log sum_i e^{z_i - m}.
 
-    m = max z (keepdim), d = z - m with -inf clamped to the lowest finite value, e = exp(d)
-    with the first maximal entry set to 0, and log S = log1p(sum e).  Leaving that entry (whose
-    e is exactly 1) out of the sum keeps log S accurate for nearly one-hot rows.
+    The first maximal entry contributes exactly 1 to S; it is kept out of the sum so that
+    log S = log1p(rest) stays accurate when the row is nearly one-hot (rest << 1), where
+    log(1 + rest) would round to 0.  With ``keep_exp`` also return e = exp(z - m) with that entry
+    zeroed.
     """
     m, argmax = z.max(dim=-1, keepdim=True)
-    d = (z - m).clamp_min_(lowest(z.dtype))  # e = 0 and e * d = 0 for -inf logits
-    e = d.exp()
+    e = (z - m).exp_()
     e.scatter_(-1, argmax, 0.0)
     log_s = torch.log1p(e.sum(-1))
-    return m, d, e, log_s
+    return (m, log_s, e) if keep_exp else (m, log_s)
 
 
-def log_softmax_clamped(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """log p = z - lse with -inf clamped to the lowest finite value, so p * log p = 0 there."""
-    return (z - lse.unsqueeze(-1)).clamp_min_(lowest(z.dtype))
+def softmax_stats(z: torch.Tensor):
+    """``(m, d, e, log_s)``: as ``log_normaliser(z, keep_exp=True)`` plus d = z - m with -inf
+    clamped to the lowest finite value (so e * d = 0 there)."""
+    m, log_s, e = log_normaliser(z, keep_exp=True)
+    return m, clamped(z - m), e, log_s
+
+
+def log_softmax_and_lse(z: torch.Tensor):
+    """``(log p, lse)`` from torch's fused log_softmax; lse = max z - max log p costs two max passes
+    instead of a separate logsumexp.  NaN, +inf and all -inf rows give a non-finite lse."""
+    log_p = torch.log_softmax(z, dim=-1)
+    return log_p, z.amax(-1) - log_p.amax(-1)
+
+
+def clamped(x: torch.Tensor) -> torch.Tensor:
+    """-inf -> lowest finite value, in place: then 0 * x = 0 where x was -inf."""
+    return x.clamp_min_(lowest(x.dtype))

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, normalize_dim
 from ._rows import kernels, rows_2d, upcast
-from ._stats import softmax_stats
+from ._stats import log_normaliser
 
 __all__ = ["cross_entropy"]
 
@@ -27,8 +27,9 @@ REDUCTIONS = ("none", "mean", "sum")
 def cross_entropy_torch(z, target, soft: bool, eps: float, ignore_index: int):
     """Reference per-row loss along the last dim.  Returns (loss, lse) in the accumulation dtype."""
     zc = upcast(z)
-    m, _, _, log_s = softmax_stats(zc)
-    lse = m.squeeze(-1) + log_s
+    m, log_s = log_normaliser(zc)
+    m = m.squeeze(-1)
+    lse = m + log_s
     n = zc.shape[-1]
     if soft:
         y = (1.0 - eps) * upcast(target).to(zc.dtype) + eps / n
@@ -36,7 +37,8 @@ def cross_entropy_torch(z, target, soft: bool, eps: float, ignore_index: int):
         return terms.sum(-1), lse
     valid = target != ignore_index
     z_t = zc.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    loss = (1.0 - eps) * ((m.squeeze(-1) - z_t) + log_s)
+    # (m - z_t) + log S is lse - z_t without cancellation when the target is the arg-max.
+    loss = (1.0 - eps) * ((m - z_t) + log_s)
     if eps > 0:
         loss = loss + eps * (lse - zc.mean(-1))
     return torch.where(valid, loss, 0.0), lse
@@ -45,7 +47,7 @@ def cross_entropy_torch(z, target, soft: bool, eps: float, ignore_index: int):
 def cross_entropy_backward_torch(z, target, soft: bool, eps: float, ignore_index: int, grad_rows, lse):
     zc = upcast(z)
     n = zc.shape[-1]
-    p = (zc - lse.unsqueeze(-1)).exp()
+    p = (zc - lse.unsqueeze(-1)).exp_()
     g = grad_rows.to(zc.dtype).unsqueeze(-1)
     if soft:
         y = (1.0 - eps) * upcast(target).to(zc.dtype) + eps / n
@@ -53,10 +55,11 @@ def cross_entropy_backward_torch(z, target, soft: bool, eps: float, ignore_index
         grad_y = g * (1.0 - eps) * (lse.unsqueeze(-1) - zc)
         return grad_z.to(z.dtype), grad_y.to(target.dtype)
     valid = (target != ignore_index).unsqueeze(-1)
-    grad_z = p - eps / n
+    grad_z = p.sub_(eps / n) if eps > 0 else p
     grad_z.scatter_add_(-1, torch.where(valid, target.unsqueeze(-1), 0),
                         torch.full_like(p[..., :1], -(1.0 - eps)))
-    grad_z = grad_z.mul_(torch.where(valid, g, 0.0))
+    # where, not multiply, for the mask: an ignored row may be all -inf, and its p is then NaN.
+    grad_z = grad_z.mul_(g).masked_fill_(~valid, 0.0)
     return grad_z.to(z.dtype), None
 
 

@@ -18,22 +18,23 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, normalize_dim
 from ._rows import kernels, rows_2d, upcast
-from ._stats import log_softmax_clamped, softmax_stats
+from ._stats import clamped, softmax_stats
 
 __all__ = ["entropy"]
 
 
 def entropy_torch(z: torch.Tensor):
     """Reference forward along the last dim.  Returns (H, lse) in the accumulation dtype."""
-    m, d, e, log_s = softmax_stats(upcast(z))
-    moment = (e * d).sum(-1)  # sum_i e^{d_i} d_i; the maximal entry has d = 0 anyway
+    z = upcast(z)
+    m, d, e, log_s = softmax_stats(z)  # d = z - m, e = exp(d) without the first maximal entry
+    moment = e.mul_(d).sum(-1)  # sum_i e^{d_i} d_i; the maximal entry has d = 0 anyway
     h = log_s - moment / log_s.exp()
     return h, m.squeeze(-1) + log_s
 
 
 def entropy_backward_torch(z: torch.Tensor, grad_h, h, lse):
     zc = upcast(z)
-    log_p = log_softmax_clamped(zc, lse)
+    log_p = clamped(zc - lse.unsqueeze(-1))
     p = log_p.exp()
     g = p.mul_(log_p.add_(h.unsqueeze(-1))).mul_(-grad_h.unsqueeze(-1).to(zc.dtype))
     return g.to(z.dtype)

@@ -16,42 +16,38 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, normalize_dim
 from ._rows import kernels, rows_2d, upcast
-from ._stats import softmax_stats
+from ._stats import log_softmax_and_lse
 
 __all__ = ["kl"]
-
-
-def _lse(z):
-    m, _, _, log_s = softmax_stats(z)
-    return m.squeeze(-1) + log_s
-
-
-def _log_ratio(a, b, lse_a, lse_b):
-    """(p, log p - log q), the ratio set to 0 unless both logits are finite (0 log 0/q = 0)."""
-    log_p = a - lse_a.unsqueeze(-1)
-    both = (a > float("-inf")) & (b > float("-inf"))
-    ratio = torch.where(both, log_p - (b - lse_b.unsqueeze(-1)), 0.0)
-    return log_p.exp(), ratio
 
 
 def kl_torch(a, b):
     """Reference forward along the last dim: (KL, lse_a, lse_b) in the accumulation dtype."""
     a, b = upcast(a), upcast(b)
-    lse_a, lse_b = _lse(a), _lse(b)
-    p, ratio = _log_ratio(a, b, lse_a, lse_b)
-    kl = (p * ratio).sum(-1).clamp_min_(0.0)  # Gibbs: KL >= 0; only rounding goes below
-    # p has mass where q has none: +inf, however small that mass (even if p underflows to 0).
-    lost = ((a > float("-inf")) & (b == float("-inf"))).any(-1)
+    log_p, lse_a = log_softmax_and_lse(a)
+    log_q, lse_b = log_softmax_and_lse(b)
+    p = log_p.exp()
+    ratio = log_p.sub_(log_q)  # log p - log q, in place
+    # ratio = +inf exactly where p has mass q lacks (a finite, b = -inf): KL = +inf, however
+    # small that mass (even where p underflows to 0).  The other non-finite cases are p = 0 terms
+    # (a = -inf): 0 * (-inf) or 0 * NaN, which are 0 by 0 log 0 = 0.  (NaN inputs are caught by
+    # the lse check, so nan_to_num cannot hide them.)
+    lost = torch.isposinf(ratio).any(-1)
+    kl = p.mul_(ratio).nan_to_num_(nan=0.0, posinf=float("inf")).sum(-1)
+    kl.clamp_min_(0.0)  # Gibbs: KL >= 0; only rounding goes below
     return kl.masked_fill_(lost, float("inf")), lse_a, lse_b
 
 
 def kl_backward_torch(a, b, g, kl, lse_a, lse_b):
     ac, bc = upcast(a), upcast(b)
-    p, ratio = _log_ratio(ac, bc, lse_a, lse_b)
+    log_p = ac - lse_a.unsqueeze(-1)
+    log_q = bc - lse_b.unsqueeze(-1)
+    p, q = log_p.exp(), log_q.exp()
     finite = torch.isfinite(kl).unsqueeze(-1)  # rows with KL = +inf: zero gradient w.r.t. a
     g = g.to(ac.dtype).unsqueeze(-1)
-    grad_a = torch.where(finite, g * p * (ratio - torch.where(finite, kl.unsqueeze(-1), 0.0)), 0.0)
-    grad_b = g * ((bc - lse_b.unsqueeze(-1)).exp() - p)
+    ratio = log_p.sub_(log_q).sub_(torch.where(finite, kl.unsqueeze(-1), 0.0))
+    grad_a = p.mul(ratio).nan_to_num_(nan=0.0).mul_(g).masked_fill_(~finite, 0.0)  # p = 0 terms: 0
+    grad_b = q.sub_(p).mul_(g)
     return grad_a.to(a.dtype), grad_b.to(b.dtype)
 
 
