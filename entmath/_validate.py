@@ -2,14 +2,13 @@
 
 Cheap structural checks (types, shapes, ``dim``) run before any computation.  Value checks
 (NaN, +inf, rows with no finite logit) are read off the per-row log-normaliser that every op
-computes anyway, so they cost a rows-sized reduction rather than another pass over the logits;
-only when a bad row exists do we look at the input again to say exactly what is wrong.
+computes anyway, so they cost a rows-sized reduction rather than another pass over the logits.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_float_tensor", "normalize_dim", "check_rows_finite", "compute_dtype", "lowest"]
+__all__ = ["check_float_tensor", "normalize_dim", "check_rows_finite", "coded_lse", "compute_dtype", "lowest"]
 
 
 def check_float_tensor(x, name: str) -> None:
@@ -43,25 +42,30 @@ def lowest(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def check_rows_finite(lse: torch.Tensor, z: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
-    """Raise if some row's log-normaliser is not finite, naming ``name`` and the cause.
+def check_rows_finite(lse: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
+    """Raise if some row's log-normaliser is not finite, naming ``name``, the cause and the rows.
 
-    ``lse`` has the leading shape of ``z`` (classes along the last dim of ``z``).  A finite
-    log-sum-exp is exactly "no NaN, no +inf, at least one finite logit".  ``rows`` optionally
-    restricts the check to a boolean mask of rows that matter (e.g. non-ignored targets).
+    Every op returns its per-row lse *coded*: NaN if the row holds a NaN, +inf if it holds +inf,
+    -inf if every logit is -inf (see ``coded_lse``).  So the cause is read off a rows-sized tensor,
+    without another look at the logits (which an in-place op may already have overwritten).
+    ``rows`` optionally restricts the check to a boolean mask of rows that matter.
     """
     bad = ~torch.isfinite(lse)
     if rows is not None:
         bad &= rows
     if not bool(bad.any()):
         return
-    zb = z[bad]  # only the offending rows: the slow path runs only on bad input
-    idx = bad.nonzero()[:5].tolist()
-    where = ", ".join(str(tuple(i)) if len(i) > 1 else str(i[0]) for i in idx)
-    if bool(torch.isnan(zb).any()):
-        raise ValueError(f"{name} contains NaN (in row(s) {where})")
-    if bool(torch.isposinf(zb).any()):
-        raise ValueError(f"{name} contains +inf (in row(s) {where}); softmax is undefined there")
-    raise ValueError(
-        f"{name} has row(s) where every logit is -inf ({where}): the distribution has no support"
-    )
+    for test, what in ((torch.isnan, f"{name} contains NaN"),
+                       (torch.isposinf, f"{name} contains +inf (softmax is undefined there)"),
+                       (torch.isneginf, f"{name} has row(s) where every logit is -inf: the distribution has no support")):
+        hit = bad & test(lse)
+        if bool(hit.any()):
+            idx = hit.nonzero()[:5].tolist()
+            where = ", ".join(str(tuple(i)) if len(i) > 1 else str(i[0]) for i in idx)
+            raise ValueError(f"{what} (row(s) {where})")
+
+
+def coded_lse(m: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """lse where the row max m is finite, else m itself: NaN (a NaN in the row; torch's max
+    propagates it), +inf (a +inf in the row) or -inf (no finite logit)."""
+    return torch.where(torch.isfinite(m), lse, m)

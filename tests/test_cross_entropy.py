@@ -170,3 +170,140 @@ def test_cross_entropy_is_entropy_plus_kl():
     b = torch.randn(7, 11, dtype=torch.float64)
     ce = entmath.cross_entropy(b, torch.softmax(a, -1), reduction="none")
     torch.testing.assert_close(ce, entmath.entropy(a) + entmath.kl(a, b))
+
+
+# --- the fused op: z-loss, entropy from the same pass, in-place backward (Chapter 5) ---------
+
+
+def _manual(z, t, eps, ignore, z_loss, reduction):
+    """z-loss by its formula on top of torch's cross-entropy: sum_rows valid * z_loss * lse^2."""
+    ce = F.cross_entropy(z, t, label_smoothing=eps, ignore_index=ignore, reduction="none")
+    valid = t != ignore
+    rows = torch.where(valid, ce + z_loss * torch.logsumexp(z, -1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / (valid.sum().clamp_min(1) if reduction == "mean" else 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_z_loss_against_manual_formula(backend, reduction, eps):
+    torch.manual_seed(7)
+    z = torch.randn(6, 9, dtype=torch.float64) * 3
+    t = torch.tensor([0, 8, -100, 3, 3, 1])
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    want = _manual(z1, t, eps, -100, 1e-2, reduction)
+    got = entmath.cross_entropy(z2, t, label_smoothing=eps, reduction=reduction, z_loss=1e-2, backend=backend)
+    torch.testing.assert_close(got, want)
+    g = torch.rand_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(z2.grad, z1.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_z_loss_gradcheck(backend):
+    torch.manual_seed(8)
+    z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 4])
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(
+        lambda a: entmath.cross_entropy(a, t, z_loss=0.1, label_smoothing=0.1, backend=backend), (z,), fast_mode=fast)
+    assert torch.autograd.gradcheck(
+        lambda a, b: entmath.cross_entropy(a, b, z_loss=0.1, reduction="none", backend=backend), (z, y), fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True])
+def test_entropy_from_the_same_pass(backend, soft):
+    torch.manual_seed(9)
+    z = torch.randn(2, 7, 300) * 4
+    z[1, 2, :100] = float("-inf")
+    t = torch.randint(0, 300, (2, 7))
+    t[0, 3] = -100
+    target = torch.softmax(torch.randn(2, 7, 300), -1) if soft else t
+    loss, ent = entmath.cross_entropy(z, target, reduction="none", return_entropy=True, backend=backend)
+    want = entmath.entropy(z, backend=backend)
+    if not soft:
+        want = torch.where(t != -100, want, 0.0)  # documented: ignored rows report 0
+    assert ent.shape == want.shape == (2, 7)
+    torch.testing.assert_close(ent, want, rtol=1e-5, atol=1e-6)
+    assert not ent.requires_grad
+    torch.testing.assert_close(loss, entmath.cross_entropy(z, target, reduction="none", backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient_in_the_logits_buffer(backend, reduction, dtype):
+    torch.manual_seed(10)
+    w = torch.randn(16, 40, dtype=dtype, requires_grad=True)
+    x = torch.randn(5, 16, dtype=dtype)
+    t = torch.tensor([0, 39, -100, 7, 7])
+
+    def run(inplace):
+        w.grad = None
+        logits = x @ w  # the usual lm-head: matmul saves x and w, not its output
+        loss = entmath.cross_entropy(logits, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                                     inplace_backward=inplace, backend=backend)
+        loss.backward(torch.full_like(loss, 0.5))
+        return loss.detach(), w.grad.clone(), logits
+
+    l1, g1, logits1 = run(False)
+    l2, g2, logits2 = run(True)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    assert not torch.equal(logits1, logits2)  # the in-place run overwrote its logits with the gradient
+
+
+def test_inplace_backward_refuses_a_second_backward():
+    z = torch.randn(4, 6, requires_grad=True)
+    logits = z * 1.0
+    loss = entmath.cross_entropy(logits, torch.tensor([0, 1, 2, 3]), inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
+def test_default_mode_can_backpropagate_twice():
+    z = torch.randn(4, 6, requires_grad=True)
+    loss = entmath.cross_entropy(z * 1.0, torch.tensor([0, 1, 2, 3]))
+    loss.backward(retain_graph=True)
+    g = z.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(z.grad, 2 * g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft", [False, True])
+def test_half_precision_every_option_against_fp64_torch(dtype, backend, soft):
+    torch.manual_seed(11)
+    z = (torch.randn(8, 257) * 3).to(dtype)
+    t = torch.randint(0, 257, (8,))
+    t[2] = -100
+    y = torch.softmax(torch.randn(8, 257), -1)
+    target = y if soft else t
+    z1 = z.double().requires_grad_()
+    z2 = z.clone().requires_grad_()
+    want = F.cross_entropy(z1, y.double() if soft else t, label_smoothing=0.1)
+    got = entmath.cross_entropy(z2, y.to(dtype) if soft else target, label_smoothing=0.1, backend=backend)
+    assert got.dtype == dtype
+    tol = 4 * torch.finfo(dtype).eps
+    # fp32 accumulation: the only errors are the rounding of the inputs (y) and of the outputs
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol if soft else 1e-6)
+    want.backward()
+    got.backward()
+    assert z2.grad.dtype == dtype
+    torch.testing.assert_close(z2.grad.double(), z1.grad, rtol=tol, atol=tol / 100)
+
+
+def test_bad_z_loss():
+    z, t = torch.randn(4, 5), torch.zeros(4, dtype=torch.long)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+            entmath.cross_entropy(z, t, z_loss=bad)
+    with pytest.raises(TypeError, match="z_loss must be a float"):
+        entmath.cross_entropy(z, t, z_loss="0.1")

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import block_size, num_warps
-from .softmax_stats import load_row_chunk, log_normaliser, update_stats
+from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
 
 
 @triton.jit
@@ -28,13 +28,10 @@ def entropy_fwd_kernel(z_ptr, h_ptr, lse_ptr, n_cols, stride_row, BLOCK: tl.cons
         x, k = load_row_chunk(z_row + start, cols, n_cols - start, ACC)
         n_nan += k
         m, c, T, A = update_stats(m, c, T, A, x)
-    log_s = log_normaliser(c, T)  # NaN when the row has no finite logit (c = 0)
+    log_s = log_normaliser(c, T)
     h = log_s - A / (c + T)
-    lse = m + log_s
-    h = tl.where(n_nan > 0, float("nan"), h)
-    lse = tl.where(n_nan > 0, float("nan"), lse)
-    tl.store(h_ptr + row, h)
-    tl.store(lse_ptr + row, lse)
+    tl.store(h_ptr + row, h)  # meaningless for a bad row, which the coded lse reports
+    tl.store(lse_ptr + row, coded_lse(m, log_s, n_nan))
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import block_size, num_warps
-from .softmax_stats import load_row_chunk, log_normaliser, update_stats
+from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
 
 
 @triton.jit
@@ -51,15 +51,14 @@ def kl_fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, n_cols, stride_a, 
         w = tl.exp(a - tl.where(ma > float("-inf"), ma, 0.0))
         B += tl.sum(w * (tl.where(both, a, 0.0) - tl.where(both, b, 0.0)), axis=0)
     log_sa = log_normaliser(ca, Ta)
-    lse_a = ma + log_sa
-    lse_b = mb + log_normaliser(cb, Tb)
-    kl = B / tl.exp(log_sa) - lse_a + lse_b
+    log_sb = log_normaliser(cb, Tb)
+    kl = B / tl.exp(log_sa) - (ma + log_sa) + (mb + log_sb)
     kl = tl.where(kl < 0.0, 0.0, kl)  # Gibbs: KL >= 0; only rounding makes it negative
     kl = tl.where(n_lost > 0, float("inf"), kl)
-    # NaN goes to the lse of the argument that holds it, so validation can name that argument.
-    tl.store(kl_ptr + row, tl.where(nan_a + nan_b > 0, float("nan"), kl))
-    tl.store(lse_a_ptr + row, tl.where(nan_a > 0, float("nan"), lse_a))
-    tl.store(lse_b_ptr + row, tl.where(nan_b > 0, float("nan"), lse_b))
+    # Each argument gets its own coded lse, so validation can name the argument at fault.
+    tl.store(kl_ptr + row, kl)
+    tl.store(lse_a_ptr + row, coded_lse(ma, log_sa, nan_a))
+    tl.store(lse_b_ptr + row, coded_lse(mb, log_sb, nan_b))
 
 
 @triton.jit

@@ -62,3 +62,11 @@ def log1p(x):
 def log_normaliser(c, T):
     """log S = log(c + T), accurate when T << c."""
     return tl.log(c) + log1p(T / c)
+
+
+@triton.jit
+def coded_lse(m, log_s, n_nan):
+    """m + log S, or the code validation reads (``_validate.check_rows_finite``): NaN if the row
+    held a NaN, else m itself when m is not finite (+inf: a +inf logit; -inf: no finite logit)."""
+    lse = tl.where((m > float("-inf")) & (m < float("inf")), m + log_s, m)
+    return tl.where(n_nan > 0, float("nan"), lse)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import lowest
+from .._validate import coded_lse, lowest
 
 
 def log_normaliser(z: torch.Tensor, keep_exp: bool = False):
@@ -34,9 +34,10 @@ def softmax_stats(z: torch.Tensor):
 
 def log_softmax_and_lse(z: torch.Tensor):
     """``(log p, lse)`` from torch's fused log_softmax; lse = max z - max log p costs two max passes
-    instead of a separate logsumexp.  NaN, +inf and all -inf rows give a non-finite lse."""
+    instead of a separate logsumexp.  The lse is coded for validation (``coded_lse``)."""
     log_p = torch.log_softmax(z, dim=-1)
-    return log_p, z.amax(-1) - log_p.amax(-1)
+    m = z.amax(-1)
+    return log_p, coded_lse(m, m - log_p.amax(-1))
 
 
 def clamped(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
-from .._validate import check_float_tensor, check_rows_finite, normalize_dim
+from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ._rows import kernels, rows_2d, upcast
 from ._stats import clamped, softmax_stats
 
@@ -29,7 +29,8 @@ def entropy_torch(z: torch.Tensor):
     m, d, e, log_s = softmax_stats(z)  # d = z - m, e = exp(d) without the first maximal entry
     moment = e.mul_(d).sum(-1)  # sum_i e^{d_i} d_i; the maximal entry has d = 0 anyway
     h = log_s - moment / log_s.exp()
-    return h, m.squeeze(-1) + log_s
+    m = m.squeeze(-1)
+    return h, coded_lse(m, m + log_s)
 
 
 def entropy_backward_torch(z: torch.Tensor, grad_h, h, lse):
@@ -50,7 +51,7 @@ class EntropyFunction(torch.autograd.Function):
             h, lse = h.view(z.shape[:-1]), lse.view(z.shape[:-1])
         else:
             h, lse = entropy_torch(z)
-        check_rows_finite(lse, z, "logits")
+        check_rows_finite(lse, "logits")
         ctx.backend = backend
         ctx.save_for_backward(z, h, lse)
         return h.to(z.dtype)

@@ -61,8 +61,8 @@ class KLFunction(torch.autograd.Function):
             kl, lse_a, lse_b = (t.view(a.shape[:-1]) for t in kernels("kl").kl_fwd(a2d, b2d))
         else:
             kl, lse_a, lse_b = kl_torch(a, b)
-        check_rows_finite(lse_a, a, "p_logits")
-        check_rows_finite(lse_b, b, "q_logits")
+        check_rows_finite(lse_a, "p_logits")
+        check_rows_finite(lse_b, "q_logits")
         ctx.backend = backend
         ctx.save_for_backward(a, b, kl, lse_a, lse_b)
         return kl.to(a.dtype)
