@@ -50,15 +50,15 @@ def check_rows_finite(lse: torch.Tensor, name: str, rows: torch.Tensor | None = 
     without another look at the logits (which an in-place op may already have overwritten).
     ``rows`` optionally restricts the check to a boolean mask of rows that matter.
     """
-    bad = ~torch.isfinite(lse)
+    bad = ~torch.isfinite(lse.reshape(lse.shape or (1,)))  # a 1-D input has a 0-dim lse: one row
     if rows is not None:
-        bad &= rows
+        bad &= rows.reshape(bad.shape)
     if not bool(bad.any()):
         return
     for test, what in ((torch.isnan, f"{name} contains NaN"),
                        (torch.isposinf, f"{name} contains +inf (softmax is undefined there)"),
                        (torch.isneginf, f"{name} has row(s) where every logit is -inf: the distribution has no support")):
-        hit = bad & test(lse)
+        hit = bad & test(lse.reshape(bad.shape))
         if bool(hit.any()):
             idx = hit.nonzero()[:5].tolist()
             where = ", ".join(str(tuple(i)) if len(i) > 1 else str(i[0]) for i in idx)

@@ -153,3 +153,13 @@ def test_ignored_all_neg_inf_row_is_not_an_error():
     loss = entmath.cross_entropy(z, t, reduction="none")
     assert loss[1].item() == 0.0
     assert torch.equal(loss[[0, 2]], entmath.cross_entropy(z[[0, 2]], t[[0, 2]], reduction="none"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_dimensional_input_errors_name_the_argument(backend):
+    # a 1-D input is a single row: its lse is 0-dim (this once raised an internal IndexError)
+    for op, name in _ops(backend):
+        with pytest.raises(ValueError, match=f"{name} contains NaN"):
+            op(torch.tensor([NAN, 0.0]))
+        with pytest.raises(ValueError, match=f"{name} has row.*every logit is -inf"):
+            op(torch.tensor([-INF, -INF]))
