@@ -5,9 +5,17 @@ returns the input's dtype, and takes ``backend="auto" | "torch" | "triton"``.  T
 each op; each module's docstring names its chapter.
 """
 from ._backend import triton_available
+from .ops.attention_entropy import attention_entropy
 from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
 from .ops.kl import kl
+from .ops.logn_attention import logn_attention, logn_scale
 
 __version__ = "0.1.0"
-__all__ = ["entropy", "cross_entropy", "kl", "triton_available", "__version__"]
+__all__ = [
+    # Chapter 1: entropy, cross-entropy, KL (cross_entropy's fused gradient: Chapter 5)
+    "entropy", "cross_entropy", "kl",
+    # Chapter 3: entropy-invariant (log n) attention
+    "logn_scale", "logn_attention", "attention_entropy",
+    "triton_available", "__version__",
+]

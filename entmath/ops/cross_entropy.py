@@ -20,6 +20,7 @@ in cache; the Triton path is ``entmath/kernels/cross_entropy.py``.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, compute_dtype, normalize_dim
@@ -140,6 +141,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return out, ent_out
 
     @staticmethod
+    @once_differentiable  # the gradient is a stored buffer: no graph for a second derivative
     def backward(ctx, g_loss, _g_entropy):
         grad, grad_y = ctx.grads
         if ctx.inplace and ctx.used:

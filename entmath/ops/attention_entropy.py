@@ -1,0 +1,303 @@
+"""Entropy of every attention row, without the L x S matrix.  Chapter 3 (book/ch03_logn_attention.md).
+
+For queries q_i, keys k_j and per-query scales lambda_i the rows are p_i = softmax_j(z_ij) with
+z_ij = lambda_i q_i . k_j, and the op returns H_i = -sum_j p_ij log p_ij for every query.
+
+Forward (online, flash-style).  The keys are read in chunks; per query we keep, relative to the
+running maximum m of the logits seen so far,
+
+    S = sum_j e^{z_ij - m} = 1 + R   (the maximal entry contributes exactly 1),
+    A = sum_j e^{z_ij - m} (z_ij - m),
+
+so that H = log S - A / S = log1p(R) - A / (1 + R) (Chapter 1's accurate form).  Two summaries
+(m1, R1, A1), (m2, R2, A2) of disjoint key sets merge exactly: with m = max(m1, m2) and
+delta_t = m_t - m <= 0, each S_t is rescaled by e^{delta_t} and each A_t becomes
+e^{delta_t} (A_t + delta_t S_t)  (eq-ln-rescale).  The torch path merges one key chunk at a time
+and holds O(L * chunk) logits at once; the Triton kernel (entmath/kernels/attention_entropy.py)
+does the same per (query block x key block) tile with ``softmax_stats.update_stats``.
+
+Backward (derived, recomputed in chunks).  Chapter 1 gives dH/dz = -p (log p + H); since
+log p_ij = z_ij - lse_i and lse_i - H_i = sum_j p_ij z_ij this is g_ij = -p_ij (z_ij - zbar_i),
+zbar_i = sum_j p_ij z_ij  (eq-ln-grad).  With z_ij = lambda_i q_i . k_j:
+
+    dH_i/dq_i = lambda_i sum_j g_ij k_j,   dH_i/dk_j = g_ij lambda_i q_i,
+    dH_i/dlambda_i = sum_j g_ij (q_i . k_j) = q_i . (sum_j g_ij k_j).
+
+Only (H, lse) per query are saved; p is recomputed chunk by chunk from them, so the backward is
+O(L * chunk) in memory as well.  Both backends use this torch backward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._backend import resolve_backend
+from .._validate import check_float_tensor, compute_dtype, lowest
+from ._rows import kernels
+from .entropy import entropy_backward_torch
+from .logn_attention import check_causal_offset
+
+__all__ = ["attention_entropy"]
+
+DEFAULT_CHUNK = 512  # keys per chunk at least; more when there are few queries (see _chunk_size)
+CHUNK_LOGITS = 1 << 22  # a chunk of logits may hold this many entries (16 MiB in fp32)
+
+
+def _chunk_size(chunk_size, rows: int) -> int:
+    """Keys per chunk: the user's choice, or DEFAULT_CHUNK widened while a chunk of logits holds
+    at most CHUNK_LOGITS entries.  Every chunk costs a handful of elementwise passes, each with
+    fixed overhead, so few queries call for wide chunks; the peak stays O(rows * chunk)."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(DEFAULT_CHUNK, CHUNK_LOGITS // max(rows, 1))
+
+
+def _chunks(L: int, S: int, is_causal: bool, offset: int, chunk: int):
+    """Key chunks [start, end) and the first query row r0 that sees any key of the chunk.
+
+    Under causal masking query i sees keys <= i + offset, so rows below start - offset skip the
+    chunk entirely (about half the work), and every row that takes part sees key ``start``:
+    no row of a chunk is ever all -inf.
+    """
+    hi = min(S, L + offset) if is_causal else S
+    for start in range(0, hi, chunk):
+        end = min(start + chunk, hi)
+        yield start, end, (max(0, start - offset) if is_causal else 0)
+
+
+def _logits(qs, k3, start, end, r0, is_causal, offset):
+    z = qs[:, r0:] @ k3[:, start:end].transpose(1, 2)  # (BH, L - r0, end - start)
+    if is_causal and end - 1 > r0 + offset:  # some key of the chunk lies past some row's horizon
+        i = torch.arange(r0, qs.shape[1], device=z.device)[:, None]
+        j = torch.arange(start, end, device=z.device)[None, :]
+        z.masked_fill_(j > i + offset, float("-inf"))
+    return z
+
+
+def _merge(run, new):
+    """Merge two (m, R, A) summaries of disjoint key sets (eq-ln-rescale)."""
+    (m1, r1, a1), (m2, r2, a2) = run, new
+    m = torch.maximum(m1, m2)
+    d1, d2 = m1 - m, m2 - m  # <= 0; the side holding the maximum has 0
+    w1, w2 = d1.exp(), d2.exp()
+    s1, s2 = 1 + r1, 1 + r2
+    a = w1 * (a1 + d1 * s1) + w2 * (a2 + d2 * s2)
+    # R of the merged set: everything but the one entry at the new maximum, added without
+    # forming 1 + R first (that rounding is what log1p avoids).
+    r = torch.where(m2 > m1, r2 + w1 * s1, r1 + w2 * s2)
+    return m, r, a
+
+
+def _chunk_summary(z, masked: bool):
+    """(m, R, A) of one chunk of logits z (rows x keys), overwriting z.
+
+    The statistics of ``_stats.softmax_stats`` (max, e^{z-m} with the first maximal entry left
+    out, first moment), computed in place: on CPU each pass over the L x chunk block costs about
+    as much as the matmul that made it, so the two temporaries softmax_stats allocates matter.
+    """
+    m, idx = z.max(-1, keepdim=True)  # finite: every row of a chunk sees at least one key
+    d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
+    if masked:
+        d.clamp_min_(lowest(d.dtype))  # -inf -> lowest finite: e = 0 and e * d = 0, not NaN
+    e = d.exp()
+    e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
+    r = e.sum(-1)
+    a = e.mul_(d).sum(-1)  # sum e d; the maximal entries have d = 0 anyway
+    return m.squeeze(-1), r, a
+
+
+def attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk):
+    """Chunked reference forward.  q3 (BH, L, D), k3 (BH, S, D), scale2 (BH, L), all in the
+    accumulation dtype.  Returns (H, lse), each (BH, L)."""
+    L, S = q3.shape[1], k3.shape[1]
+    qs = q3 * scale2[..., None]  # fold lambda_i into q_i once: O(L d)
+    run = None
+    for start, end, r0 in _chunks(L, S, is_causal, offset, chunk):
+        z = _logits(qs, k3, start, end, r0, is_causal, offset)
+        new = _chunk_summary(z, masked=is_causal and end - 1 > r0 + offset)
+        del z
+        if run is None:  # the first chunk starts at key 0, which every row sees
+            run = new
+        else:
+            m, r, a = run
+            m[:, r0:], r[:, r0:], a[:, r0:] = _merge((m[:, r0:], r[:, r0:], a[:, r0:]), new)
+    if run is None:  # no queries (L = 0) under causal masking: no chunk was read
+        empty = q3.new_empty(q3.shape[:2])
+        return empty, empty
+    m, r, a = run
+    log_s = torch.log1p(r)
+    return log_s - a / (1 + r), m + log_s
+
+
+def attention_entropy_backward_torch(q3, k3, scale2, h, lse, grad_h, is_causal, offset, chunk):
+    """Gradients (dq, dk, dlambda) by recomputing p chunk by chunk from (H, lse)."""
+    qs = q3 * scale2[..., None]
+    G = torch.zeros_like(q3)  # sum_j g_ij k_j
+    dk = torch.zeros_like(k3)
+    L, S = q3.shape[1], k3.shape[1]
+    for start, end, r0 in _chunks(L, S, is_causal, offset, chunk):
+        z = _logits(qs, k3, start, end, r0, is_causal, offset)
+        # Chapter 1's entropy backward: g = -grad_h p (log p + H); masked keys get exactly 0.
+        g = entropy_backward_torch(z, grad_h[:, r0:], h[:, r0:], lse[:, r0:])
+        G[:, r0:] += g @ k3[:, start:end]
+        dk[:, start:end] += g.transpose(1, 2) @ qs[:, r0:]
+    return scale2[..., None] * G, dk, (G * q3).sum(-1)
+
+
+def _check_values(q, k, scale, acc):
+    """NaN/inf in q or k, or logits that could overflow, raise before any O(L S) work.
+
+    Both passes are O((L + S) d).  Overflow is ruled out by Cauchy-Schwarz,
+    |scale_i q_i . k_j| <= |scale_i| |q_i| |k_j|: the check is conservative, and an input that
+    fails it has entries of order 1e19 (fp32) or more.
+    """
+    for t, name in ((q, "q"), (k, "k")):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise ValueError(f"{name} contains {what}; the attention logits are undefined")
+    if q.numel() == 0 or k.numel() == 0:
+        return
+    big = torch.finfo(acc).max
+    q_norm = (torch.linalg.vector_norm(q.to(acc), dim=-1) * scale.to(acc).abs()).amax()
+    k_norm = torch.linalg.vector_norm(k.to(acc), dim=-1).amax()
+    if not bool(q_norm * k_norm < big):
+        raise ValueError(f"the logits scale * q . k may overflow {acc}: max |scale q_i| * max |k_j| = "
+                         f"{(q_norm * k_norm).item():.3g} exceeds {big:.3g}; rescale q or k")
+
+
+class AttentionEntropyFunction(torch.autograd.Function):
+    """H_i = H(softmax_j(lambda_i q_i . k_j)); backward recomputes p in chunks (eq-ln-grad)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, is_causal, offset, chunk, backend):
+        acc = compute_dtype(q)
+        lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
+        bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
+        q3 = q.to(acc).reshape(bh, L, D)
+        k3 = k.to(acc).reshape(bh, S, D)
+        scale2 = scale.to(acc).expand(q.shape[:-1]).reshape(bh, L)
+        if backend == "triton":
+            q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()
+            k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
+            # The interpreter pays per step, not per element: bigger tiles on CPU.
+            blocks = {} if q.is_cuda else {"block_m": 256, "block_n": 256}
+            h, lse = kernels("attention_entropy").attention_entropy_fwd(q3, k3, scale2.contiguous(), is_causal,
+                                                                        offset, **blocks)
+        else:
+            h, lse = attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk)
+        if h.numel() and not bool(torch.isfinite(h).all()):  # unreachable after _check_values
+            raise ValueError("attention_entropy produced a non-finite entropy; please report the input")
+        ctx.save_for_backward(q, k, scale, h, lse)
+        ctx.cfg = (is_causal, offset, chunk)
+        return h.reshape(lead + (L,)).to(q.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_h):
+        q, k, scale, h, lse = ctx.saved_tensors
+        acc = h.dtype
+        L, D, S = q.shape[-2], q.shape[-1], k.shape[-2]
+        bh = h.shape[0]
+        q3 = q.to(acc).reshape(bh, L, D)
+        k3 = k.to(acc).reshape(bh, S, D)
+        scale2 = scale.to(acc).expand(q.shape[:-1]).reshape(bh, L)
+        dq, dk, dscale = attention_entropy_backward_torch(q3, k3, scale2, h, lse, grad_h.to(acc).reshape(bh, L),
+                                                          *ctx.cfg)
+        dscale = dscale.reshape(q.shape[:-1]).sum_to_size(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return dq.reshape(q.shape).to(q.dtype), dk.reshape(k.shape).to(k.dtype), dscale, None, None, None, None
+
+
+def _check_scale(scale, q: torch.Tensor) -> torch.Tensor:
+    acc = compute_dtype(q)
+    if scale is None:
+        return torch.tensor(1.0 / math.sqrt(q.shape[-1]), dtype=acc, device=q.device)
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a float tensor, got {scale.dtype}")
+        if scale.device != q.device:
+            raise ValueError(f"scale must be on the device of q ({q.device}), got {scale.device}")
+        try:
+            torch.broadcast_shapes(scale.shape, q.shape[:-1])
+        except RuntimeError as err:
+            raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast to the query shape "
+                             f"{tuple(q.shape[:-1])}") from err
+        if len(torch.broadcast_shapes(scale.shape, q.shape[:-1])) != q.dim() - 1:
+            raise ValueError(f"scale of shape {tuple(scale.shape)} has more dimensions than the queries "
+                             f"{tuple(q.shape[:-1])}")
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError("scale contains NaN or inf")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be None, a float or a tensor, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return torch.tensor(float(scale), dtype=acc, device=q.device)
+
+
+def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal: bool = False, offset: int = 0,
+                      chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Entropy, in nats, of every attention row ``softmax_j(scale_i * dot(q_i, k_j))`` (Chapter 3).
+
+    Never materialises the L x S attention matrix: the torch path reads the keys in chunks of
+    ``chunk_size`` and keeps O(L * chunk_size) logits at a time (at most
+    max(2**22, 512 * L * batch) entries with the default); the Triton path tiles
+    (query block x key block) with ``tl.dot`` and keeps the tile on chip.  Both accumulate in
+    fp32 (fp64 stays fp64) with the online max / sum / first-moment statistics of Chapter 1.
+
+    Args:
+        q: (..., L, d) queries; k: (..., S, d) keys (same dtype, device and leading shape).
+        scale: ``None`` (``1/sqrt(d)``), a finite float, or a finite float tensor broadcastable
+            to ``q.shape[:-1]`` giving each query its own scale (e.g. ``entmath.logn_scale`` of
+            the query lengths, which gives the entropy of log-n attention).  A tensor scale that
+            requires grad receives a gradient.
+        is_causal: query i sees keys ``0 .. i + offset`` only.  Other masks are not supported
+            (masking is by index, so no L x S mask is ever read); for an arbitrary mask, form the
+            logits and call ``entmath.entropy``.
+        offset: KV-cache length (>= 0, only with ``is_causal``; ``offset + L <= S``).
+        chunk_size: keys per chunk of the torch path (>= 1).  ``None``: at least 512, widened
+            while one chunk of logits (all queries x chunk keys) stays within 2**22 entries.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
+
+    Returns:
+        (..., L) tensor in the dtype of ``q``.  Differentiable in q, k and a tensor ``scale``:
+        the backward (shared by both backends) recomputes p in chunks from the saved
+        per-query (H, log-normaliser), so it needs O(L * chunk_size) memory too.
+
+    Raises:
+        TypeError: q or k not a float tensor, dtype mismatch, bad ``scale``/``is_causal``/
+            ``offset``/``chunk_size`` types.
+        ValueError: shape or device mismatch, no keys, empty head dimension, ``offset`` without
+            ``is_causal`` or ``offset + L > S``, non-finite ``scale``, NaN/inf in q or k, or
+            inputs whose logits could overflow the accumulation dtype (checked conservatively
+            with ``abs(scale_i) * norm(q_i) * norm(k_j)``, which needs entries of order 1e19 in
+            fp32 to trip).
+    """
+    for t, name in ((q, "q"), (k, "k")):
+        check_float_tensor(t, name)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., length, d), got {tuple(t.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on the device of q ({q.device}), got {k.device}")
+    if k.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"k must have the leading shape of q {tuple(q.shape[:-2])}, got {tuple(k.shape[:-2])}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have the feature size of q ({q.shape[-1]}), got {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q has an empty feature dimension: d must be >= 1")
+    if k.shape[-2] == 0:
+        raise ValueError("k has no keys (length 0): a softmax needs at least one key")
+    offset = check_causal_offset(q.shape[-2], k.shape[-2], is_causal, offset)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale_t = _check_scale(scale, q)
+    backend = resolve_backend(backend, q, k)
+    _check_values(q, k, scale_t, compute_dtype(q))
+    chunk = _chunk_size(chunk_size, math.prod(q.shape[:-1]))
+    return AttentionEntropyFunction.apply(q, k, scale_t, is_causal, offset, chunk, backend)

@@ -1,0 +1,225 @@
+"""Entropy-invariant ("log n") attention.  Derived in Chapter 3 (book/ch03_logn_attention.md).
+
+A query that attends over n keys uses the logit scale
+
+    lambda(n) = kappa * log(n) / d,   kappa = sqrt(d) / log(n0)   (the default calibration),
+
+so that lambda(n0) = 1/sqrt(d): at the training length n0 the op *is* standard scaled dot-product
+attention, and at other lengths the scale grows like log n, which keeps the attention entropy from
+growing with n when a few keys stand out (Chapter 3 says when that holds and when it does not).
+
+Each query has its own n.  Without causal masking n is the number of keys S.  With causal masking
+query i (0-based) sees keys 0 .. i + offset, so n_i = i + 1 + offset, where ``offset`` is the
+number of keys already in a KV cache before the first query.
+
+The op multiplies query i by lambda(n_i) and calls ``torch.nn.functional.scaled_dot_product_attention``
+with ``scale=1.0``:  softmax(lambda_i q_i . k_j) = softmax((lambda_i q_i) . k_j), so the whole cost
+over SDPA is one (L x d) elementwise multiply, and SDPA keeps its fused kernels (flash,
+memory-efficient) and their backward.  The only new operation is a per-row scaling, whose backward
+(dq_i = lambda_i * d(lambda_i q_i)) autograd applies exactly; there is no new math to derive for it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .._validate import check_float_tensor
+
+__all__ = ["logn_scale", "logn_attention", "query_lengths"]
+
+
+def _check_int(x, name: str, minimum: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+def _check_kappa(kappa) -> float | None:
+    if kappa is None:
+        return None
+    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
+        raise TypeError(f"kappa must be a float or None, got {type(kappa).__name__}")
+    if not (math.isfinite(kappa) and kappa > 0):
+        raise ValueError(f"kappa must be finite and > 0, got {kappa}")
+    return float(kappa)
+
+
+def logn_scale(n, d: int, train_length: int, *, kappa: float | None = None,
+               clamp_min_to_train_length: bool = False, dtype: torch.dtype = torch.float32,
+               device=None) -> torch.Tensor:
+    """The entropy-invariant logit scale ``kappa * log(n) / d`` (Chapter 3, eq-ln-calib).
+
+    Args:
+        n: number of keys a query attends over: an int, a sequence of ints or an integer/float
+            tensor, every entry >= 1.
+        d: the query/key dimension (head size), >= 1.
+        train_length: the calibration length n0 >= 2.  With the default ``kappa`` the scale is
+            ``log(n) / (log(n0) * sqrt(d))``, equal to ``1/sqrt(d)`` at ``n = n0``.
+        kappa: overrides the calibration ``kappa = sqrt(d) / log(n0)``; must be finite and > 0.
+        clamp_min_to_train_length: use ``max(n, train_length)`` in place of ``n``, so that queries
+            with at most ``train_length`` keys keep the standard ``1/sqrt(d)`` (with the default
+            kappa) and only longer contexts are sharpened.  This is what Qwen's ``use_logn_attn``
+            does (Chapter 3, "What deployed models do").
+        dtype, device: of the returned tensor (a float dtype).
+
+    Returns:
+        A tensor of the shape of ``n`` (0-dimensional for an int).
+
+    Raises:
+        TypeError: ``d``/``train_length`` not ints, ``kappa`` not a number, ``n`` not numeric, or
+            ``dtype`` not a floating-point dtype.
+        ValueError: ``d < 1``, ``train_length < 2``, ``kappa`` not finite and positive, or some
+            ``n < 1`` (or NaN).
+    """
+    _check_int(d, "d", 1)
+    _check_int(train_length, "train_length", 2)  # log(1) = 0 cannot calibrate anything
+    kappa = _check_kappa(kappa)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype}")
+    if isinstance(n, torch.Tensor):
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"n must hold integers or floats, got {n.dtype}")
+        nt = n.to(device=device if device is not None else n.device, dtype=torch.float64)
+    else:
+        try:
+            nt = torch.as_tensor(n, dtype=torch.float64, device=device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"n must be an int, a sequence of ints or a tensor, got {type(n).__name__}") from err
+    if nt.numel() and not bool((nt >= 1).all()):  # also catches NaN
+        raise ValueError(f"n must be >= 1 everywhere (a query attends over at least one key), got min {nt.min().item()}")
+    if clamp_min_to_train_length:
+        nt = nt.clamp_min(train_length)
+    if kappa is None:
+        # kappa log(n0) / d = 1/sqrt(d)  =>  scale = log(n) / (log(n0) sqrt(d)) = log_{n0}(n) / sqrt(d)
+        out = torch.log(nt) / (math.log(train_length) * math.sqrt(d))
+    else:
+        out = kappa * torch.log(nt) / d
+    return out.to(dtype)
+
+
+def query_lengths(L: int, S: int, *, is_causal: bool = False, offset: int = 0, device=None) -> torch.Tensor:
+    """How many keys each of ``L`` queries attends over (int64 tensor of shape (L,)).
+
+    Without causal masking every query sees all ``S`` keys.  With causal masking query i sees
+    keys 0 .. i + offset, i.e. ``i + 1 + offset`` of them (``offset`` = length of a KV cache).
+    """
+    if is_causal:
+        return torch.arange(1 + offset, L + 1 + offset, device=device)
+    return torch.full((L,), S, device=device, dtype=torch.int64)
+
+
+def _check_qkv(q, k, v):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_float_tensor(t, name)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., length, features), got {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have the feature size of q ({q.shape[-1]}), got {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q has an empty feature dimension: the head size d must be >= 1")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v must have as many rows as k ({k.shape[-2]} keys), got {v.shape[-2]}")
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"q, k and v must share their leading (batch, head) shape, got "
+                         f"{tuple(q.shape[:-2])}, {tuple(k.shape[:-2])}, {tuple(v.shape[:-2])}")
+    if k.shape[-2] == 0:
+        raise ValueError("k has no keys (length 0): attention needs at least one key")
+
+
+def check_causal_offset(L: int, S: int, is_causal, offset) -> int:
+    """Validate ``is_causal``/``offset`` for L queries over S keys (shared with attention_entropy)."""
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    _check_int(offset, "offset", 0)
+    if not is_causal and offset != 0:
+        raise ValueError(f"offset={offset} only applies with is_causal=True (it is the KV-cache length)")
+    if is_causal and offset + L > S:
+        raise ValueError(f"offset={offset} with {L} queries needs at least offset + L = {offset + L} keys, "
+                         f"got {S}: query i sees keys 0 .. i + offset")
+    return offset
+
+
+def logn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, train_length: int,
+                   is_causal: bool = False, offset: int = 0, attn_mask: torch.Tensor | None = None,
+                   kappa: float | None = None, clamp_min_to_train_length: bool = False) -> torch.Tensor:
+    """Entropy-invariant attention: ``softmax(lambda(n_i) q_i k^T) v`` row by row (Chapter 3).
+
+    ``lambda(n) = kappa log(n) / d`` with ``d = q.shape[-1]`` and, by default,
+    ``kappa = sqrt(d) / log(train_length)``, so a query over ``train_length`` keys gets exactly the
+    standard ``1/sqrt(d)``.  ``n_i`` is the number of keys query i sees: ``S`` without
+    ``is_causal``; ``i + 1 + offset`` with it.
+
+    Args:
+        q: (..., L, d) queries; k: (..., S, d) keys; v: (..., S, e) values; one float dtype, one
+            device, equal leading shapes (expand grouped-query heads before calling).
+        train_length: the calibration length n0 >= 2 (see ``logn_scale``).
+        is_causal: query i sees keys ``0 .. i + offset`` only.  With ``offset = 0`` this is SDPA's
+            own (top-left) causal mask; with ``offset = S - L`` it is the usual KV-cache
+            (bottom-right) alignment, built as an L x (offset + L) boolean mask.  Keys after
+            ``offset + L - 1`` are seen by no query and are not read.
+        offset: KV-cache length, >= 0, only with ``is_causal``; ``offset + L <= S``.
+        attn_mask: optional boolean (True = attend) or additive float mask broadcastable to
+            (..., L, S), as in SDPA; combined with the causal mask when both are given.  It does
+            not change ``n_i``: n counts the keys the position structure allows, not the mask.
+            A query whose keys are all masked gets the output SDPA gives such rows (zeros in
+            torch >= 2.5); the other rows are unaffected.
+        kappa, clamp_min_to_train_length: see ``logn_scale``.
+
+    Returns:
+        (..., L, e) tensor in the dtype of ``q``.  Differentiable in q, k and v through SDPA.
+        Values are not inspected (that would cost a device sync per call): NaN or inf in q, k
+        or v propagate to the output exactly as they do through SDPA.
+
+    Raises:
+        TypeError: non-float or mismatched dtypes, non-bool ``is_causal``, non-int ``offset`` /
+            ``train_length``.
+        ValueError: shape mismatches, no keys, empty head dimension, ``offset`` without
+            ``is_causal`` or ``offset + L > S``, a mask that does not broadcast to (..., L, S),
+            bad ``train_length``/``kappa``.
+    """
+    _check_qkv(q, k, v)
+    L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    offset = check_causal_offset(L, S, is_causal, offset)
+    scale = logn_scale(query_lengths(L, S, is_causal=is_causal, offset=offset, device=q.device), d,
+                       train_length, kappa=kappa, clamp_min_to_train_length=clamp_min_to_train_length,
+                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    # The one extra operation: fold each query's own scale into the query (fp32 for half types).
+    qs = (q.to(scale.dtype) * scale[:, None]).to(q.dtype)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be boolean or floating point, got {attn_mask.dtype}")
+        if attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants an additive mask in the query's dtype
+        try:
+            torch.broadcast_shapes(attn_mask.shape, q.shape[:-2] + (L, S))
+        except RuntimeError as err:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{tuple(q.shape[:-2]) + (L, S)}") from err
+    if not is_causal:
+        return F.scaled_dot_product_attention(qs, k, v, attn_mask=attn_mask, scale=1.0)
+    # Keys after offset + L - 1 are seen by no query: drop them, then the causal horizon
+    # j <= i + offset is the bottom-right alignment for S' = offset + L keys.
+    s_used = offset + L
+    k, v = k[..., :s_used, :], v[..., :s_used, :]
+    if attn_mask is None and offset == 0:  # top-left == bottom-right when S' = L: SDPA's fused path
+        return F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=1.0)
+    # Otherwise an L x S' boolean mask (one byte per pair; for decoding, L is 1).
+    causal = torch.ones(L, s_used, dtype=torch.bool, device=q.device).tril(offset)  # j <= i + offset
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(qs, k, v, attn_mask=causal, scale=1.0)
+    mask = attn_mask[..., :s_used] if attn_mask.shape[-1] != 1 else attn_mask
+    if mask.dtype == torch.bool:
+        mask = mask & causal
+    else:
+        mask = mask.masked_fill(~causal, float("-inf"))
+    return F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=1.0)
