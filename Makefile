@@ -1,6 +1,7 @@
 # Two entry points, both usable on a fresh machine:
 #   make book  - create .venv if missing, install, execute every chapter, build _build/html
 #   make test  - the same set-up, then unit tests + nbval over every chapter + the book build
+#                + a headless-Chromium check of every page (make browser)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,10 +14,15 @@ CHAPTERS := $(sort $(wildcard book/ch*.md))
 # No GPU here: Triton kernels run on the CPU through Triton's interpreter.
 export TRITON_INTERPRET ?= 1
 export PYTHONPATH := $(CURDIR)/book$(if $(PYTHONPATH),:$(PYTHONPATH))
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: install book test unit nbval clean
+# The browser check (tests/browser_check.py) drives Debian's Chromium; a CJK font lets its
+# screenshots show the Chinese terms the chapters quote.  Installed only when missing (CI starts
+# from a fresh machine), as root or through sudo.
+BROWSER_DEBS := chromium fonts-wqy-microhei
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: install book test unit nbval browser browser-deps clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,7 +49,19 @@ nbval: $(STAMP)
 	done
 	$(BIN)/python -m pytest --nbval-lax -q -p no:cacheprovider --nbval-cell-timeout=600 $(NBDIR)
 
-test: unit nbval book
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && fc-list :lang=zh 2>/dev/null | grep -q . || { \
+	  echo "browser check: installing $(BROWSER_DEBS) with apt-get"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(BROWSER_DEBS) >/dev/null || true; }
+	@command -v chromium >/dev/null 2>&1 || { echo "browser check: could not install chromium"; exit 1; }
+
+# Every page of the built book in headless Chromium: MathJax errors or raw TeX, broken images,
+# internal links or anchors, JS console errors.  Screenshots land in _build/screenshots/.
+browser: book browser-deps
+	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
+
+test: unit nbval book browser
 
 clean:
 	rm -rf _build

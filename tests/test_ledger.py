@@ -4,35 +4,19 @@ Labels are MyST dollar-math labels (``$$ ... $$ (eq-...)``) or ``{math}`` direct
 ``:label:``; a check is a call ``ledger.<fn>("<label>", ...)`` inside a ``{code-cell}``.  The calls
 themselves raise when the equation is wrong, which nbval and the book build turn into failures.
 """
-import re
+import inspect
 import sys
 from pathlib import Path
 
 import pytest
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
-sys.path.insert(0, str(BOOK))
+sys.path[:0] = [str(BOOK), str(BOOK / "_ext")]
 import ledger  # noqa: E402
+# The parser is shared with the book's generated verification-ledger page (book/_ext/entmath_book.py).
+from ledger_index import CHECK_FUNCTIONS, WHAT_DEFAULT, WHAT_POSITION, checks_in, checks_in_code, labels_in  # noqa: E402
 
 CHAPTERS = sorted(BOOK.glob("ch*.md"))
-DOLLAR_LABEL = re.compile(r"^\s*\$\$\s*\(([^)\s]+)\)\s*$", re.M)
-DIRECTIVE_LABEL = re.compile(r"^```\{math\}[^\n]*\n(?::[a-z]+:[^\n]*\n)*?:label:\s*(\S+)", re.M)
-CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```", re.M | re.S)
-CHECK_CALL = re.compile(r"\bledger\.(\w+)\(\s*[\"']([^\"']+)[\"']")
-CHECK_FUNCTIONS = {"check", "sym_equal", "sym_zero", "close"}
-
-
-def labels_in(text: str) -> list:
-    return DOLLAR_LABEL.findall(text) + DIRECTIVE_LABEL.findall(text)
-
-
-def checks_in(text: str) -> dict:
-    found = {}
-    for cell in CODE_CELL.findall(text):
-        for fn, label in CHECK_CALL.findall(cell):
-            if fn in CHECK_FUNCTIONS:
-                found.setdefault(label, []).append(fn)
-    return found
 
 
 def test_there_are_chapters():
@@ -78,3 +62,24 @@ def test_ledger_checks_can_fail():
         ledger.check("eq-test-bad", False, "a false condition")
     with pytest.raises(AssertionError, match="no passing check"):
         ledger.summary(["eq-test-ok", "eq-never-checked"])
+
+
+def test_the_parser_reads_descriptions_and_ignores_strings():
+    code = (
+        "%matplotlib inline\n"
+        "ledger.sym_equal('eq-a', x, y, 'why a')\n"
+        "ledger.close('eq-b', 1, 1, rtol=0, what=f'{n} points')\n"
+        "ledger.check('eq-c', True)\n"
+        "s = 'ledger.check(\"eq-d\", True)'  # inside a string: not a check\n"
+    )
+    got = [(c.fn, c.label, c.what) for c in checks_in_code(code)]
+    assert got == [("sym_equal", "eq-a", "why a"), ("close", "eq-b", "{n} points"), ("check", "eq-c", "check")]
+
+
+@pytest.mark.parametrize("fn", CHECK_FUNCTIONS)
+def test_the_parser_knows_the_ledger_signatures(fn):
+    params = list(inspect.signature(getattr(ledger, fn)).parameters.values())
+    what = next(p for p in params if p.name == "what")
+    position = None if what.kind is inspect.Parameter.KEYWORD_ONLY else params.index(what)
+    assert WHAT_POSITION[fn] == position
+    assert WHAT_DEFAULT[fn] == (what.default or {"check": "check", "close": "numeric"}[fn])

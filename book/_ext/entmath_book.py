@@ -1,0 +1,666 @@
+"""Sphinx extension that turns the entmath chapters into a book with its back matter generated.
+
+Everything here is driven by what is on disk at build time, so a chapter, an op, a bibliography
+file or a benchmark result added later shows up with no hand edits:
+
+* **Bibliography** - every ``book/*.bib`` is registered with sphinxcontrib-bibtex.
+* **MathJax** - the MathJax 3 bundle of the ``django-static-mathjax`` package is copied into the
+  site's ``_static/mathjax/`` (``mathjax_path`` points there), so pages render offline.
+* **Verification ledger** - the ``{verification-ledger}`` directive becomes a table with one row per
+  labelled equation of the book: its chapter, its label (linked to the equation) and the
+  ``ledger.<fn>("<label>", ...)`` calls that verify it (linked to the code cell that makes them).
+  Labels and checks are read from each chapter's doctree with the parser in ``ledger_index.py``,
+  the same one ``tests/test_ledger.py`` uses.  An equation with no check is a build warning.
+* **API reference** - the ``{entmath-api}`` block is replaced by autodoc entries for every public
+  name in ``entmath.__all__``.  Each entry says which chapter derives it (from the chapter numbers
+  its module docstring names) and which pages refer to it.  In the chapters, inline code that is
+  exactly a public name (```entmath.entropy```) becomes a link to its entry.
+* **Performance appendix** - the ``{performance-results}`` block is replaced by one section per
+  ``benchmarks/results/*.json`` file: its machine, its rows as a table, and a plot of each
+  ratio-like column.  Results whose ``machine.device`` starts with ``cuda`` go to the GPU section.
+* **Notebook download** - each executed chapter is offered as ``.ipynb`` in the download menu.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.util
+import io
+import inspect
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from docutils import nodes
+from docutils.parsers.rst import directives
+from sphinx import addnodes
+from sphinx.errors import ExtensionError
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+import ledger_index
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "entmath"
+RESULTS_DIR = "benchmarks/results"
+RATIO_COLUMN = re.compile(r"ratio|speedup", re.I)
+CHAPTER_REF = re.compile(r"\bChapters?\s+(\d+)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bibliography and MathJax
+
+
+def register_bibfiles(app, config):
+    """Add every ``book/*.bib`` to ``bibtex_bibfiles`` (chapters bring their own ``refs_chNN.bib``)."""
+    listed = list(config.bibtex_bibfiles or [])
+    known = {(Path(app.confdir) / f).resolve() for f in listed}
+    for bib in sorted(Path(app.confdir).glob("book/*.bib")):
+        if bib.resolve() not in known:
+            listed.append(bib.relative_to(app.confdir).as_posix())
+    config.bibtex_bibfiles = listed
+
+
+def _local_mathjax(app) -> bool:
+    return bool(app.config.mathjax_path) and "://" not in app.config.mathjax_path \
+        and not app.config.mathjax_path.startswith("/")
+
+
+def _mathjax_bundle() -> Path:
+    spec = importlib.util.find_spec("mathjax")
+    bundle = Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax" / "es5" if spec else None
+    if bundle is None or not (bundle / "tex-mml-chtml.js").is_file():
+        raise ExtensionError("mathjax_path is local but the MathJax bundle is missing: "
+                             "pip install -r requirements.txt (django-static-mathjax)")
+    return bundle
+
+
+def check_mathjax(app):
+    if app.builder.format == "html" and _local_mathjax(app):
+        _mathjax_bundle()  # fail at the start of a build, not after executing every chapter
+
+
+def copy_mathjax(app, exception):
+    if exception is None and app.builder.format == "html" and _local_mathjax(app):
+        rel = Path(app.config.mathjax_path)
+        dest = Path(app.outdir) / "_static" / rel.parent
+        shutil.copytree(_mathjax_bundle(), dest, dirs_exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the chapters: equations, checks, references to the API
+
+
+def _public_objects() -> dict:
+    """``{"entmath.entropy": <function>, ...}`` for the routines and classes in ``entmath.__all__``."""
+    import importlib
+
+    module = importlib.import_module(PACKAGE)
+    objects = {}
+    for name in getattr(module, "__all__", []):
+        obj = getattr(module, name, None)
+        if inspect.isroutine(obj) or inspect.isclass(obj):
+            objects[f"{PACKAGE}.{name}"] = obj
+    return objects
+
+
+def _env_data(env) -> dict:
+    if not hasattr(env, "entmath_book"):
+        env.entmath_book = {"ledger": {}, "backrefs": {}, "dynamic": set()}
+    return env.entmath_book
+
+
+def link_api_literals(doctree, public: dict):
+    """Inline code that is exactly a public name (``entmath.kl`` or ``entmath.kl()``) -> its API entry."""
+    for lit in list(doctree.findall(nodes.literal)):
+        text = lit.astext()
+        target = text[:-2] if text.endswith("()") else text
+        if target not in public or _inside(lit, (nodes.reference, addnodes.pending_xref, addnodes.desc_signature)):
+            continue
+        xref = addnodes.pending_xref("", refdomain="py", reftype="obj", reftarget=target,
+                                     refexplicit=True, refwarn=True)
+        xref += nodes.literal(text, text, classes=["xref", "py", "py-obj"])
+        lit.replace_self(xref)
+
+
+def _inside(node, types) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if isinstance(parent, types):
+            return True
+        parent = parent.parent
+    return False
+
+
+def collect(app, doctree):
+    """doctree-read: record this page's labelled equations, ledger checks and API references."""
+    env, docname = app.env, app.env.docname
+    data = _env_data(env)
+    public = _public_objects()
+    link_api_literals(doctree, public)
+    for xref in doctree.findall(addnodes.pending_xref):
+        if xref.get("refdomain") == "py" and xref.get("reftarget") in public:
+            data["backrefs"].setdefault(xref["reftarget"], set()).add(docname)
+
+    labels = [(m["label"], m.get("number"), (m["ids"] or [None])[0])
+              for m in doctree.findall(nodes.math_block) if m.get("label")]
+    checks = []
+    for cell in doctree.findall(nodes.container):
+        if cell.get("nb_element") != "cell_code":
+            continue
+        source = next((n.astext() for n in cell.findall(nodes.literal_block)
+                       if n.parent.get("nb_element") == "cell_code_source"), None)
+        found = ledger_index.checks_in_code(source) if source else []
+        if found:
+            anchor = f"ledger-cell-{cell['cell_index']}"
+            cell["ids"].append(anchor)
+            doctree.ids[anchor] = cell
+            checks += [(c.label, c.fn, c.what, anchor) for c in found]
+    # Cells whose input is hidden (remove-input) are not in the doctree: read them from the source.
+    source_path = Path(env.doc2path(docname))
+    if source_path.suffix == ".md":
+        text = source_path.read_text(encoding="utf-8")
+        in_source = Counter((c.label, c.fn, c.what) for cell in ledger_index.code_cells(text)
+                            for c in ledger_index.checks_in_code(cell))
+        hidden = in_source - Counter((label, fn, what) for label, fn, what, _ in checks)
+        checks += [(label, fn, what, None) for (label, fn, what), n in hidden.items() for _ in range(n)]
+        in_doctree = {label for label, _, _ in labels}
+        for label in ledger_index.labels_in(text):
+            if label not in in_doctree:
+                logger.warning("equation label %s is in the source but Sphinx did not number it", label,
+                               location=docname)
+    if labels or checks:
+        data["ledger"][docname] = {"labels": labels, "checks": checks}
+
+
+def purge(app, env, docname):
+    data = _env_data(env)
+    data["ledger"].pop(docname, None)
+    data["dynamic"].discard(docname)
+    for docs in data["backrefs"].values():
+        docs.discard(docname)
+
+
+def merge(app, env, docnames, other):
+    data, theirs = _env_data(env), _env_data(other)
+    for docname in docnames:
+        if docname in theirs["ledger"]:
+            data["ledger"][docname] = theirs["ledger"][docname]
+        if docname in theirs["dynamic"]:
+            data["dynamic"].add(docname)
+    for target, docs in theirs["backrefs"].items():
+        data["backrefs"].setdefault(target, set()).update(docs & set(docnames))
+
+
+def always_rewrite(app, env, added, changed, removed):
+    """Pages built from the whole book (ledger, API) are rebuilt whenever any page is."""
+    return sorted(_env_data(env)["dynamic"] - set(added) - set(changed))
+
+
+def _reading_order(env) -> list:
+    order, stack, seen = [], [env.config.root_doc], set()
+    while stack:
+        doc = stack.pop(0)
+        if doc in seen:
+            continue
+        seen.add(doc)
+        order.append(doc)
+        stack[:0] = env.toctree_includes.get(doc, [])
+    return order + sorted(set(env.found_docs) - seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# The verification ledger page
+
+
+class ledger_table(nodes.General, nodes.Element):
+    """Placeholder for the ledger table; filled in when every chapter has been read."""
+
+
+class api_chapters(nodes.General, nodes.Element):
+    """Placeholder for an API entry's 'Derived in' / 'Referred to in' fields."""
+
+
+class VerificationLedger(SphinxDirective):
+    has_content = False
+
+    def run(self):
+        _env_data(self.env)["dynamic"].add(self.env.docname)
+        return [ledger_table("")]
+
+
+class ApiChapters(SphinxDirective):
+    required_arguments = 1
+    option_spec = {"derived": directives.unchanged}
+
+    def run(self):
+        _env_data(self.env)["dynamic"].add(self.env.docname)
+        derived = [d for d in self.options.get("derived", "").split() if d]
+        return [api_chapters("", target=self.arguments[0], derived=derived)]
+
+
+def _link(app, fromdoc, todoc, anchor, *children):
+    uri = app.builder.get_relative_uri(fromdoc, todoc) + (f"#{anchor}" if anchor else "")
+    return nodes.reference("", "", *children, internal=True, refuri=uri)
+
+
+def _title(env, docname) -> str:
+    return env.titles[docname].astext() if docname in env.titles else docname
+
+
+def _title_nodes(env, docname) -> list:
+    """The page title as nodes, so math in a title ($\\log n$) is typeset, not shown as TeX."""
+    if docname not in env.titles:
+        return [nodes.Text(docname)]
+    return [child.deepcopy() for child in env.titles[docname].children]
+
+
+def _eq_number(env, docname, anchor, number) -> str:
+    """The number the equation shows on its page (what Sphinx's HTML writer prints)."""
+    cfg = env.config
+    if cfg.math_numfig and cfg.numfig and anchor:
+        got = env.toc_fignumbers.get(docname, {}).get("displaymath", {}).get(anchor, ())
+        eqno = ".".join(map(str, got))
+        return cfg.math_numsep.join(eqno.rsplit(".", 1)) if eqno else ""
+    return str(number or "")
+
+
+def _short(env, docname) -> str:
+    m = re.search(r"(?:^|/)ch(\d+)", docname)
+    return f"Ch. {int(m.group(1))}" if m else _title(env, docname)
+
+
+def _table(headers, rows, widths, classes):
+    table = nodes.table(classes=classes)
+    group = nodes.tgroup(cols=len(headers))
+    table += group
+    for w in widths:
+        group += nodes.colspec(colwidth=w)
+    head = nodes.thead()
+    group += head
+    head += nodes.row("", *[nodes.entry("", nodes.paragraph("", h)) for h in headers])
+    body = nodes.tbody()
+    group += body
+    for row_id, cells in rows:
+        row = nodes.row(ids=[row_id] if row_id else [])
+        for cell in cells:
+            row += nodes.entry("", *cell)
+        body += row
+    return table
+
+
+def build_ledger(app, fromdoc):
+    env = app.env
+    data = _env_data(env)["ledger"]
+    docs = [d for d in _reading_order(env) if d in data]
+    rows, per_chapter, n_checks = [], [], 0
+    all_labels = {label for d in docs for label, _, _ in data[d]["labels"]}
+    for doc in docs:
+        labels, checks = data[doc]["labels"], data[doc]["checks"]
+        n_checks += len(checks)
+        per_chapter.append((doc, len(labels), len(checks)))
+        for label, _, _, _ in checks:
+            if label not in {lab for lab, _, _ in labels}:
+                where = "another page" if label in all_labels else "no page"
+                logger.warning("ledger check of %s, which is labelled on %s", label, where, location=doc)
+        for label, number, anchor in labels:
+            mine = [c for c in checks if c[0] == label]
+            shown = _eq_number(env, doc, anchor, number)
+            eq = _link(app, fromdoc, doc, anchor, nodes.Text(f"({shown}) " if shown else ""),
+                       nodes.literal(label, label))
+            chapter = _link(app, fromdoc, doc, None, nodes.Text(_short(env, doc)))
+            chapter["reftitle"] = _title(env, doc)
+            if mine:
+                items = nodes.bullet_list(classes=["simple", "ledger-checks"])
+                for _, fn, what, cell in mine:
+                    call = _link(app, fromdoc, doc, cell, nodes.literal(f"ledger.{fn}", f"ledger.{fn}"))
+                    items += nodes.list_item("", nodes.paragraph("", "", call, nodes.Text(f" {what}")))
+                checks_cell = [items]
+            else:
+                logger.warning("equation %s has no ledger check", label, location=doc)
+                checks_cell = [nodes.paragraph("", "", nodes.strong("", "MISSING: no check"))]
+            rows.append((f"ledger-{label}", [[nodes.paragraph("", "", chapter)], [nodes.paragraph("", "", eq)],
+                                             checks_cell]))
+    n_eq = sum(n for _, n, _ in per_chapter)
+    pages = f"{len(docs)} page" + ("s" if len(docs) != 1 else "")
+    summary = nodes.paragraph("", f"{n_eq} numbered equations on {pages}, verified by "
+                                  f"{n_checks} checks that ran when this book was built:")
+    chapters = nodes.bullet_list(classes=["simple"])
+    for doc, n, k in per_chapter:
+        chapters += nodes.list_item("", nodes.paragraph(
+            "", "", _link(app, fromdoc, doc, None, *_title_nodes(env, doc)),
+            nodes.Text(f": {n} equations, {k} checks")))
+    table = _table(["Chapter", "Equation", "Verified by"], rows, [1, 1, 1], ["ledger-table", "colwidths-auto"])
+    return [summary, chapters, table]
+
+
+def build_api_chapters(app, fromdoc, node):
+    env = app.env
+    derived = [d for d in node["derived"] if d in env.found_docs]
+    refs = sorted(_env_data(env)["backrefs"].get(node["target"], set()) - set(derived) - {fromdoc},
+                  key=_reading_order(env).index)
+    fields = nodes.field_list(classes=["entmath-chapters"])
+    for name, docs in (("Derived in", derived), ("Also used in", refs)):
+        if not docs:
+            continue
+        body = nodes.paragraph()
+        for i, doc in enumerate(docs):
+            if i:
+                body += nodes.Text(", ")
+            body += _link(app, fromdoc, doc, None, *_title_nodes(env, doc))
+        fields += nodes.field("", nodes.field_name("", name), nodes.field_body("", body))
+    return [fields] if len(fields) else []
+
+
+def resolve_placeholders(app, doctree, fromdoc):
+    for node in list(doctree.findall(ledger_table)):
+        node.replace_self(build_ledger(app, fromdoc))
+    for node in list(doctree.findall(api_chapters)):
+        node.replace_self(build_api_chapters(app, fromdoc, node))
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated sources: the API reference and the performance appendix
+
+
+def _placeholder(name: str):
+    return re.compile(r"^(`{3,}|:{3,})\{" + re.escape(name) + r"\}[^\n]*\n\1[ \t]*$", re.M)
+
+
+def generate_sources(app, docname, source):
+    text = source[0]
+    for name, make in (("entmath-api", api_markdown), ("performance-results", perf_markdown)):
+        pattern = _placeholder(name)
+        if pattern.search(text):
+            generated = make(app, docname)
+            text = pattern.sub(lambda _: generated, text)
+    source[0] = text
+
+
+def _chapter_docs(app, obj) -> list:
+    """The chapter pages that the docstrings of ``obj`` and of its module name ("Chapter 1")."""
+    module = inspect.getmodule(obj)
+    text = ((module.__doc__ or "") if module else "") + "\n" + (obj.__doc__ or "")
+    docs = []
+    for number in dict.fromkeys(int(n) for n in CHAPTER_REF.findall(text)):
+        for path in sorted(Path(app.srcdir).glob(f"book/ch{number:02d}_*")):
+            if path.suffix in (".md", ".ipynb"):
+                docs.append(path.relative_to(app.srcdir).with_suffix("").as_posix())
+    return docs
+
+
+def api_markdown(app, docname) -> str:
+    public = _public_objects()
+    names = "\n".join(f"   {qual.split('.', 1)[1]}" for qual in public)
+    out = ["```{eval-rst}", f".. currentmodule:: {PACKAGE}", "", ".. autosummary::", "   :nosignatures:", "",
+           names, "```", ""]
+    for qual, obj in public.items():
+        kind = "autoclass" if inspect.isclass(obj) else "autofunction"
+        derived = " ".join(_chapter_docs(app, obj))
+        out += ["```{eval-rst}", f".. {kind}:: {qual}", ""]
+        if inspect.isclass(obj):
+            out += ["   :members:", ""]
+        out += [f"   .. entmath-chapters:: {qual}"] + ([f"      :derived: {derived}"] if derived else [])
+        out += ["```", ""]
+    return "\n".join(out)
+
+
+def _md(value) -> str:
+    """Text for a Markdown table cell: numbers at 4 significant digits, punctuation escaped."""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value)
+    else:
+        text = "" if value is None else str(value)
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
+
+
+def _fence(text: str) -> str:
+    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return f"{ticks}{{code-block}} text\n:class: entmath-docstring\n\n{text}\n{ticks}"
+
+
+def _describe(machine: dict) -> str:
+    keys = ["device", "cpu", "cpu_count", "torch_threads", "torch", "python", "platform"]
+    parts = [f"{k} {machine[k]}" for k in keys if k in machine]
+    parts += [f"{k} {v}" for k, v in machine.items() if k not in keys and k != "date"]
+    return "; ".join(parts)
+
+
+def _row_label(row: dict, skip) -> str:
+    parts = []
+    for key, value in row.items():
+        if key in skip or isinstance(value, float):
+            continue
+        parts.append(str(value) if isinstance(value, str) else f"{key}={value}")
+    return " | ".join(parts) or "row"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plot(name: str, series: list, machine: dict) -> str:
+    """Bar charts of ``series`` = [(title, labels, values)], one panel each, as a PNG data URI
+    (embedded in the page: no file to go stale, nothing to copy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_bars = max(len(labels) for _, labels, _ in series)
+    fig, axes = plt.subplots(1, len(series), squeeze=False,
+                             figsize=(7.5 * len(series), 1.2 + 0.42 * n_bars))
+    for ax, (title, labels, values) in zip(axes[0], series):
+        values = [float(v) if _is_number(v) else float("nan") for v in values]
+        ys = range(len(values))
+        bars = ax.barh(ys, values, color="#4c72b0")
+        ax.axvline(1.0, color="#c44e52", lw=1.2, ls="--", label="1 (parity)")
+        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
+        ax.set_yticks(list(ys), [label[:60] for label in labels], fontsize=8)
+        ax.invert_yaxis()
+        finite = [v for v in values if v == v and v > 0]
+        if finite and max(finite) / min(finite) > 30:
+            ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.margins(x=0.15)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{name}: {machine.get('device', 'device not recorded')}, {machine.get('date', 'undated')}",
+                 fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _md_table(header: list, rows: list) -> list:
+    return (["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(_md(v) for v in row) + " |" for row in rows] + [""])
+
+
+def _result_section(app, path: Path, data: dict, level: str) -> list:
+    """One result file: provenance, machine, parameters, tables, a figure of its ratios.
+
+    The scripts do not share one schema beyond ``machine``, so this reads what is there:
+    ``rows`` (a list of records) is a table whose ratio-like columns are plotted; a top-level
+    mapping of names to floats is a two-column table, plotted too if its key is ratio-like;
+    scalars and small integer mappings (shapes) are parameters; anything more nested is kept,
+    complete, in a collapsed "recorded data" block.
+    """
+    name = path.stem
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower())
+    machine = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    script = Path(app.srcdir) / "benchmarks" / f"bench_{name.split('.')[0]}.py"
+    out = [f"(perf-{slug})=", f"{level} `{name}`", ""]
+    if script.is_file():
+        out += [f"From `benchmarks/{script.name}`, saved in `{RESULTS_DIR}/{path.name}`.", ""]
+        doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8")))
+        if doc:
+            out += [_fence(doc), ""]
+    else:
+        out += [f"Saved in `{RESULTS_DIR}/{path.name}`.", ""]
+    device = "" if "device" in machine else " (no device recorded: a CPU run)"
+    out += [f"**Machine** ({_md(machine.get('date', 'undated'))}): "
+            f"{_md(_describe(machine)) or 'not recorded'}{device}.", ""]
+
+    params, tables, nested, series = [], [], {}, []
+    rows = data.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        tables += _md_table(columns, [[r.get(c) for c in columns] for r in rows])
+        ratios = [c for c in columns if RATIO_COLUMN.search(c) and any(_is_number(r.get(c)) for r in rows)]
+        labels = [_row_label(r, set(ratios)) for r in rows]
+        series += [(c, labels, [r.get(c) for r in rows]) for c in ratios]
+    elif rows is not None:
+        nested["rows"] = rows
+    for key, value in data.items():
+        if key in ("machine", "rows"):
+            continue
+        if isinstance(value, (str, bool)) or _is_number(value) or value is None:
+            params.append(f"{_md(key)} = {_md(value)}")
+        elif isinstance(value, list) and len(value) <= 8 and all(_is_number(v) or isinstance(v, str) for v in value):
+            params.append(f"{_md(key)} = {_md(value)}")
+        elif isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
+            if all(isinstance(v, int) for v in value.values()):  # a shape or a size: a parameter
+                params.append(f"{_md(key)} = " + ", ".join(f"{_md(k)} {_md(v)}" for k, v in value.items()))
+            else:
+                tables += [f"**{_md(key)}**", ""] + _md_table(["", key], list(value.items()))
+                if RATIO_COLUMN.search(key):
+                    series.append((key, list(value), list(value.values())))
+        else:
+            nested[key] = value
+    if params:
+        out += ["**Parameters:** " + "; ".join(params) + ".", ""]
+    out += tables
+    if series:
+        caption = (f"{', '.join(_md(title) for title, _, _ in series)} of `{name}` (dashed line: 1). "
+                   f"Device: {_md(machine.get('device', 'not recorded'))}; "
+                   f"{_md(machine.get('cpu', ''))}; date: {_md(machine.get('date', 'not recorded'))}.")
+        out += [f"```{{figure}} {_plot(name, series, machine)}", f":name: fig-perf-{slug}",
+                f":alt: bar chart of the ratios in {name}", ":width: 100%", "", caption, "```", ""]
+    else:
+        out += ["This result has no ratio to plot.", ""]
+    if nested:
+        out += ["````{admonition} Everything else this result recorded", ":class: dropdown", "",
+                "```json", json.dumps(nested, indent=1), "```", "````", ""]
+    return out
+
+
+def perf_markdown(app, docname) -> str:
+    results = sorted((Path(app.srcdir) / RESULTS_DIR).glob("*.json"))
+    cpu, gpu = [], []
+    for path in results:
+        app.env.note_dependency(str(path))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read benchmark result %s: %s", path, exc, location=docname)
+            continue
+        device = str((data.get("machine") or {}).get("device", "cpu"))
+        (gpu if device.startswith("cuda") else cpu).append((path, data))
+    out = ["## CPU results", ""]
+    if not cpu:
+        out += ["No CPU results have been saved yet.", ""]
+    for path, data in cpu:
+        out += _result_section(app, path, data, "###")
+    out += ["(perf-gpu)=", "## GPU results", ""]
+    if not gpu:
+        out += ["**No GPU results yet.** Every result above was measured on a CPU, with the torch paths "
+                "(Triton kernels need a GPU, or run in the interpreter, which is not a speed test). "
+                "When a benchmark script is run on a CUDA machine its JSON records a `cuda:` device "
+                "and appears in this section, with its device and date in each figure.", ""]
+    for path, data in gpu:
+        out += _result_section(app, path, data, "###")
+    return "\n".join(out)
+
+
+TYPE_LIKE = re.compile(r"^[\w.]+(\[[\w., |\[\]]*\])?(\s*\|\s*[\w.]+(\[[\w., |\[\]]*\])?)*$")
+
+
+def keep_returns_prose(app, what, name, obj, options, lines):
+    """Napoleon reads ``type: description`` on the first line of a Google ``Returns:`` section, so a
+    sentence with a colon there (``... their dtype.  **Documented value:** +inf ...``) would become
+    a bogus return type.  When the text before the colon is no type, start that sentence on a line of
+    its own.  Runs before napoleon (priority 400 < 500)."""
+    for i, line in enumerate(lines[:-1]):
+        if line.strip() not in ("Returns:", "Yields:"):
+            continue
+        first = lines[i + 1]
+        body = first.strip()
+        masked = re.sub(r"``.+?``|:[\w:+.-]+:`.+?`", lambda m: "x" * len(m.group()), body)
+        colon = re.search(r"(?<!:):(?!:)", masked)
+        if colon and not TYPE_LIKE.match(body[: colon.start()].strip()):
+            cut = body.rfind(". ", 0, colon.start())
+            if cut > 0:
+                indent = first[: len(first) - len(first.lstrip())]
+                lines[i + 1 : i + 2] = [indent + body[: cut + 1], indent + body[cut + 1 :].strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# The executed notebook in the download menu
+
+
+def offer_notebook(app, pagename, templatename, context, doctree):
+    """Put the executed notebook next to the page's source so the theme offers a .ipynb download."""
+    if app.builder.format != "html" or doctree is None:
+        return
+    executed = Path(app.outdir).parent / "jupyter_execute" / f"{pagename}.ipynb"
+    if not executed.is_file():
+        return
+    nb = json.loads(executed.read_text(encoding="utf-8"))
+    nb.get("metadata", {}).pop("source_map", None)  # myst-nb's bookkeeping, not the reader's
+    dest = Path(app.outdir) / "_sources" / f"{pagename}.ipynb"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    context["ipynb_source"] = f"{pagename}.ipynb"
+
+
+def dedupe_scripts(app, pagename, templatename, context, doctree):
+    """Drop repeated <script> entries.  sphinx-thebe adds its inline config once with filename None
+    and Sphinx re-adds it as '', so every page declared ``const THEBE_JS_URL`` twice: a JS error."""
+    files = context.get("script_files")
+    if not files:
+        return
+    seen, unique = set(), []
+    for js in files:
+        key = (str(getattr(js, "filename", js) or ""),
+               json.dumps(getattr(js, "attributes", {}), sort_keys=True, default=str))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    files[:] = unique
+
+
+def add_static(app):
+    app.config.html_static_path.append(str(Path(__file__).parent / "static"))
+
+
+def setup(app):
+    for ext in ("sphinx.ext.autodoc", "sphinx.ext.autosummary", "sphinx.ext.napoleon", "sphinxcontrib.bibtex"):
+        app.setup_extension(ext)
+    app.connect("config-inited", register_bibfiles)
+    app.connect("builder-inited", check_mathjax)
+    app.connect("builder-inited", add_static)
+    # MathJax on every page: a chapter title with math ($\log n$) is in every page's navigation.
+    app.set_html_assets_policy("always")
+    app.add_css_file("entmath_book.css")
+    app.connect("source-read", generate_sources)
+    app.connect("doctree-read", collect)
+    app.connect("env-purge-doc", purge)
+    app.connect("env-merge-info", merge)
+    app.connect("env-get-outdated", always_rewrite)
+    app.connect("doctree-resolved", resolve_placeholders)
+    app.connect("autodoc-process-docstring", keep_returns_prose, priority=400)
+    app.connect("html-page-context", offer_notebook, priority=400)  # before the theme's buttons (501)
+    app.connect("html-page-context", dedupe_scripts, priority=450)  # emit_firstresult: run early
+    app.connect("build-finished", copy_mathjax)
+    app.add_node(ledger_table)
+    app.add_node(api_chapters)
+    app.add_directive("verification-ledger", VerificationLedger)
+    app.add_directive("entmath-chapters", ApiChapters)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True, "env_version": 1}

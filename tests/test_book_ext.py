@@ -1,0 +1,95 @@
+"""The book's Sphinx extension (book/_ext/entmath_book.py): the parts that run without a build.
+
+The generated pages themselves are checked by `make book` (-W -n) and `make browser`; these tests
+pin down the behaviour that a new chapter, op or benchmark result relies on.
+"""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "book"), str(ROOT / "book" / "_ext")]
+pytest.importorskip("sphinx")
+import entmath_book as ext  # noqa: E402
+
+
+def fake_app(root: Path):
+    return SimpleNamespace(srcdir=str(root), confdir=str(root),
+                           env=SimpleNamespace(note_dependency=lambda path: None))
+
+
+def write_result(root: Path, name: str, data: dict) -> Path:
+    path = root / "benchmarks" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_every_bib_file_is_registered(tmp_path):
+    (tmp_path / "book").mkdir()
+    for name in ("references.bib", "refs_ch02.bib", "refs_ch07.bib"):
+        (tmp_path / "book" / name).write_text("")
+    config = SimpleNamespace(bibtex_bibfiles=["book/references.bib"])
+    ext.register_bibfiles(fake_app(tmp_path), config)
+    assert config.bibtex_bibfiles == ["book/references.bib", "book/refs_ch02.bib", "book/refs_ch07.bib"]
+
+
+def test_a_result_with_rows_gets_a_table_and_a_plot_of_its_ratio_columns(tmp_path):
+    data = {"machine": {"device": "cpu", "date": "2026-01-01", "cpu": "x"},
+            "rows": [{"op": "a*b", "n": 3, "fast_ms": 1.0, "ratio_vs_x": 0.5, "speedup": 2.0},
+                     {"op": "c|d", "n": 5, "fast_ms": 2.0, "ratio_vs_x": 1.5, "speedup": 0.7}],
+            "dtype": "float32", "shape": [4, 8]}
+    text = "\n".join(ext._result_section(fake_app(tmp_path), write_result(tmp_path, "toy", data), data, "###"))
+    assert "| op | n | fast\\_ms | ratio\\_vs\\_x | speedup |" in text
+    assert "a\\*b" in text and "c\\|d" in text  # Markdown punctuation escaped inside cells
+    assert "```{figure} data:image/png;base64," in text
+    assert "ratio\\_vs\\_x, speedup of `toy`" in text and "2026\\-01\\-01" in text
+    assert "dtype = float32" in text
+
+
+def test_a_result_without_rows_keeps_its_mappings_and_nested_data(tmp_path):
+    data = {"machine": {"date": "d"}, "shape": {"n": 4096, "d": 64},
+            "time_s": {"ours": 1.5, "theirs": 2.0}, "ratio_vs_theirs": {"ours": 0.75, "theirs": 1.0},
+            "raw": {"ours": [1.4, 1.5, 1.6]}}
+    text = "\n".join(ext._result_section(fake_app(tmp_path), write_result(tmp_path, "odd", data), data, "###"))
+    assert "shape = n 4096, d 64" in text
+    assert "**time\\_s**" in text and "**ratio\\_vs\\_theirs**" in text
+    assert text.count("```{figure}") == 1  # only the ratio mapping is plotted
+    assert ":class: dropdown" in text and '"raw"' in text
+    assert "no device recorded" in text
+
+
+def test_gpu_results_get_their_own_section(tmp_path):
+    app = fake_app(tmp_path)
+    row = {"rows": [{"op": "x", "ratio": 1.2}]}
+    write_result(tmp_path, "cpu_run", {"machine": {"device": "cpu", "date": "d1"}, **row})
+    assert "No GPU results yet" in ext.perf_markdown(app, "appendix")
+    write_result(tmp_path, "gpu_run", {"machine": {"device": "cuda:NVIDIA H100", "date": "d2"}, **row})
+    text = ext.perf_markdown(app, "appendix")
+    cpu, gpu = text.split("## GPU results")
+    assert "`cpu_run`" in cpu and "`gpu_run`" in gpu and "No GPU results yet" not in text
+    assert "cuda\\:NVIDIA H100" in gpu
+
+
+def test_a_colon_in_the_first_returns_line_is_not_taken_for_a_type():
+    lines = ["Returns:", "    Shape of x, its dtype.  **Documented value:** +inf where q lacks p's support.",
+             "", "Raises:", "    ValueError: bad input."]
+    ext.keep_returns_prose(None, "function", "f", None, {}, lines)
+    assert lines[1:3] == ["    Shape of x, its dtype.", "    **Documented value:** +inf where q lacks p's support."]
+    typed = ["Returns:", "    torch.Tensor: the entropy."]
+    ext.keep_returns_prose(None, "function", "f", None, {}, typed)
+    assert typed == ["Returns:", "    torch.Tensor: the entropy."]
+
+
+def test_the_api_page_lists_every_public_routine_with_its_chapter():
+    import entmath
+
+    text = ext.api_markdown(fake_app(ROOT), "book/api")
+    for name in entmath.__all__:
+        obj = getattr(entmath, name)
+        if callable(obj):
+            assert f".. autofunction:: entmath.{name}" in text or f".. autoclass:: entmath.{name}" in text
+    assert ":derived: book/ch01_entropy" in text
