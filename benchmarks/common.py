@@ -48,8 +48,9 @@ def machine() -> dict:
 
 
 def save(name: str, rows: list, **extra) -> Path:
+    """Write ``results/<name>.json``, or ``<name>.cuda.json`` when a GPU ran it (both are kept)."""
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / (f"{name}.cuda.json" if torch.cuda.is_available() else f"{name}.json")
     path.write_text(json.dumps({"machine": machine(), "rows": rows, **extra}, indent=2) + "\n")
     return path
 
