@@ -8,6 +8,7 @@ from ._backend import triton_available
 from .ops.attention_entropy import attention_entropy
 from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
+from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.kl import kl
 from .ops.logn_attention import logn_attention, logn_scale
 
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     # Chapter 1: entropy, cross-entropy, KL (cross_entropy's fused gradient: Chapter 5)
     "entropy", "cross_entropy", "kl",
+    # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
+    "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention
     "logn_scale", "logn_attention", "attention_entropy",
     "triton_available", "__version__",

@@ -1,0 +1,555 @@
+"""Entropy normalization: the power (temperature) transform softmax(gamma * z) whose entropy is a
+prescribed number of nats.  Derived in Chapter 2 (book/ch02_entropy_normalization.md).
+
+For logits z (one row, classes last) write d_i = z_i - max z <= 0 and p_i(gamma) proportional to
+exp(gamma d_i).  With S = sum_i exp(gamma d_i) = c + T, where c counts the maximal entries (their
+weight is exactly 1) and T is the mass strictly below the maximum, and mu = E_p[d] <= 0,
+
+    H(gamma) = log c + [log1p(T / c) - gamma mu]                            (three terms >= 0)
+    H'(gamma) = -gamma k2,            H''(gamma) = -k2 - gamma k3,
+
+where k2, k3 are the central moments of z under p(gamma).  H falls from log|support| at
+gamma = 0 to log c as gamma -> inf.  Per row we solve H(gamma) = target by Halley's method on
+G(gamma) = log(H - log c) - log(target - log c) (nearly linear in gamma in the exponential tail,
+where Halley on H itself crawls), inside a bracket [lo, hi] that every evaluation tightens, with
+geometric bisection whenever a step would leave the bracket.  The start is the root of the
+second-order Taylor expansion of H at gamma = 0, gamma_0 = sqrt(2 (log|support| - target) / k2(0)).
+
+Backward (Chapter 2, the implicit function theorem, never through the iterations): with
+F(gamma, z, t) = H(softmax(gamma z)) - t = 0,
+
+    d gamma / d z_k = -gamma p_k (z_k - zbar) / k2,        d gamma / d t = -1 / (gamma k2),
+
+and p = softmax(gamma z) chains through both gamma and z.
+
+Edge rows: target >= log|support| gives gamma = 0 and the uniform distribution on the support;
+otherwise target <= log c gives gamma = +inf and the uniform distribution on the arg-max set.
+Both are locally constant in (z, target) away from ties, and their gradients are defined as 0.
+
+Execution of the torch path.  Every evaluation of H is a pass over the row, so the row should stay
+in cache across the evaluations.  On the CPU, long rows are solved one at a time (their per-row
+scalars are Python floats) and short rows in blocks of a few hundred kilobytes (their scalars are
+float64 numpy vectors); either way each torch op touches a cache-sized piece.  On such pieces
+intra-op threads cost more in synchronisation than they return (and stall badly on a busy
+machine); the op leaves the thread count to the caller (``torch.set_num_threads``) rather than
+change process-wide state.  On a GPU all rows form one block.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._backend import resolve_backend
+from .._validate import check_float_tensor, check_rows_finite, coded_lse, compute_dtype, normalize_dim
+from ._rows import kernels, rows_2d
+
+__all__ = ["entropy_normalize", "solve_gamma", "sample"]
+
+#: Most evaluations of H per row.  Typical rows converge in 3-6; the cap only matters for
+#: adversarial rows that force bisection, and a row that hits it keeps its last iterate.
+MAX_EVALS = 60
+#: Convergence: |H - target| <= FTOL_ULPS * eps * target.  H is a sum of non-negative terms, so
+#: it is computed to a few ulp of itself; 8 ulp leaves room for that and nothing more.
+FTOL_ULPS = 8.0
+#: CPU blocks of short rows hold about this many logits (a few arrays of it stay in L2).
+BLOCK_ELEMS = 1 << 16
+#: CPU rows at least this long are solved one at a time.
+ROW_MIN_N = 1 << 14
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-row iteration.  The Triton kernel mirrors it line by line.
+# ----------------------------------------------------------------------------------------------
+
+def initial_gamma(xp, h_max, target, k2_0):
+    """Root of the Taylor expansion H(gamma) ~ log|S| - k2(0) gamma^2 / 2 at gamma = 0."""
+    return xp.sqrt(2.0 * xp.maximum(h_max - target, 0.0 * h_max) / k2_0)
+
+
+def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
+    """One safeguarded step on vectors of rows (``xp`` is numpy or torch).
+
+    ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0).  Returns the new (gamma, lo, hi):
+    Halley's method on G = log(r / q), whose derivatives follow from H' = -gamma k2 and
+    H'' = -k2 - gamma k3; Newton on G if Halley's denominator is not positive; geometric
+    bisection of [lo, hi] (expansion by 4 while hi = inf, halving while lo = 0) if the step leaves
+    the bracket or is not finite.
+    """
+    lo = xp.where(f > 0, gamma, lo)
+    hi = xp.where(f < 0, gamma, hi)
+    f1 = -gamma * k2
+    f2 = -k2 - gamma * k3
+    g0 = xp.log(r / q)
+    g1 = f1 / r
+    g2 = f2 / r - g1 * g1
+    den = 2.0 * g1 * g1 - g0 * g2
+    new = gamma + xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
+    ok = xp.isfinite(new) & (new > lo) & (new < hi)
+    fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo * hi), 0.5 * hi))
+    return xp.where(ok, new, fallback), lo, hi
+
+
+def halley_step(gamma, lo, hi, f, r, q, k2, k3):
+    """The same step for one row, in Python floats (the twin of the Triton kernel's scalar code)."""
+    if f > 0:
+        lo = gamma
+    elif f < 0:
+        hi = gamma
+    new = math.nan
+    if r > 0 and k2 > 0:
+        g0 = math.log(r / q)
+        g1 = -gamma * k2 / r
+        g2 = (-k2 - gamma * k3) / r - g1 * g1
+        den = 2.0 * g1 * g1 - g0 * g2
+        new = gamma - (2.0 * g0 * g1 / den if den > 0 else g0 / g1)
+    if math.isfinite(new) and lo < new < hi:
+        return new, lo, hi
+    if math.isinf(hi):
+        return 4.0 * gamma, lo, hi
+    return (math.sqrt(lo * hi) if lo > 0 else 0.5 * hi), lo, hi
+
+
+def _scalar_ns(device: torch.device):
+    if device.type == "cpu":
+        try:
+            import numpy
+
+            return numpy
+        except ImportError:  # numpy is optional: fall back to torch for the scalars
+            pass
+    return torch
+
+
+class _Scalars:
+    """Moves (B,) vectors between the row-sized torch ops and the scalar namespace ``xp``."""
+
+    def __init__(self, xp, B, acc, device):
+        self.xp = xp
+        self.sums = torch.empty(4, B, dtype=acc, device=device)  # written by the reductions
+        self.out = list(self.sums.unbind(0))
+        self.cols = torch.empty(2, B, 1, dtype=acc, device=device)  # gamma and mu, as columns
+        self.col = list(self.cols.unbind(0))
+        if xp is not torch:
+            self.sums_np = self.sums.numpy()
+            self.cols_np = [c.numpy().reshape(B) for c in self.col]
+
+    def get(self, k=4):
+        if self.xp is torch:  # a copy: the reductions overwrite ``sums`` on the next evaluation
+            return self.sums[:k].to(torch.float64, copy=True)
+        return self.sums_np[:k].astype("float64")
+
+    def put(self, j, x):
+        if self.xp is torch:
+            self.cols[j, :, 0].copy_(x)
+        else:
+            self.cols_np[j][:] = x
+        return self.col[j]
+
+
+def _row_setup(zb, d, at_max, bias, sums):
+    """The pass before the iteration, for a row or a block (classes last).
+
+    Fills d = z - max (0 at -inf logits), at_max (1 at the maxima, else 0) and bias (0 strictly
+    below the maximum, the lowest float at the maxima and at -inf logits), and writes
+    (c, sum d, ||d||, -n_below) into ``sums``.  Returns the row max (keepdim).
+    """
+    m = zb.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
+    torch.sub(zb, m, out=d)
+    # Masks are built from sign() rather than comparisons (bool tensors are slow on the CPU):
+    # sign(d) is 0 at the maxima and -1 below them, -inf logits included.
+    torch.sign(d, out=at_max).add_(1.0)
+    torch.sum(at_max, -1, out=sums[0])
+    d.nan_to_num_(neginf=0.0)  # -inf logits now sit at d = 0, like the maxima ...
+    torch.sum(d, -1, out=sums[1])
+    torch.linalg.vector_norm(d, dim=-1, out=sums[2])
+    torch.sign(d, out=bias)
+    torch.sum(bias, -1, out=sums[3])
+    # ... and both get weight exp(gamma d + bias) = 0 through bias = lowest there (0 elsewhere),
+    # for every gamma >= 0; d itself stays 0 there, so products with d never meet an inf.
+    bias.add_(1.0).mul_(torch.finfo(d.dtype).min)
+    return m
+
+
+def _solve_block(zb, t, out, res):
+    """Solve the rows of ``zb`` (B, n, accumulation dtype) for the targets ``t`` (B,).
+
+    Writes p into ``out`` (B, n) and (gamma, E_p[z] - max z, evaluations, max z) into ``res``
+    (4, B), in the scalar namespace's float64.
+    """
+    B, n = zb.shape
+    acc = zb.dtype
+    xp = _scalar_ns(zb.device)
+    sc = _Scalars(xp, B, acc, zb.device)
+    o0, o1, o2, o3 = sc.out
+    eps = float(torch.finfo(acc).eps)
+    d, at_max, bias = torch.empty_like(zb), torch.empty_like(zb), torch.empty_like(zb)
+    m = _row_setup(zb, d, at_max, bias, sc.out)
+    res[3] = m.squeeze(-1).numpy() if xp is not torch else m.squeeze(-1)
+    c, s1, s2, n_below = sc.get()
+    n_live = c - n_below
+    # gamma = 0 is the uniform distribution on the support; its variance starts the iteration.
+    k2_0 = s2 * s2 / n_live - (s1 / n_live) ** 2
+    h_max, h_min = xp.log(n_live), xp.log(c)
+    valid = xp.isfinite(s1) & (c > 0)  # NaN / +inf / all -inf rows: no iterations (reported later)
+    hi_edge = t >= h_max
+    lo_edge = ~hi_edge & (t <= h_min) & valid
+    inner = ~hi_edge & ~lo_edge & valid
+    q = t - h_min
+    ftol = FTOL_ULPS * eps * t
+    gamma = initial_gamma(xp, h_max, t, k2_0)
+    gamma = xp.where(inner & xp.isfinite(gamma) & (gamma > 0), gamma, 1.0 * inner)
+    lo = 0.0 * gamma
+    hi = lo + math.inf
+    done = ~inner
+    evals = 0.0 * gamma
+
+    e = out if out.dtype == acc else torch.empty_like(d)
+    w, dc = torch.empty_like(d), torch.empty_like(d)
+    for _ in range(MAX_EVALS):
+        torch.addcmul(bias, d, sc.put(0, gamma), out=e).exp_()
+        torch.sum(e, -1, out=o0)
+        torch.sum(torch.mul(e, d, out=w), -1, out=o1)
+        T, A1 = sc.get(2)
+        S = c + T
+        mu = A1 / S
+        r = xp.log1p(T / c) - gamma * mu  # = H - log c, a sum of two terms >= 0
+        f = r - q
+        evals += ~done
+        done |= (abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma)
+        if done.all():
+            break
+        # Central moments about mu; the c maximal entries (weight 1, d = 0) sit at -mu.
+        torch.sub(d, sc.put(1, mu), out=dc)
+        torch.mul(e, dc, out=w)
+        torch.sum(w.mul_(dc), -1, out=o2)
+        torch.sum(w.mul_(dc), -1, out=o3)
+        A2, A3 = sc.get()[2:]
+        k2 = (A2 + c * mu * mu) / S
+        k3 = (A3 - c * mu * mu * mu) / S
+        new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, k2, k3)
+        gamma = xp.where(done, gamma, new)
+        lo = xp.where(done, lo, lo_n)
+        hi = xp.where(done, hi, hi_n)
+
+    if lo_edge.any():  # gamma = inf: keep only the maximal entries
+        e.mul_(sc.put(0, 1.0 * ~lo_edge))
+        S = xp.where(lo_edge, c, S)
+        gamma = xp.where(lo_edge, math.inf, gamma)
+        mu = xp.where(lo_edge, 0.0, mu)
+    e.add_(at_max).mul_(sc.put(0, 1.0 / S))
+    if e is not out:
+        out.copy_(e)
+    res[0], res[1], res[2] = gamma, mu, evals
+
+
+def _solve_row(z, t, out, work, ew, sums):
+    """Solve one row ``z`` (n,) in the accumulation dtype for the target ``t`` (a float).
+
+    The iteration of ``_solve_block`` with Python-float scalars, and shortcuts for long rows.
+    The bias is folded into d (the maxima and -inf logits sit at the lowest float, so
+    exp(gamma d) = 0 there for every gamma above ``gamma_floor``), which saves a read per
+    evaluation.  The moments that steer the step are taken about the maximum, in one
+    matrix-vector product with the precomputed powers d^2, d^3: they lose digits to cancellation
+    only when the mean lies far below the maximum in units of the spread, which can slow a step
+    (the bracket still holds) but never moves the answer, set by T and the mean, which are summed
+    accurately.  ``work`` is (4, n): at_max, d, d^2, d^3; ``ew`` is (2, n): e and e d.  Writes p
+    into ``out`` and returns (gamma, E_p[z] - max z, evaluations, max z).
+    """
+    acc = z.dtype
+    eps, lowest = float(torch.finfo(acc).eps), torch.finfo(acc).min
+    gamma_floor = 1000.0 / -lowest  # gamma * lowest < -1000: exp underflows to exactly 0
+    at_max, d, powers, e = work[0], work[1], work[2:], ew[0]
+    m = z.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
+    torch.sub(z, m, out=d)
+    torch.sign(d, out=at_max).add_(1.0)  # 1 at the maxima, 0 below (comparisons are slower)
+    torch.mul(d, d, out=powers[0])
+    torch.sum(work[:3], -1, out=sums[:3])
+    c, s1, s2 = sums.tolist()[:3]
+    m = m.item()
+    bias = None
+    if math.isfinite(s1):  # no -inf logit (the common case): d is clean and every class is live
+        n_live = float(z.numel())
+    else:  # -inf logits (or an invalid row): the general setup of the block path
+        bias = ew[1]  # scratch until the iteration starts
+        m = _row_setup(z, d, at_max, bias, sums).item()
+        c, s1, s2, n_below = sums.tolist()
+        if not (math.isfinite(m) and c > 0):
+            return 0.0, 0.0, 0, m  # NaN / +inf / all -inf: reported by the caller
+        n_live, s2 = c - n_below, s2 * s2
+        torch.mul(d, d, out=powers[0])
+    h_max, h_min = math.log(n_live), math.log(c)
+    mu = s1 / n_live
+    if t >= h_max or t <= h_min:  # the edges: uniform on the support, or on the arg-max set
+        if t <= h_min and t < h_max:
+            out.copy_(at_max).mul_(1.0 / c)
+            return math.inf, 0.0, 0, m
+        if bias is None:
+            out.fill_(1.0 / n_live)
+        else:  # weight exp(bias) = 1 strictly below the maximum, at_max at it, 0 at -inf
+            torch.add(torch.exp(bias, out=e), at_max, out=out).mul_(1.0 / n_live)
+        return 0.0, mu, 0, m
+    q = t - h_min
+    ftol = FTOL_ULPS * eps * t
+    k2_0 = s2 / n_live - mu * mu
+    gamma = math.sqrt(2.0 * (h_max - t) / k2_0) if k2_0 > 0 else 1.0
+    lo, hi = 0.0, math.inf
+    torch.mul(powers[0], d, out=powers[1])
+    # Fold the bias into d: lowest at the maxima (and -inf logits): weight 0, products with d 0.
+    if bias is None:
+        d.add_(at_max, alpha=lowest)
+    else:
+        d.add_(bias)
+    for evals in range(1, MAX_EVALS + 1):
+        gamma = max(gamma, gamma_floor)
+        torch.mul(d, gamma, out=e).exp_()
+        torch.mul(e, d, out=ew[1])
+        torch.sum(ew, -1, out=sums[:2])  # T and sum e d in one call
+        T, A1 = sums.tolist()[:2]
+        S = c + T
+        mu = A1 / S
+        r = math.log1p(T / c) - gamma * mu  # = H - log c, a sum of two terms >= 0
+        f = r - q
+        if abs(f) <= ftol or hi - lo <= 2.0 * eps * gamma:
+            break
+        A2, A3 = torch.mv(powers, e).tolist()  # sum e d^2, sum e d^3 (the maxima add 0)
+        M2 = A2 / S
+        k2 = M2 - mu * mu
+        k3 = A3 / S - 3.0 * mu * M2 + 2.0 * mu * mu * mu
+        gamma, lo, hi = halley_step(gamma, lo, hi, f, r, q, k2, k3)
+    torch.add(e, at_max, out=out).mul_(1.0 / S)
+    return gamma, mu, evals, m
+
+
+def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int = BLOCK_ELEMS,
+                            row_min_n: int = ROW_MIN_N):
+    """Reference forward on (rows, n) logits and (rows,) targets.
+
+    Returns (p in z2d's dtype, gamma, zbar, evals), the last three (rows,); gamma and zbar in the
+    accumulation dtype.  ``zbar = E_p[z]`` on valid rows and the coded row max elsewhere.
+    """
+    rows, n = z2d.shape
+    acc = compute_dtype(z2d)
+    p = torch.empty_like(z2d, memory_format=torch.contiguous_format)
+    res = torch.empty(4, rows, dtype=torch.float64, device=z2d.device)
+    tt = t.detach().to(device=z2d.device, dtype=torch.float64)
+    if z2d.is_cuda or n < row_min_n:
+        xp = _scalar_ns(z2d.device)
+        tx, rx = (tt.numpy(), res.numpy()) if xp is not torch else (tt, res)
+        step = rows if z2d.is_cuda else max(1, block_elems // max(n, 1))
+        ctx = xp.errstate(all="ignore") if xp is not torch else contextlib.nullcontext()
+        with ctx:  # numpy warns on the x/0 that the where-selections discard
+            for r0 in range(0, rows, step):
+                sl = slice(r0, min(rows, r0 + step))
+                _solve_block(z2d[sl].to(acc), tx[sl], p[sl], rx[:, sl])
+    else:
+        work = torch.empty(4, n, dtype=acc, device=z2d.device)  # at_max, d, d^2, d^3
+        ew = torch.empty(2, n, dtype=acc, device=z2d.device)  # e, e d
+        sums = torch.empty(4, dtype=acc, device=z2d.device)
+        targets = tt.tolist()
+        if p.dtype == acc:
+            out_rows = [_solve_row(z2d[i], targets[i], p[i], work, ew, sums) for i in range(rows)]
+        else:
+            out_rows, row_out = [], torch.empty(n, dtype=acc, device=z2d.device)
+            for i in range(rows):
+                out_rows.append(_solve_row(z2d[i].to(acc), targets[i], row_out, work, ew, sums))
+                p[i].copy_(row_out)
+        if out_rows:
+            res.copy_(torch.tensor(out_rows, dtype=torch.float64).T)
+    # zbar = E_p[z] on valid rows; elsewhere the row max, which codes the fault (coded_lse).
+    gamma, zbar, evals = res[0].to(acc), coded_lse(res[3], res[3] + res[1]).to(acc), res[2]
+    return p, gamma, zbar, evals
+
+
+def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):
+    """Implicit-function backward.  All (rows, n) / (rows,) with classes last.
+
+    Returns (grad_z in z's dtype, grad_t in the accumulation dtype).
+    """
+    acc = gamma.dtype
+    pa = p.to(acc)
+    # dz = z - zbar on the support, 0 where z = -inf (p = 0 there, and 0 * inf must not occur).
+    dz = torch.sub(z2d.to(acc), zbar.unsqueeze(-1)).nan_to_num_(neginf=0.0)
+    k2 = (pa * dz * dz).sum(-1)
+    interior = torch.isfinite(gamma) & (gamma > 0) & (k2 > 0)
+    g_gamma = torch.zeros_like(gamma) if grad_gamma is None else grad_gamma.to(acc)
+    gz = torch.zeros_like(pa)
+    if grad_p is not None:
+        gp = grad_p.to(acc)
+        gbar = (pa * gp).sum(-1, keepdim=True)
+        gx = pa * (gp - gbar)  # gradient w.r.t. x = gamma z through softmax
+        g_gamma = g_gamma + (gx * dz).sum(-1)  # = <gx, z> because sum(gx) = 0
+        gz = gx * torch.where(torch.isfinite(gamma), gamma, 0.0).unsqueeze(-1)
+    k2_safe = torch.where(interior, k2, 1.0)
+    coef = torch.where(interior, g_gamma * gamma / k2_safe, 0.0)
+    gz = gz - coef.unsqueeze(-1) * pa * dz
+    gt = torch.where(interior, -g_gamma / (torch.where(interior, gamma, 1.0) * k2_safe), 0.0)
+    # Edge rows (gamma = 0 or inf) are locally constant: their gradient is 0 by definition.
+    gz = torch.where(interior.unsqueeze(-1), gz, 0.0)
+    return gz.to(z2d.dtype), gt
+
+
+class EntropyNormalizeFunction(torch.autograd.Function):
+    """(p, gamma) with p = softmax(gamma z) and H(p) = t, rows along the last dim of z."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, t: torch.Tensor, backend: str):
+        z2d = rows_2d(z)
+        t1 = t.reshape(-1)
+        if backend == "triton":
+            p, gamma, zbar = kernels("entropy_normalization").entropy_normalize_fwd(z2d, t1)
+        else:
+            p, gamma, zbar, _ = entropy_normalize_torch(z2d, t1)
+        # zbar = E_p[z] is finite exactly when the row is valid (no NaN, no +inf, some finite
+        # logit); otherwise it is the row max, NaN / +inf / -inf, which names the fault.
+        check_rows_finite(zbar.view(z.shape[:-1]), "logits")
+        ctx.save_for_backward(z2d, p, gamma, zbar)
+        ctx.backend = backend
+        ctx.shape = z.shape
+        ctx.t_dtype = t.dtype
+        return p.view(z.shape), gamma.view(z.shape[:-1]).to(z.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_p, grad_gamma):
+        z2d, p, gamma, zbar = ctx.saved_tensors
+        gp = None if grad_p is None else rows_2d(grad_p)
+        gg = None if grad_gamma is None else grad_gamma.reshape(-1)
+        if ctx.backend == "triton":
+            gz, gt = kernels("entropy_normalization").entropy_normalize_bwd(z2d, p, gamma, zbar, gp, gg)
+        else:
+            gz, gt = entropy_normalize_backward_torch(z2d, p, gamma, zbar, gp, gg)
+        return gz.view(ctx.shape), gt.view(ctx.shape[:-1]).to(ctx.t_dtype), None
+
+
+def _prepare(logits, target, dim, backend, name="target"):
+    check_float_tensor(logits, "logits")
+    dim = normalize_dim(logits, dim, "logits")
+    backend = resolve_backend(backend, logits)
+    z = logits.movedim(dim, -1)
+    t = _check_target(target, z.shape[:-1], z, name)
+    return z, t, dim, backend
+
+
+def _check_target(target, rows_shape, z, name):
+    """``target`` as a tensor of the rows' shape (differentiable if it was), or a clear error."""
+    if isinstance(target, torch.Tensor):
+        if target.dtype == torch.bool or target.is_complex():
+            raise TypeError(f"{name} must be a real number or a real tensor, got dtype {target.dtype}")
+        t = target if target.is_floating_point() else target.to(compute_dtype(z))
+        t = t.to(z.device)
+    elif isinstance(target, numbers.Real) and not isinstance(target, bool):
+        # A Python number keeps its double precision: log(2) must stay log(2) for a fp32 row
+        # whose two maxima make log(2) its infimum.
+        t = torch.tensor(float(target), dtype=torch.float64, device=z.device)
+    else:
+        raise TypeError(f"{name} must be a real number or a tensor, got {type(target).__name__}")
+    try:
+        shape = torch.broadcast_shapes(t.shape, rows_shape)
+    except RuntimeError:
+        shape = None
+    if shape != tuple(rows_shape):
+        raise ValueError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast to the rows of logits, shape {tuple(rows_shape)}"
+        )
+    td = t.detach()
+    if bool(torch.isnan(td).any()):
+        raise ValueError(f"{name} contains NaN; an entropy target must be a number >= 0 (nats)")
+    if bool((td < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (an entropy in nats), got a minimum of {td.min().item()}")
+    return t.expand(rows_shape)
+
+
+def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+    """Probabilities ``softmax(gamma * logits)`` along ``dim`` whose Shannon entropy is ``target``.
+
+    The power transform p_i -> p_i^gamma / sum_j p_j^gamma of Chapter 2 (熵归一化, entropy
+    normalization): it keeps the order of the probabilities and, with gamma >= 0 chosen per row,
+    sets the entropy to ``target`` nats.
+
+    Args:
+        logits: floating-point tensor (fp16, bf16, fp32 or fp64), any leading shape.  ``-inf``
+            entries are impossible classes: they stay at probability 0 and are not part of the
+            support.
+        target: the entropy in nats, a number >= 0 or a tensor that broadcasts to the rows
+            (``logits`` without ``dim``); ``+inf`` is allowed (it means "as flat as possible").
+        dim: the class dimension.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
+
+    Returns:
+        Probabilities with the shape and dtype of ``logits`` (fp16/bf16 are computed in fp32).
+        Rows with ``target >= log|support|`` are uniform on the support; rows with
+        ``target <= log(number of maximal logits)`` (and below log|support|) are uniform on the
+        arg-max set.  Otherwise ``|H(p) - target|`` is within a few ulp of ``target`` in the
+        accumulation dtype.  Differentiable in ``logits`` and ``target`` by the implicit function
+        theorem; the two edge cases have gradient 0.
+
+    The op never changes torch's process-wide settings (thread count included); to run it
+    single-threaded on a busy CPU, call ``torch.set_num_threads(1)`` yourself.
+
+    Raises:
+        TypeError: ``logits`` is not a floating-point tensor, or ``target`` is not real.
+        ValueError: bad ``dim``; a row of ``logits`` contains NaN or +inf or is entirely ``-inf``;
+            ``target`` is NaN, negative, or does not broadcast to the rows.
+    """
+    z, t, dim, backend = _prepare(logits, target, dim, backend)
+    p, _ = EntropyNormalizeFunction.apply(z, t, backend)
+    return p.movedim(-1, dim)
+
+
+def solve_gamma(logits: torch.Tensor, target, dim: int = -1, keepdim: bool = False, *,
+                backend: str = "auto") -> torch.Tensor:
+    """The exponent gamma >= 0 per row with H(softmax(gamma * logits)) = target (Chapter 2).
+
+    Arguments as for :func:`entropy_normalize`.  The result has the dtype of ``logits`` and the
+    shape of ``logits`` without ``dim``; with ``keepdim=True`` that dimension is kept with size 1,
+    so ``softmax(gamma * logits, dim)`` broadcasts.  ``gamma = 0`` where ``target >=
+    log|support|``; ``gamma = +inf`` where ``target <= log(number of maximal logits)`` (then
+    softmax(gamma * logits) is understood as its limit, the uniform distribution on the arg-max
+    set).  For a constant row every gamma gives the same distribution and the rule above picks
+    0 or +inf.  Differentiable (implicit function theorem), with gradient 0 at the two edges.
+    """
+    z, t, dim, backend = _prepare(logits, target, dim, backend)
+    _, gamma = EntropyNormalizeFunction.apply(z, t, backend)
+    return gamma.unsqueeze(dim) if keepdim else gamma
+
+
+def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator: torch.Generator | None = None,
+           dim: int = -1, *, replacement: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Draw class indices from ``entropy_normalize(logits, target_entropy, dim)`` (Chapter 2).
+
+    Entropy-targeted sampling: every row is sharpened or flattened to the same entropy before it
+    is sampled, an alternative to top-k / top-p truncation.
+
+    Returns:
+        int64 indices with the shape of ``logits`` where ``dim`` now has size ``num_samples``.
+        Not differentiable.
+
+    Raises:
+        TypeError: ``num_samples`` is not an int, ``generator`` is not a ``torch.Generator``, and
+            the errors of :func:`entropy_normalize`.
+        ValueError: ``num_samples < 1``, or ``num_samples`` exceeds a row's support when
+            ``replacement=False``.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    with torch.no_grad():
+        z, t, dim, backend = _prepare(logits, target_entropy, dim, backend, name="target_entropy")
+        p, _ = EntropyNormalizeFunction.apply(z, t, backend)
+        p2d = p.reshape(-1, p.shape[-1]).float()
+        if not replacement:
+            support = (p2d > 0).sum(-1).min().item() if p2d.shape[0] else num_samples
+            if num_samples > support:
+                raise ValueError(
+                    f"num_samples={num_samples} exceeds the support ({support} classes) of a row; "
+                    "use replacement=True"
+                )
+        idx = torch.multinomial(p2d, int(num_samples), replacement=replacement, generator=generator)
+        return idx.view(*p.shape[:-1], int(num_samples)).movedim(-1, dim)

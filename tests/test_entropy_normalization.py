@@ -1,0 +1,515 @@
+"""Tests for entmath.entropy_normalize / solve_gamma / sample (Chapter 2)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import math  # noqa: E402
+
+import mpmath as mp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from entmath._backend import triton_available  # noqa: E402
+from tests import reference as ref  # noqa: E402
+from entmath.ops.entropy_normalization import (  # noqa: E402
+    entropy_normalize, entropy_normalize_torch, sample, solve_gamma)
+
+INF = float("inf")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def h64(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of probability rows, accumulated in float64 (0 log 0 = 0)."""
+    p = p.double()
+    return -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+
+
+def mp_entropy_at(z, gamma):
+    return ref.entropy([mp.mpf(gamma) * mp.mpf(v) if v != -INF else -INF for v in z])
+
+
+def mp_gamma(z, t):
+    """The root of H(softmax(gamma z)) = t at 50 digits, by bisection in log(gamma) then secant."""
+    t = mp.mpf(t)
+    f = lambda g: mp_entropy_at(z, g) - t  # noqa: E731
+    lo, hi = mp.mpf(1e-30), mp.mpf(1)
+    while f(hi) > 0:
+        hi *= 4
+    for _ in range(200):  # geometric bisection to ~1e-40 relative
+        mid = mp.sqrt(lo * hi)
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+        if hi / lo - 1 < mp.mpf(10) ** -40:
+            break
+    return mp.sqrt(lo * hi)
+
+
+def seed_loop(p: np.ndarray, target: float, iters: int = 10) -> np.ndarray:
+    """The source post's loop, re-implemented from its update rule: starting from p (gamma = 1),
+    H <- -sum p log p;  gamma <- 1 + (H* - H) / (H^2 - sum p log^2 p);  p <- p^gamma / sum p^gamma."""
+    for _ in range(iters):
+        lp = np.log(p)  # rows that left the simplex become NaN: the caller keeps converged rows
+        h = -(p * lp).sum(-1, keepdims=True)
+        g = 1 + (target - h) / (h * h - (p * lp * lp).sum(-1, keepdims=True))
+        p = p ** g
+        p = p / p.sum(-1, keepdims=True)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties against 50-digit references
+# ---------------------------------------------------------------------------------------------
+
+logit = st.one_of(st.floats(-30, 30), st.just(-INF), st.sampled_from([0.0, 1.0, 2.5]))
+
+
+@st.composite
+def rows_and_target(draw):
+    n = draw(st.integers(1, 12))
+    z = draw(st.lists(logit, min_size=n, max_size=n))
+    if all(v == -INF for v in z):
+        z[draw(st.integers(0, n - 1))] = draw(st.floats(-5, 5))
+    scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
+    z = [v * scale if v != -INF else v for v in z]
+    n_live = sum(v != -INF for v in z)
+    t = draw(st.one_of(st.floats(0, math.log(n_live) + 0.5), st.just(0.0), st.just(math.log(n_live))))
+    return z, t
+
+
+@given(rows_and_target())
+@settings(max_examples=40, deadline=None)
+def test_matches_mpmath(case):
+    z, t = case
+    zt = torch.tensor([z], dtype=torch.float64)
+    p = entropy_normalize(zt, t)[0]
+    g = solve_gamma(zt, t)[0].item()
+    live = [v != -INF for v in z]
+    zmax = max(v for v in z if v != -INF)
+    n_live, n_max = sum(live), sum(v == zmax for v in z)
+    assert abs(p.sum().item() - 1) < 1e-14
+    assert all(p[i].item() == 0 for i in range(len(z)) if not live[i])  # -inf stays impossible
+    if t >= math.log(n_live):  # the supremum: uniform on the support, gamma = 0
+        assert g == 0
+        assert torch.allclose(p[torch.tensor(live)], torch.full((n_live,), 1 / n_live, dtype=torch.float64))
+    elif t <= math.log(n_max):  # the infimum: uniform on the arg-max set, gamma = inf
+        assert g == INF
+        at_max = torch.tensor([v == zmax for v in z])
+        assert torch.allclose(p[at_max], torch.full((n_max,), 1 / n_max, dtype=torch.float64))
+        assert bool((p[~at_max] == 0).all())
+    else:
+        h = ref.entropy([math.log(x) if x > 0 else -INF for x in p.tolist()])
+        assert abs(h - t) <= 1e-12 * max(1, t), (h, t)
+        g_ref = mp_gamma(z, t)
+        assert abs(g - g_ref) <= 1e-9 * g_ref, (g, g_ref)
+        # order preserving: p is non-decreasing in z
+        order = sorted(range(len(z)), key=lambda i: z[i])
+        assert all(p[order[i]] <= p[order[i + 1]] for i in range(len(z) - 1))
+
+
+@given(st.integers(2, 60), st.floats(0.05, 0.95), st.sampled_from([1e-3, 1.0, 30.0]), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_float32_accuracy_and_gamma_formula(n, frac, scale, seed):
+    """fp32 rows hit the target to ~1e-6 nats and p equals softmax(gamma z) with the returned gamma."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(8, n, generator=gen) * scale
+    t = frac * math.log(n)
+    p = entropy_normalize(z, t)
+    g = solve_gamma(z, t, keepdim=True)
+    interior = torch.isfinite(g).squeeze(-1) & (g.squeeze(-1) > 0)
+    assert (h64(p) - t)[interior].abs().max().item() <= 2e-6 * max(1.0, t) if interior.any() else True
+    q = torch.softmax(g.double() * z.double(), -1)
+    assert torch.allclose(p.double()[interior], q[interior], rtol=0, atol=2e-6)
+
+
+@given(rows_and_target())
+@settings(max_examples=40, deadline=None)
+def test_row_path_matches_block_path(case):
+    """Long CPU rows are solved one at a time (Python-float scalars, moments about the max); force
+    that path on small rows and compare it with the block path."""
+    z, t = case
+    zt = torch.tensor([z, z[::-1]], dtype=torch.float64)
+    tt = torch.tensor([t, t], dtype=torch.float64)
+    pb, gb, zbb, _ = entropy_normalize_torch(zt, tt)
+    pr, gr, zbr, _ = entropy_normalize_torch(zt, tt, row_min_n=1)
+    assert torch.allclose(pb, pr, atol=1e-13, rtol=0)
+    assert torch.equal(torch.isinf(gb), torch.isinf(gr)) and torch.equal(gb == 0, gr == 0)
+    fin = torch.isfinite(gb) & (gb > 0)
+    assert torch.allclose(gb[fin], gr[fin], rtol=1e-10, atol=0)
+    assert torch.allclose(zbb, zbr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_path_edges_and_dtypes(dtype):
+    gen = torch.Generator().manual_seed(4)
+    z = (torch.randn(8, 300, generator=gen) * 3).to(dtype)
+    z[0, :100] = -INF
+    z[1, :3] = z[1].max() + 1
+    z[2] = 0.5
+    z[3, 1] = 40
+    t = torch.rand(8, generator=gen, dtype=torch.float64) * math.log(300)
+    t[4], t[5], t[6] = 0.0, 100.0, 1e-10
+    t[7] = math.log(200)  # above log|S| of row 0 when copied there below
+    z[7] = z[0]
+    pb, gb, _, _ = entropy_normalize_torch(z, t)
+    pr, gr, _, _ = entropy_normalize_torch(z, t, row_min_n=1)
+    assert pr.dtype == dtype
+    assert torch.allclose(pb.double(), pr.double(), atol=1e-6 if dtype == torch.float32 else 4e-3, rtol=0)
+    assert torch.equal(torch.isinf(gb), torch.isinf(gr)) and torch.equal(gb == 0, gr == 0)
+    assert bool((pr[0, :100] == 0).all()) and bool((pr[7, :100] == 0).all())
+    assert torch.allclose(pr[7, 100:].double(), torch.full((200,), 1 / 200, dtype=torch.float64), atol=1e-3)
+
+
+def test_block_path_with_torch_scalars(monkeypatch):
+    """On a GPU the per-row scalars of the block path are torch tensors; run that code on the CPU."""
+    import entmath.ops.entropy_normalization as en
+
+    z, t = _kernel_case(200, torch.float64, seed=3)
+    t = t.double()
+    want = entropy_normalize_torch(z, t)
+    monkeypatch.setattr(en, "_scalar_ns", lambda device: torch)
+    got = entropy_normalize_torch(z, t)
+    assert torch.allclose(got[0], want[0], atol=1e-14, rtol=0)
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+    fin = torch.isfinite(want[1])
+    assert torch.allclose(got[1][fin], want[1][fin], rtol=1e-12) and torch.equal(got[3], want[3])
+
+
+def test_thread_setting_is_restored():
+    before = torch.get_num_threads()
+    entropy_normalize(torch.randn(3, 20000), 2.0)
+    entropy_normalize(torch.randn(30, 50), 2.0)
+    assert torch.get_num_threads() == before
+
+
+def test_long_rows_validation():
+    z = torch.randn(3, 20000)
+    z[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"logits contains NaN \(row\(s\) 1\)"):
+        entropy_normalize(z, 1.0)
+    z[1, 7] = 0.0
+    z[2] = -INF
+    with pytest.raises(ValueError, match=r"every logit is -inf.*\(row\(s\) 2\)"):
+        solve_gamma(z, 1.0)
+
+
+def test_benchmark_shape_accuracy_float32():
+    """The benchmark's case at a reduced size: standard normal x 3 logits, target log 30."""
+    z = torch.randn(16, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    p = entropy_normalize(z, math.log(30))
+    assert (h64(p) - math.log(30)).abs().max().item() <= 1e-5
+    assert (p.double().sum(-1) - 1).abs().max().item() <= 1e-6
+
+
+def test_near_one_hot_targets_are_relatively_accurate():
+    """Tiny targets (nearly one-hot rows) are met to relative, not absolute, accuracy."""
+    z = torch.randn(16, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    for t in (1e-3, 1e-8, 1e-14):
+        p = entropy_normalize(z, t)
+        h = torch.tensor([float(ref.entropy([math.log(x) if x > 0 else -INF for x in row])) for row in p.tolist()])
+        assert ((h - t).abs() / t).max().item() < 1e-9
+
+
+def test_monotone_in_target_and_gamma_limits():
+    z = torch.tensor([[2.0, 1.0, 0.5, -1.0, -INF]], dtype=torch.float64)
+    ts = torch.linspace(0.01, math.log(4) - 1e-3, 50, dtype=torch.float64)
+    g = solve_gamma(z.expand(50, 5), ts)
+    assert bool((g[1:] < g[:-1]).all())  # a higher entropy needs a smaller exponent
+    assert solve_gamma(z, math.log(4)).item() == 0.0
+    assert solve_gamma(z, 0.0).item() == INF
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge rules
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_edges(dtype):
+    z = torch.tensor([
+        [1.0, 1.0, 1.0, 1.0],           # constant row
+        [3.0, 3.0, 0.0, -INF],          # tied maximum and a -inf logit
+        [0.0, -INF, -INF, -INF],        # a single live class
+        [2.0, 1.0, 0.0, -1.0],
+    ], dtype=dtype)
+    for t in (0.0, 0.3, math.log(2), 1.0, math.log(3), math.log(4), 50.0, INF):
+        p = entropy_normalize(z, t).double()
+        g = solve_gamma(z, t)
+        assert p.dtype == torch.float64 and g.dtype == dtype
+        assert torch.allclose(p[0], torch.full((4,), 0.25, dtype=torch.float64), atol=1e-3)
+        assert g[0].item() == (0.0 if t >= math.log(4) else INF)
+        assert torch.allclose(p[2], torch.tensor([1.0, 0, 0, 0], dtype=torch.float64))
+        assert p[1, 3].item() == 0.0
+        if t <= math.log(2):
+            assert torch.allclose(p[1], torch.tensor([0.5, 0.5, 0, 0], dtype=torch.float64), atol=1e-3)
+            assert g[1].item() == INF
+        if t >= math.log(3):
+            assert torch.allclose(p[1, :3], torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-3)
+            assert g[1].item() == 0.0
+        tol = 1e-12 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 2e-2
+        want = min(max(t, 0.0), math.log(4))
+        assert abs(h64(p[3:]).item() - want) <= tol
+
+
+def test_target_tensor_broadcast_and_dim():
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 7, 3, dtype=torch.float64, generator=gen)
+    t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)  # broadcasts over the rows (2, 3) along dim=1
+    p = entropy_normalize(z, t, dim=1)
+    assert p.shape == z.shape
+    h = h64(p.movedim(1, -1))
+    assert torch.allclose(h, t.expand(2, 3), atol=1e-12)
+    g = solve_gamma(z, t, dim=1, keepdim=True)
+    assert g.shape == (2, 1, 3)
+    assert torch.allclose(torch.softmax(g * z, dim=1), p, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients (implicit function theorem)
+# ---------------------------------------------------------------------------------------------
+
+def _grad_inputs(seed=0, rows=4, n=6):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, n, dtype=torch.float64, generator=gen) * 2
+    z[0, :2] = -INF
+    t = torch.tensor([0.4, 1.0, 1.3, 0.7], dtype=torch.float64)[:rows]
+    return z.requires_grad_(True), t.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_gradcheck(backend):
+    z, t = _grad_inputs()
+    # Under the interpreter every kernel call is slow: the Triton path is checked along random
+    # directions (fast_mode), the torch path entry by entry.
+    kw = dict(eps=1e-6, atol=1e-7, fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(lambda a, b: entropy_normalize(a, b, backend=backend), (z, t), **kw)
+    assert torch.autograd.gradcheck(lambda a, b: solve_gamma(a, b, backend=backend), (z, t), **kw)
+
+
+def test_gradient_formulas_closed_form():
+    """dgamma/dz_k = -gamma p_k (z_k - zbar) / Var_p(z) and dgamma/dt = -1 / (gamma Var_p(z))."""
+    z, t = _grad_inputs(seed=1)
+    g = solve_gamma(z, t)
+    gz, gt = torch.autograd.grad(g.sum(), (z, t))
+    with torch.no_grad():
+        p = torch.softmax(g.unsqueeze(-1) * z, -1)
+        zc = torch.where(p > 0, z - (p * torch.where(p > 0, z, 0)).sum(-1, keepdim=True), 0)
+        var = (p * zc * zc).sum(-1)
+        want_z = -g.unsqueeze(-1) * p * zc / var.unsqueeze(-1)
+        want_t = -1 / (g * var)
+    assert torch.allclose(gz, want_z, atol=1e-12) and torch.allclose(gt, want_t, rtol=1e-10)
+    assert torch.allclose(gz.sum(-1), torch.zeros(4, dtype=torch.float64), atol=1e-12)  # shift invariance
+
+
+def test_edge_rows_have_zero_gradient():
+    z = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [2.0, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 5.0, 0.5], dtype=torch.float64, requires_grad=True)  # inf edge, 0 edge, interior
+    p = entropy_normalize(z, t)
+    (p * torch.arange(9.0, dtype=torch.float64).view(3, 3)).sum().backward()
+    assert bool((z.grad[:2] == 0).all()) and bool((t.grad[:2] == 0).all())
+    assert bool((z.grad[2] != 0).any()) and t.grad[2].item() != 0
+
+
+def test_target_broadcast_gradient_is_summed():
+    z = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    g = solve_gamma(z, t)
+    (gt,) = torch.autograd.grad(g.sum(), t)
+    t_rows = torch.full((5,), 0.8, dtype=torch.float64, requires_grad=True)
+    (gt_rows,) = torch.autograd.grad(solve_gamma(z, t_rows).sum(), t_rows)
+    assert torch.allclose(gt, gt_rows.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel vs torch path (interpreter)
+# ---------------------------------------------------------------------------------------------
+
+def _kernel_case(n, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(6, n, generator=gen) * 3).to(dtype)
+    if n >= 5:
+        z[0, : n // 2] = -INF
+        z[1, :3] = z[1].max() + 1
+        z[2] = 0.5
+        z[3, 1] = 40.0
+    t = torch.rand(6, generator=gen) * math.log(max(n, 2))
+    t[4], t[5] = 0.0, 100.0
+    return z, t
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 3, 1000, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_torch(n, dtype):
+    from entmath.kernels.entropy_normalization import entropy_normalize_fwd
+
+    z, t = _kernel_case(n, dtype, seed=n)
+    p_k, g_k, zb_k = entropy_normalize_fwd(z, t)
+    p_t, g_t, zb_t, _ = entropy_normalize_torch(z, t.double())
+    assert torch.allclose(p_k.float(), p_t.float(), atol=2e-6 if dtype == torch.float32 else 1e-3, rtol=0)
+    assert bool((torch.isinf(g_k) == torch.isinf(g_t)).all())
+    fin = torch.isfinite(g_t)
+    assert torch.allclose(g_k[fin], g_t[fin], rtol=2e-5, atol=0)
+    assert torch.allclose(zb_k, zb_t, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_tiled_fallback_and_backward():
+    """Force the tiled path (row longer than the tile) and compare forward and backward."""
+    from entmath.kernels.entropy_normalization import entropy_normalize_bwd, entropy_normalize_fwd
+    from entmath.ops.entropy_normalization import entropy_normalize_backward_torch
+
+    z, t = _kernel_case(1000, torch.float64, seed=7)
+    p_k, g_k, zb_k = entropy_normalize_fwd(z, t, one_tile_max=0, block=256)
+    p_t, g_t, zb_t, _ = entropy_normalize_torch(z, t.double())
+    assert torch.allclose(p_k, p_t, atol=1e-14, rtol=0)
+    assert torch.equal(torch.isinf(g_k), torch.isinf(g_t))
+    gen = torch.Generator().manual_seed(8)
+    gp, gg = torch.randn(6, 1000, dtype=torch.float64, generator=gen), torch.randn(6, dtype=torch.float64, generator=gen)
+    gz_k, gt_k = entropy_normalize_bwd(z, p_k, g_k, zb_k, gp, gg, block=256)
+    gz_t, gt_t = entropy_normalize_backward_torch(z, p_t, g_t, zb_t, gp, gg)
+    assert torch.allclose(gz_k, gz_t, atol=1e-12) and torch.allclose(gt_k, gt_t, rtol=1e-10, atol=1e-14)
+
+
+@needs_triton
+def test_triton_public_api_and_errors():
+    z, t = _kernel_case(37, torch.float32, seed=1)
+    assert torch.allclose(entropy_normalize(z, t, backend="triton"), entropy_normalize(z, t, backend="torch"), atol=2e-6)
+    bad = z.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"logits contains NaN \(row\(s\) 2\)"):
+        entropy_normalize(bad, t, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's loop
+# ---------------------------------------------------------------------------------------------
+
+def test_agrees_with_seed_loop_where_it_converges():
+    gen = torch.Generator().manual_seed(11)
+    p0 = torch.rand(200, 100, generator=gen, dtype=torch.float64)  # the post's setting: uniform weights
+    p0 /= p0.sum(-1, keepdim=True)
+    targets = torch.linspace(0.5, math.log(100) - 0.05, 200, dtype=torch.float64)
+    with np.errstate(all="ignore"):
+        p_seed = torch.from_numpy(seed_loop(p0.numpy(), targets.numpy()[:, None]))
+    converged = (h64(p_seed) - targets).abs() < 1e-12
+    assert converged.sum() > 150  # it converges on most rows here
+    p = entropy_normalize(p0.log(), targets)
+    assert torch.allclose(p[converged], p_seed[converged], atol=1e-12, rtol=0)
+
+
+def test_seed_loop_can_overshoot():
+    """From gamma = 1 the seed's update can take the cumulative exponent below 0 (the flat region near
+    the uniform distribution), after which its iterates order the classes backwards."""
+    z = torch.tensor([[10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    p0 = torch.softmax(z, -1).numpy()
+    t = math.log(8) - 1e-3
+    lp = np.log(p0)
+    h = -(p0 * lp).sum()
+    gamma1 = 1 + (t - h) / (h * h - (p0 * lp * lp).sum())
+    assert gamma1 < 0  # the first Newton step overshoots past gamma = 0
+    p = entropy_normalize(z, t)
+    assert p[0, 0] > p[0, 1] and abs(h64(p).item() - t) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_shapes_support_and_reproducibility():
+    z = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    z[:, 7:] = -INF
+    idx = sample(z, 1.0, num_samples=500, generator=torch.Generator().manual_seed(1))
+    assert idx.shape == (3, 500) and idx.dtype == torch.int64
+    assert int(idx.max()) < 7  # -inf classes are never drawn
+    again = sample(z, 1.0, num_samples=500, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(idx, again)
+    # t = 0 with a unique maximum: always the arg-max
+    assert torch.equal(sample(z, 0.0, num_samples=20), z.argmax(-1, keepdim=True).expand(3, 20))
+    # dim handling: classes along dim 0
+    idx0 = sample(z.T.contiguous(), 1.0, num_samples=4, dim=0)
+    assert idx0.shape == (4, 3)
+
+
+def test_sample_frequencies_match_probabilities():
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = entropy_normalize(z, 1.0)[0]
+    idx = sample(z, 1.0, num_samples=40000, generator=torch.Generator().manual_seed(4))[0]
+    freq = torch.bincount(idx, minlength=4).double() / idx.numel()
+    assert torch.allclose(freq, p.double(), atol=0.01)
+
+
+def test_sample_without_replacement():
+    z = torch.tensor([[1.0, 0.5, 0.0, -INF]])
+    idx = sample(z, 0.9, num_samples=3, replacement=False, generator=torch.Generator().manual_seed(0))
+    assert sorted(idx[0].tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="num_samples"):
+        sample(z, 0.9, num_samples=4, replacement=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [entropy_normalize, solve_gamma])
+def test_bad_inputs(fn):
+    z = torch.randn(3, 5)
+    with pytest.raises(TypeError, match="logits"):
+        fn([1.0, 2.0], 1.0)
+    with pytest.raises(TypeError, match="logits"):
+        fn(torch.arange(5), 1.0)
+    with pytest.raises(ValueError, match="target contains NaN"):
+        fn(z, float("nan"))
+    with pytest.raises(ValueError, match="target must be >= 0"):
+        fn(z, -0.1)
+    with pytest.raises(ValueError, match="target must be >= 0"):
+        fn(z, torch.tensor([0.5, -1.0, 0.2]))
+    with pytest.raises(ValueError, match="target contains NaN"):
+        fn(z, torch.tensor([0.5, float("nan"), 0.2]))
+    with pytest.raises(ValueError, match="target of shape"):
+        fn(z, torch.ones(5))
+    with pytest.raises(TypeError, match="target"):
+        fn(z, "1.0")
+    with pytest.raises(TypeError, match="target"):
+        fn(z, True)
+    with pytest.raises(TypeError, match="target"):
+        fn(z, torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="dim"):
+        fn(z, 1.0, dim=2)
+    with pytest.raises(ValueError, match="backend"):
+        fn(z, 1.0, backend="cuda")
+    zb = z.clone()
+    zb[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"logits contains NaN \(row\(s\) 1\)"):
+        fn(zb, 1.0)
+    zb = z.clone()
+    zb[2, 0] = INF
+    with pytest.raises(ValueError, match=r"logits contains \+inf"):
+        fn(zb, 1.0)
+    zb = z.clone()
+    zb[0] = -INF
+    with pytest.raises(ValueError, match="every logit is -inf"):
+        fn(zb, 1.0)
+
+
+def test_sample_bad_arguments():
+    z = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample(z, 1.0, num_samples=0)
+    with pytest.raises(TypeError, match="num_samples"):
+        sample(z, 1.0, num_samples=2.5)
+    with pytest.raises(TypeError, match="num_samples"):
+        sample(z, 1.0, num_samples=True)
+    with pytest.raises(TypeError, match="generator"):
+        sample(z, 1.0, generator=0)
+    with pytest.raises(ValueError, match="target_entropy"):
+        sample(z, -1.0)
+
+
+def test_integer_target_and_empty_rows():
+    z = torch.randn(4, 6)
+    assert torch.allclose(entropy_normalize(z, 1), entropy_normalize(z, 1.0))
+    assert torch.allclose(entropy_normalize(z, torch.tensor(1)), entropy_normalize(z, 1.0))
+    empty = torch.empty(0, 6)
+    assert entropy_normalize(empty, 1.0).shape == (0, 6)
+    assert solve_gamma(empty, 1.0).shape == (0,)
