@@ -11,6 +11,7 @@ from .ops.entropy import entropy
 from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.kl import kl
 from .ops.logn_attention import logn_attention, logn_scale
+from .ops.noise_softmax import noise_softmax
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,5 +21,7 @@ __all__ = [
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention
     "logn_scale", "logn_attention", "attention_entropy",
+    # Chapter 4: noise-argmax distributions (Gumbel gives softmax; normal, logistic, Cauchy by quadrature)
+    "noise_softmax",
     "triton_available", "__version__",
 ]
