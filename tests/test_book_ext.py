@@ -93,3 +93,22 @@ def test_the_api_page_lists_every_public_routine_with_its_chapter():
         if callable(obj):
             assert f".. autofunction:: entmath.{name}" in text or f".. autoclass:: entmath.{name}" in text
     assert ":derived: book/ch01_entropy" in text
+
+
+def test_alpha_labels_are_unique_across_the_chapters_bibliographies(tmp_path):
+    # Two posts by one author in one year, in two chapters' .bib files: pybtex would call both
+    # "Su22", and sphinxcontrib-bibtex fails the build on a label shared by two keys.
+    post = "@misc{{{key},\n  author = {{Su, Jianlin}},\n  title = {{{title}}},\n  year = {{2022}}\n}}\n"
+    (tmp_path / "a.bib").write_text(post.format(key="ch3-su2022quick", title="Quick")
+                                    + "@book{ch3-knuth1984, author = {Knuth, Donald}, title = {T}, year = {1984}}\n")
+    (tmp_path / "b.bib").write_text(post.format(key="ch4-su2022reparam", title="Reparam"))
+    labels = ext.book_wide_labels([tmp_path / "a.bib", tmp_path / "b.bib"])
+    assert labels == {"ch3-su2022quick": "Su22a", "ch4-su2022reparam": "Su22b", "ch3-knuth1984": "Knu84"}
+    assert labels == ext.book_wide_labels([tmp_path / "b.bib", tmp_path / "a.bib"])  # file order is irrelevant
+
+
+def test_every_bib_file_of_the_book_gets_distinct_labels():
+    config = SimpleNamespace(bibtex_bibfiles=["book/references.bib"])
+    ext.register_bibfiles(fake_app(ROOT), config)
+    labels = ext.book_wide_labels(ROOT / f for f in config.bibtex_bibfiles)
+    assert len(labels) > 10 and len(set(labels.values())) == len(labels)

@@ -3,7 +3,8 @@
 Everything here is driven by what is on disk at build time, so a chapter, an op, a bibliography
 file or a benchmark result added later shows up with no hand edits:
 
-* **Bibliography** - every ``book/*.bib`` is registered with sphinxcontrib-bibtex.
+* **Bibliography** - every ``book/*.bib`` is registered with sphinxcontrib-bibtex, and the alpha
+  labels ("Su22a") are made unique across all of them, since every chapter has its own list.
 * **MathJax** - the MathJax 3 bundle of the ``django-static-mathjax`` package is copied into the
   site's ``_static/mathjax/`` (``mathjax_path`` points there), so pages render offline.
 * **Verification ledger** - the ``{verification-ledger}`` directive becomes a table with one row per
@@ -62,6 +63,63 @@ def register_bibfiles(app, config):
         if bib.resolve() not in known:
             listed.append(bib.relative_to(app.confdir).as_posix())
     config.bibtex_bibfiles = listed
+
+
+# sphinxcontrib-bibtex needs each alpha label ("Su22") to name one entry in the whole book, but
+# pybtex only tells apart the entries of one bibliography, and every chapter has its own.  Two posts
+# by one author in one year, cited by different chapters, would both be "Su22".  So the suffixes
+# are assigned once over every registered .bib file: "Su22a" and "Su22b" mean the same entries on
+# every page.
+BOOK_LABEL_STYLE = "entmath_book_alpha"
+_book_labels: dict = {}
+
+
+def book_wide_labels(bibfiles) -> dict:
+    """``{key: label}`` with the alpha labels of all ``bibfiles``, made unique across them.
+
+    Entries that share a base label get suffixes a, b, ... in the order of their keys, so a label
+    does not depend on which chapter's bibliography the entry is printed in.
+    """
+    import pybtex.database
+    from pybtex.style.labels.alpha import LabelStyle
+
+    style, base = LabelStyle(), {}
+    for bib in bibfiles:
+        for key, entry in pybtex.database.parse_file(str(bib)).entries.items():
+            base[key] = style.format_label(entry)
+    shared = Counter(base.values())
+    labels, seen = {}, Counter()
+    for key in sorted(base):
+        label = base[key]
+        labels[key] = label if shared[label] == 1 else label + chr(ord("a") + seen[label])
+        seen[label] += 1
+    return labels
+
+
+def _register_label_style():
+    import pybtex.plugin
+    from pybtex.style.formatting.alpha import Style as AlphaStyle
+    from pybtex.style.labels.alpha import LabelStyle as AlphaLabelStyle
+
+    class BookWideLabelStyle(AlphaLabelStyle):
+        def format_labels(self, sorted_entries):
+            sorted_entries = list(sorted_entries)
+            fallback = super().format_labels(sorted_entries)
+            for entry, label in zip(sorted_entries, fallback):
+                yield _book_labels.get(entry.key, label)
+
+    class BookStyle(AlphaStyle):
+        default_label_style = BOOK_LABEL_STYLE
+
+    pybtex.plugin.register_plugin("pybtex.style.labels", BOOK_LABEL_STYLE, BookWideLabelStyle)
+    pybtex.plugin.register_plugin("pybtex.style.formatting", BOOK_LABEL_STYLE, BookStyle)
+
+
+def use_book_wide_labels(app, config):
+    """Make the book's default bibliography style the alpha style with book-wide labels."""
+    _book_labels.clear()
+    _book_labels.update(book_wide_labels(Path(app.confdir) / f for f in config.bibtex_bibfiles))
+    config.bibtex_default_style = BOOK_LABEL_STYLE
 
 
 def _local_mathjax(app) -> bool:
@@ -643,7 +701,9 @@ def add_static(app):
 def setup(app):
     for ext in ("sphinx.ext.autodoc", "sphinx.ext.autosummary", "sphinx.ext.napoleon", "sphinxcontrib.bibtex"):
         app.setup_extension(ext)
+    _register_label_style()
     app.connect("config-inited", register_bibfiles)
+    app.connect("config-inited", use_book_wide_labels, priority=600)  # after register_bibfiles
     app.connect("builder-inited", check_mathjax)
     app.connect("builder-inited", add_static)
     # MathJax on every page: a chapter title with math ($\log n$) is in every page's navigation.
