@@ -6,8 +6,14 @@ Tensor: 256 x 32000 float32 logits, standard normal x 3; target entropy log 30 n
   written: H, then gamma = 1 + (H* - H) / (H^2 - E[(log p)^2]), then p <- p^gamma / sum p^gamma);
 * a naive eager torch Newton iteration on gamma (softmax(gamma z) and its moments on the whole
   tensor per step, from gamma = 1, until every row is within 1e-5 nats);
-* entmath.entropy_normalize (torch path: cache-sized row blocks, Halley steps);
-* one torch.logsumexp pass over the same tensor, the yardstick.
+* entmath.entropy_normalize: on this input (float32, 8M logits) the fused CPU path, whose
+  sweeps torch.compile builds (entmath/ops/entropy_normalization_cpu.py);
+* entmath's eager torch path (the same iteration, one eager op per product and sum);
+* one torch.logsumexp pass over the same tensor, the yardstick, and one torch.softmax (which,
+  like every method here but logsumexp, also writes a tensor of the input's size).
+
+The one-time compile cost of the fused path is measured apart, in fresh processes: with an empty
+Inductor cache (a new machine) and with the cache that the first one left (a new process).
 
 Timings are medians over interleaved rounds (each round runs every method once), so slow phases
 of a shared machine hit all methods alike.  The table is printed twice: with torch's default
@@ -31,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, table  # noqa: E402
 
 from entmath.ops.entropy_normalization import entropy_normalize, entropy_normalize_torch  # noqa: E402
+from entmath.ops import entropy_normalization_cpu  # noqa: E402
 
 ROWS, N, SCALE = 256, 32000, 3.0
 TARGET = math.log(30)
@@ -71,11 +78,14 @@ def entropy_f64(p) -> float:
 
 def run(z: torch.Tensor, rounds: int) -> list:
     zn = z.numpy()
+    t_rows = torch.full((z.shape[0],), TARGET, dtype=torch.float64)
     methods = {
         "seed numpy loop (10 it.)": lambda: seed_loop(zn, TARGET),
         "naive torch Newton": lambda: naive_newton(z, TARGET)[0],
         "entmath.entropy_normalize": lambda: entropy_normalize(z, TARGET),
+        "entmath, eager torch path": lambda: entropy_normalize_torch(z, t_rows, fused_min_elems=1 << 62)[0],
         "torch.logsumexp (1 pass)": lambda: torch.logsumexp(z, -1),
+        "torch.softmax (1 pass)": lambda: torch.softmax(z, -1),
     }
     times = {k: [] for k in methods}
     outs = {}
@@ -99,7 +109,33 @@ def run(z: torch.Tensor, rounds: int) -> list:
     return rows
 
 
+FIRST_CALL = """
+import math, time, torch
+from entmath.ops.entropy_normalization import entropy_normalize
+z = torch.randn({rows}, {n}) * {scale}
+t0 = time.perf_counter(); entropy_normalize(z, {target!r}); print(time.perf_counter() - t0)
+"""
+
+
+def first_call_seconds(cache_dir: str) -> float:
+    """Time of the first fused call in a fresh process (compilation included), given a cache."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    code = FIRST_CALL.format(rows=ROWS, n=N, scale=SCALE, target=TARGET)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        compile_cost = {"first_call_empty_cache_s": first_call_seconds(cache),
+                        "first_call_warm_cache_s": first_call_seconds(cache)}
+    print(f"fused path, first call in a fresh process: {compile_cost['first_call_empty_cache_s']:.1f} s "
+          f"with an empty Inductor cache, {compile_cost['first_call_warm_cache_s']:.1f} s with a warm one")
     torch.manual_seed(0)
     z = torch.randn(ROWS, N) * SCALE
     _, _, _, evals = entropy_normalize_torch(z, torch.full((ROWS,), TARGET, dtype=torch.float64))
@@ -121,7 +157,8 @@ def main():
     path = save("entropy_normalization", results[f"threads={default_threads}"], by_threads=results,
                 shape=[ROWS, N], dtype="float32", target=TARGET,
                 entmath_evals_per_row={"mean": float(evals.mean()), "max": int(evals.max())},
-                naive_newton_iterations=newton_iters)
+                naive_newton_iterations=newton_iters, fused_cpu_path=entropy_normalization_cpu.enabled(z),
+                compile_cost=compile_cost)
     print(f"saved {path}")
 
 

@@ -513,3 +513,122 @@ def test_integer_target_and_empty_rows():
     empty = torch.empty(0, 6)
     assert entropy_normalize(empty, 1.0).shape == (0, 6)
     assert solve_gamma(empty, 1.0).shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused CPU path (entropy_normalization_cpu.py): compiled sweeps, the same iteration
+# ----------------------------------------------------------------------------------------------
+
+from entmath.ops import entropy_normalization_cpu as fused_cpu  # noqa: E402
+
+needs_fused = pytest.mark.skipif(not fused_cpu.enabled(torch.ones(2, fused_cpu.MIN_ELEMS)),
+                                 reason="the fused CPU path is off (ENTMATH_COMPILE=0 or no numpy)")
+
+
+def _fused_vs_eager(z, t, atol_p=2e-6):
+    """Both CPU paths on float32 rows; the fused one forced by a zero size threshold."""
+    pf, gf, zf, ef = entropy_normalize_torch(z, t, fused_min_elems=0)
+    pe, ge, ze, ee = entropy_normalize_torch(z, t, fused_min_elems=1 << 62)
+    assert pf.dtype == torch.float32 and pf.shape == z.shape
+    assert torch.allclose(pf, pe, atol=atol_p, rtol=0)
+    assert torch.equal(torch.isinf(gf), torch.isinf(ge)) and torch.equal(gf == 0, ge == 0)
+    # gamma is determined to float32 accuracy only where H is steep in log gamma: |dH/dlog gamma|
+    # = gamma^2 Var_p(z).  Near the edges H is flat and many gammas meet the target to 8 ulp.
+    zz = torch.where(torch.isfinite(z), z, 0.0).double()
+    var = (pe.double() * zz * zz).sum(-1) - (pe.double() * zz).sum(-1) ** 2
+    steep = torch.isfinite(ge) & (ge > 0) & (ge.double() ** 2 * var > 1e-2)
+    assert torch.allclose(gf[steep], ge[steep], rtol=2e-5, atol=0)
+    assert torch.equal(torch.isfinite(zf), torch.isfinite(ze))
+    return pf, gf, zf, ef, ee
+
+
+@needs_fused
+@given(rows_and_target(), rows_and_target())
+@settings(max_examples=25, deadline=None)
+def test_fused_path_matches_the_eager_path(a, b):
+    """Two rows of different lengths, padded with -inf to one width: edges, ties and -inf included."""
+    (za, ta), (zb, tb) = a, b
+    n = max(len(za), len(zb), 2)
+    z = torch.full((2, n), -INF)
+    z[0, : len(za)], z[1, : len(zb)] = torch.tensor(za), torch.tensor(zb)
+    t = torch.tensor([ta, tb], dtype=torch.float64)
+    pf, gf, _, _, _ = _fused_vs_eager(z, t)
+    assert torch.allclose(pf.double().sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert bool((pf[z == -INF] == 0).all())
+    # Interior rows: the entropy of the returned p is the target (float32 accuracy).
+    interior = torch.isfinite(gf) & (gf > 0)
+    assert torch.all((h64(pf) - t).abs()[interior] <= 4e-6 * t[interior].clamp_min(1.0))
+
+
+@needs_fused
+def test_fused_path_edges_slow_rows_and_errors():
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(8, 3000, generator=gen) * 3
+    z[0, :1000] = -INF
+    z[1, :3] = z[1].max() + 1  # three maxima: infimum log 3
+    z[2] = 0.5  # constant row
+    t = torch.full((8,), math.log(30), dtype=torch.float64)
+    t[1] = math.log(3) + 1e-6  # just above the infimum
+    t[3], t[4], t[6] = 0.0, 100.0, math.log(3000) - 1e-7
+    t[5] = 1e-10  # nearly one-hot: the slowest row, iterating alone at the end
+    pf, gf, zf, ef, ee = _fused_vs_eager(z, t)
+    # The same iteration, but the fused one decides convergence only on its float64-checked last
+    # sweep: at most one evaluation more per row.  The edges count no evaluation.
+    assert bool(((ef - ee) >= 0).all() and ((ef - ee) <= 1).all()) and ef[[2, 3, 4]].sum() == 0
+    assert ef[5] > ef[[0, 1, 6, 7]].max()
+    interior = torch.isfinite(gf) & (gf > 0)
+    assert torch.all((h64(pf) - t).abs()[interior] <= 4e-6 * t[interior].clamp_min(1.0))
+    assert gf[3] == INF and gf[4] == 0 and gf[2] in (0, INF)
+    assert torch.allclose(pf[1, :3].double(), torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-5)
+    # The public op takes the fused path for large float32 inputs, and reports bad rows by index.
+    big = torch.randn(fused_cpu.MIN_ELEMS // 1000 + 1, 1000, generator=gen)
+    big[2, 5], big[4] = float("nan"), -INF
+    with pytest.raises(ValueError, match=r"logits contains NaN \(row\(s\) 2\)"):
+        entropy_normalize(big, 1.0)
+    big[2, 5] = 0.0
+    with pytest.raises(ValueError, match=r"every logit is -inf.*\(row\(s\) 4\)"):
+        entropy_normalize(big, 1.0)
+
+
+@needs_fused
+def test_fused_path_gradient_matches_the_eager_path():
+    """The backward is shared; it must see the same (p, gamma, zbar) from both forwards."""
+    gen = torch.Generator().manual_seed(12)
+    z = torch.randn(4, 500, generator=gen) * 2
+    t = torch.tensor([0.5, 1.5, 3.0, 5.0])
+    w = torch.randn(4, 500, generator=gen)
+    grads = []
+    for min_elems in (0, 1 << 62):
+        zz, tt = z.clone().requires_grad_(), t.clone().requires_grad_()
+        old = fused_cpu.MIN_ELEMS
+        fused_cpu.MIN_ELEMS = min_elems
+        try:
+            (entropy_normalize(zz, tt) * w).sum().backward()
+        finally:
+            fused_cpu.MIN_ELEMS = old
+        grads.append((zz.grad, tt.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-3)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-3)
+
+
+def test_fused_path_switch_and_compiler_failure(monkeypatch):
+    z = torch.randn(2, fused_cpu.MIN_ELEMS // 2)
+    monkeypatch.setenv("ENTMATH_COMPILE", "0")
+    assert not fused_cpu.enabled(z)
+    monkeypatch.delenv("ENTMATH_COMPILE")
+    assert fused_cpu.enabled(z) == (fused_cpu.importlib.util.find_spec("numpy") is not None)
+    assert not fused_cpu.enabled(z.double()) and not fused_cpu.enabled(z[:, :10])
+
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(fused_cpu, "_compiled", {})
+    monkeypatch.setattr(fused_cpu, "_failed", False)
+    monkeypatch.setattr(fused_cpu.torch, "compile", no_compiler)
+    zs, t = torch.randn(3, 400), torch.full((3,), 2.0, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="eager CPU path"):
+        p, *_ = entropy_normalize_torch(zs, t, fused_min_elems=0)
+    assert fused_cpu._failed and not fused_cpu.enabled(z)  # warned once, then off for the process
+    assert torch.allclose(h64(p), t, atol=1e-5)
