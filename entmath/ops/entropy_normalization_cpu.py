@@ -205,7 +205,7 @@ def _solve(z2d, t, max_evals, ftol_ulps):
                 k3[rows] = sums[3] / Sg - 3.0 * mug * M2 + 2.0 * mug ** 3
             go = (hi[rows] - lo[rows] > 2.0 * eps * g) & (np.abs(f) > ftol[rows])
             # float32 sums: a residual within their error says "close", not "converged"
-            quiet = np.abs(f) <= STEER_NOISE_ULPS * eps * (1.0 + r1 + r2) if steer_only else f != f
+            quiet = steer_only & (np.abs(f) <= STEER_NOISE_ULPS * eps * (1.0 + r1 + r2))
             rows, g, f, quiet = rows[go], g[go], f[go], quiet[go]
             new, lo[rows], hi[rows] = halley_update(np, g, lo[rows], hi[rows], f, f + q[rows], q[rows],
                                                     k2[rows], k3[rows])
