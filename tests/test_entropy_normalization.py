@@ -522,11 +522,11 @@ def test_integer_target_and_empty_rows():
 from entmath.ops import entropy_normalization_cpu as fused_cpu  # noqa: E402
 
 needs_fused = pytest.mark.skipif(not fused_cpu.enabled(torch.ones(2, fused_cpu.MIN_ELEMS)),
-                                 reason="the fused CPU path is off (ENTMATH_COMPILE=0 or no numpy)")
+                                 reason="the C kernel is off (ENTMATH_COMPILE=0)")
 
 
 def _fused_vs_eager(z, t, atol_p=2e-6):
-    """Both CPU paths on float32 rows; the fused one forced by a zero size threshold."""
+    """Both CPU paths on float32 rows; the C kernel forced by a zero size threshold."""
     pf, gf, zf, ef = entropy_normalize_torch(z, t, fused_min_elems=0)
     pe, ge, ze, ee = entropy_normalize_torch(z, t, fused_min_elems=1 << 62)
     assert pf.dtype == torch.float32 and pf.shape == z.shape
@@ -572,9 +572,9 @@ def test_fused_path_edges_slow_rows_and_errors():
     t[3], t[4], t[6] = 0.0, 100.0, math.log(3000) - 1e-7
     t[5] = 1e-10  # nearly one-hot: the slowest row, iterating alone at the end
     pf, gf, zf, ef, ee = _fused_vs_eager(z, t)
-    # The same iteration, but the fused one decides convergence only on its float64-checked last
-    # sweep: at most one evaluation more per row.  The edges count no evaluation.
-    assert bool(((ef - ee) >= 0).all() and ((ef - ee) <= 1).all()) and ef[[2, 3, 4]].sum() == 0
+    # The same iteration (float32 sweeps with float64 sums, against float32 torch sums): the
+    # counts agree to one evaluation.  The edges count none.
+    assert bool(((ef - ee).abs() <= 1).all()) and ef[[2, 3, 4]].sum() == 0
     assert ef[5] > ef[[0, 1, 6, 7]].max()
     interior = torch.isfinite(gf) & (gf > 0)
     assert torch.all((h64(pf) - t).abs()[interior] <= 4e-6 * t[interior].clamp_min(1.0))
@@ -611,24 +611,82 @@ def test_fused_path_gradient_matches_the_eager_path():
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-3)
 
 
+@needs_fused
+def test_fused_path_on_long_rows_uses_its_shortcuts_correctly():
+    """Rows like the benchmark's: their last sweeps are update sweeps that write p normalised by a
+    predicted S.  Whatever the shortcut, p must be softmax(gamma z) at the reported gamma, sum to
+    1 and meet the target; -inf logits stay exactly 0; threads do not change a bit."""
+    gen = torch.Generator().manual_seed(13)
+    z = torch.randn(12, 32000, generator=gen) * 3
+    z[3, ::7] = -INF
+    z[5] *= 20.0  # wide row: reach * step too large for updates
+    t = torch.full((12,), math.log(30), dtype=torch.float64)
+    t[7], t[8] = 0.05, math.log(32000) - 0.01  # near both edges
+    pf, gf, zf, ef, ee = _fused_vs_eager(z, t, atol_p=3e-6)
+    assert torch.all((h64(pf) - t).abs() <= 4e-6 * t.clamp_min(1.0))
+    assert torch.allclose(pf.double().sum(-1), torch.ones(12, dtype=torch.float64), atol=4e-7, rtol=0)
+    ref = torch.softmax(gf.double().unsqueeze(-1) * z.double(), -1)
+    assert torch.allclose(pf.double(), ref, atol=1e-7, rtol=1e-5)
+    assert bool((pf[3, ::7] == 0).all())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        p1 = entropy_normalize_torch(z, t, fused_min_elems=0)[0]
+        torch.set_num_threads(2)
+        p2 = entropy_normalize_torch(z, t, fused_min_elems=0)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(p1, pf) and torch.equal(p2, pf)
+
+
+@needs_fused
+def test_fused_path_row_that_stops_early_is_still_a_distribution():
+    """With the evaluation budget cut, p is normalised at the last gamma (not at a prediction)."""
+    gen = torch.Generator().manual_seed(14)
+    z = torch.randn(3, 5000, generator=gen) * 2
+    t = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for budget in (1, 2):
+        p, gamma, mu, evals, m = fused_cpu.solve(z, t, budget, 8.0)
+        assert bool((evals == budget).all())
+        ref = torch.softmax(gamma.unsqueeze(-1) * z.double(), -1)
+        assert torch.allclose(p.double(), ref, atol=1e-7, rtol=1e-5)
+        assert torch.allclose(mu + m, (ref * z.double()).sum(-1), atol=1e-5, rtol=0)
+
+
 def test_fused_path_switch_and_compiler_failure(monkeypatch):
     z = torch.randn(2, fused_cpu.MIN_ELEMS // 2)
     monkeypatch.setenv("ENTMATH_COMPILE", "0")
     assert not fused_cpu.enabled(z)
     monkeypatch.delenv("ENTMATH_COMPILE")
-    assert fused_cpu.enabled(z) == (fused_cpu.importlib.util.find_spec("numpy") is not None)
+    assert fused_cpu.enabled(z) or fused_cpu._failed
     assert not fused_cpu.enabled(z.double()) and not fused_cpu.enabled(z[:, :10])
+    assert not fused_cpu.enabled(torch.empty(0, 5), min_elems=0)
 
-    def no_compiler(fn, **kwargs):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-        return fail
-
-    monkeypatch.setattr(fused_cpu, "_compiled", {})
+    monkeypatch.setattr(fused_cpu, "_lib", None)
     monkeypatch.setattr(fused_cpu, "_failed", False)
-    monkeypatch.setattr(fused_cpu.torch, "compile", no_compiler)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
     zs, t = torch.randn(3, 400), torch.full((3,), 2.0, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="eager CPU path"):
         p, *_ = entropy_normalize_torch(zs, t, fused_min_elems=0)
     assert fused_cpu._failed and not fused_cpu.enabled(z)  # warned once, then off for the process
     assert torch.allclose(h64(p), t, atol=1e-5)
+
+
+@needs_fused
+@given(st.lists(st.floats(-120.0, 0.0, width=32), min_size=1, max_size=50),
+       st.lists(st.floats(-0.25, 0.25, width=32), min_size=1, max_size=50))
+@settings(max_examples=40, deadline=None)
+def test_kernel_exponentials_against_mpmath(xs, us):
+    """exp_nonpos: within 2 ulp of exp(x) where the result is a normal float, exactly 0 below
+    -87.68 (and at -inf); exp_small (degree-6 Taylor) within 2 ulp on |x| <= 0.25."""
+    x = torch.tensor(xs + [0.0, -87.0, -87.5, -88.0, -1000.0, -INF], dtype=torch.float32)
+    e = fused_cpu.kernel_exp(x, "nonpos").double()
+    ref = torch.tensor([float(mp.exp(mp.mpf(float(v)))) for v in x], dtype=torch.float64)
+    normal = ref >= torch.finfo(torch.float32).tiny
+    assert torch.all((e - ref).abs()[normal] <= 2 * 2.0**-23 * ref[normal])
+    assert torch.all(e[x < -87.7] == 0) and torch.all(e[x == 0] == 1.0)
+    assert torch.all(e[~normal] <= torch.finfo(torch.float32).tiny)
+    u = torch.tensor(us + [-0.25, 0.25], dtype=torch.float32)
+    es = fused_cpu.kernel_exp(u, "small").double()
+    ref = torch.tensor([float(mp.exp(mp.mpf(float(v)))) for v in u], dtype=torch.float64)
+    assert torch.all((es - ref).abs() <= 2 * 2.0**-23 * ref)

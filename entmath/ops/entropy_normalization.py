@@ -32,10 +32,11 @@ scalars are Python floats) and short rows in blocks of a few hundred kilobytes (
 float64 numpy vectors); either way each torch op touches a cache-sized piece.  On such pieces
 intra-op threads cost more in synchronisation than they return (and stall badly on a busy
 machine); the op leaves the thread count to the caller (``torch.set_num_threads``) rather than
-change process-wide state.  On a GPU all rows form one block.  Large float32 inputs on the CPU
-(at least ``entropy_normalization_cpu.MIN_ELEMS`` logits) take the fused path of
-``entropy_normalization_cpu.py`` instead: the same iteration, with each evaluation one compiled
-loop (``torch.compile``; a one-time compile cost, ``ENTMATH_COMPILE=0`` turns it off).
+change process-wide state.  On a GPU all rows form one block.  float32 inputs on the CPU of at
+least ``entropy_normalization_cpu.MIN_ELEMS`` logits take the C kernel of
+``entropy_normalization_cpu.c`` instead: the same iteration, one row at a time in cache, each
+evaluation one vectorised loop (compiled on first use, about half a second per process;
+``ENTMATH_COMPILE=0`` turns it off).
 """
 from __future__ import annotations
 
@@ -334,16 +335,16 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
 
     Returns (p in z2d's dtype, gamma, zbar, evals), the last three (rows,); gamma and zbar in the
     accumulation dtype.  ``zbar = E_p[z]`` on valid rows and the coded row max elsewhere.
-    Large float32 inputs on the CPU take the fused path of ``entropy_normalization_cpu`` (the same
-    iteration, one compiled loop per evaluation); the keyword arguments move the thresholds.
+    float32 inputs on the CPU of at least ``fused_min_elems`` logits (default
+    ``entropy_normalization_cpu.MIN_ELEMS``) take the C kernel of ``entropy_normalization_cpu``
+    (the same iteration, a row at a time in cache); the keyword arguments move the thresholds.
     """
     rows, n = z2d.shape
     acc = compute_dtype(z2d)
     tt = t.detach().to(device=z2d.device, dtype=torch.float64)
-    fused_min_elems = fused_cpu.MIN_ELEMS if fused_min_elems is None else fused_min_elems
-    fused = fused_cpu.solve(z2d, tt.numpy(), MAX_EVALS, FTOL_ULPS) if fused_cpu.enabled(z2d, fused_min_elems) else None
+    fused = fused_cpu.solve(z2d, tt, MAX_EVALS, FTOL_ULPS) if fused_cpu.enabled(z2d, fused_min_elems) else None
     if fused is not None:
-        p, gamma, mu, evals, m = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x) for x in fused)
+        p, gamma, mu, evals, m = fused
         return p, gamma.to(acc), coded_lse(m, m + mu).to(acc), evals
     p = torch.empty_like(z2d, memory_format=torch.contiguous_format)
     res = torch.empty(4, rows, dtype=torch.float64, device=z2d.device)
@@ -500,10 +501,11 @@ def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: s
 
     The op never changes torch's process-wide settings (thread count included); to run it
     single-threaded on a busy CPU, call ``torch.set_num_threads(1)`` yourself.  On the CPU,
-    float32 inputs of at least 2^20 logits run a fused path built with ``torch.compile``: the
-    first such call in a process compiles it (seconds; cached on disk by Inductor), later calls
-    are two to four times as fast as the eager path.  Set ``ENTMATH_COMPILE=0`` to keep to the eager
-    path.
+    float32 inputs of at least 2^16 logits run a C kernel that solves each row in cache, on
+    ``torch.get_num_threads()`` threads: the first such call in a process compiles it with the
+    machine's C compiler (about half a second); it is about twice as fast as the eager path or
+    more.  Set ``ENTMATH_COMPILE=0`` to keep to the eager path; without a C compiler the op warns
+    once and keeps to it.
 
     Raises:
         TypeError: ``logits`` is not a floating-point tensor, or ``target`` is not real.

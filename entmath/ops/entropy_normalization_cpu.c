@@ -1,0 +1,251 @@
+/* Entropy normalization on the CPU, one row at a time, every evaluation in cache (Chapter 2).
+ *
+ * entropy_normalization_cpu.py compiles this file with the machine's C compiler and calls
+ * entmath_entropy_normalize_rows() through ctypes, one range of rows per thread.
+ *
+ * Why one row at a time.  A row of 32000 float32 logits is 125 KiB: it and its output stay in L2
+ * while the row is solved, so it is read from memory once and p is written back once, however
+ * many times H(gamma) is evaluated.  (The eager torch path sweeps the whole tensor per product and
+ * sum instead; here each evaluation is one loop.)
+ *
+ * The iteration is the eager path's (_solve_row in entropy_normalization.py), in double: the start
+ * gamma_0 from the Taylor expansion of H at gamma = 0, then Halley steps on
+ * G = log((H - log c) / (t - log c)) inside a bracket (halley_step below is the twin of
+ * halley_step() there).  Only the sweeps over the row run in float32.  Two economies:
+ *
+ *  - Update sweeps.  Each sweep leaves the weights w_i = exp(gamma d_i) in p.  When the next gamma
+ *    is close (|step d_i| <= UPDATE_REACH over the row), the next weights are
+ *    w_i exp(step d_i), whose second factor a degree-6 Taylor polynomial gives to float precision:
+ *    about half the work of an exponential.  Halley's last step is tiny, so the last sweep of a
+ *    row is usually an update.
+ *  - Predicted normalisation.  When the step is below PREDICT_STEP the sweep is expected to be the
+ *    last, so it writes p already divided by S, predicted from the previous sweep's cumulants
+ *    (log S(gamma + h) = log S + h mu + h^2 k2 / 2 + h^3 k3 / 6 + O(h^4)); the sums of the same sweep
+ *    check both the entropy and the prediction, and only a miss costs another pass.
+ *
+ * Vectorisation without intrinsics: the loops are plain C, and the compiler emits SIMD code for
+ * what the machine has (AVX2, AVX-512, NEON).  Float sums are reassociated only inside
+ * `#pragma omp simd reduction` loops over CHUNK entries (-fopenmp-simd: no OpenMP runtime), whose
+ * lane sums are added into double accumulators, so each sum carries the rounding of a few float
+ * additions per term, not of n / lanes of them.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#ifndef CHUNK
+#define CHUNK 64
+#endif
+/* The largest |(gamma - gamma_prev) d| for an update sweep: the degree-6 Taylor polynomial of
+ * exp then errs by at most 0.25^7 / 7! < 1.3e-8, relative, below float32's half ulp. */
+#define UPDATE_REACH 0.25f
+/* A relative step below this makes the next sweep the expected last (Halley converges cubically:
+ * the step after a 1% step is typically ~1e-6). */
+#define PREDICT_STEP 0.01
+
+/* exp(x) in float32 for x <= 0: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 in two parts,
+ * the first with trailing zero bits, so k ln2 is exact), exp(r) by its Taylor polynomial of
+ * degree 7 (error < 0.35^8 / 8! < 6e-9, relative), and 2^k written into the exponent field.
+ * Below x = -87.68 (-inf included) k = -127, whose exponent field 0 makes the result exactly 0:
+ * such a weight is below 1e-38 of the maximum's, which weighs 1.  No branches: loops that call
+ * it vectorise. */
+static inline float exp_nonpos(float x)
+{
+    const float xc = x < -88.0f ? -88.0f : x;
+    const float k = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  /* nearest integer */
+    float r = k * -0.693145752f + xc;                   /* ln2 = 0.693145752 + 1.42860677e-6 */
+    r = k * -1.42860677e-6f + r;
+    float e = 1.0f / 5040.0f;
+    e = e * r + 1.0f / 720.0f;
+    e = e * r + 1.0f / 120.0f;
+    e = e * r + 1.0f / 24.0f;
+    e = e * r + 1.0f / 6.0f;
+    e = e * r + 0.5f;
+    e = e * r + 1.0f;
+    e = e * r + 1.0f;
+    union { int32_t i; float f; } two_k;
+    two_k.i = ((int32_t)k + 127) << 23;
+    return e * two_k.f;
+}
+
+/* exp(x) for |x| <= UPDATE_REACH: Taylor polynomial of degree 6. */
+static inline float exp_small(float x)
+{
+    float e = 1.0f / 720.0f;
+    e = e * x + 1.0f / 120.0f;
+    e = e * x + 1.0f / 24.0f;
+    e = e * x + 1.0f / 6.0f;
+    e = e * x + 0.5f;
+    e = e * x + 1.0f;
+    return e * x + 1.0f;
+}
+
+/* One evaluation at gamma.  The weights are e_i = exp(gamma d_i), d = z - m (1 at a maximum, 0 at
+ * a -inf logit), from scratch, or (update != 0) from the previous sweep's, which p holds times
+ * 1 / unscale: e_i = p_i * unscale * exp(step d_i).  Writes p_i = scale * e_i and returns in s the
+ * sums of e, e d, e d^2, e d^3, the first over the entries below the maximum only (the maxima
+ * enter the caller's formulas through their count c, which keeps T = s[0] accurate when it is
+ * tiny next to c; they add 0 to the others).  neginf = 0 promises that no logit is -inf. */
+static inline void sweep(const float *z, float *p, int64_t n, float m, float gamma, float step,
+                         float unscale, float scale, int update, int neginf, double s[4])
+{
+    double T = 0.0, A1 = 0.0, A2 = 0.0, A3 = 0.0;
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        float t = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : t, a1, a2, a3)
+        for (int64_t i = i0; i < i1; ++i) {
+            const float d = z[i] - m;                    /* 0 at a maximum, -inf at -inf */
+            const float dl = !neginf || d > -INFINITY ? d : 0.0f;  /* finite: no 0 * inf */
+            float x = step * dl;                         /* update: |x| > reach has e = 0 */
+            x = x < -UPDATE_REACH ? -UPDATE_REACH : x > UPDATE_REACH ? UPDATE_REACH : x;
+            const float e = update ? p[i] * unscale * exp_small(x) : exp_nonpos(gamma * d);
+            p[i] = e * scale;
+            const float ed = e * dl, edd = ed * dl;
+            t += d < 0.0f ? e : 0.0f;
+            a1 += ed;
+            a2 += edd;
+            a3 += edd * dl;
+        }
+        T += t, A1 += a1, A2 += a2, A3 += a3;
+    }
+    s[0] = T, s[1] = A1, s[2] = A2, s[3] = A3;
+}
+
+/* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G. */
+static double halley_step(double gamma, double *lo, double *hi, double f, double r, double q,
+                          double k2, double k3)
+{
+    if (f > 0.0)
+        *lo = gamma;
+    else if (f < 0.0)
+        *hi = gamma;
+    double next = NAN;
+    if (r > 0.0 && k2 > 0.0) {
+        const double g0 = log(r / q);
+        const double g1 = -gamma * k2 / r;
+        const double g2 = (-k2 - gamma * k3) / r - g1 * g1;
+        const double den = 2.0 * g1 * g1 - g0 * g2;
+        next = gamma - (den > 0.0 ? 2.0 * g0 * g1 / den : g0 / g1);
+    }
+    if (isfinite(next) && *lo < next && next < *hi)
+        return next;
+    if (isinf(*hi))
+        return 4.0 * gamma;
+    return *lo > 0.0 ? sqrt(*lo * *hi) : 0.5 * *hi;
+}
+
+/* Solve rows [r0, r1) of z (rows x n, contiguous float32) for the targets t (nats).  Writes p and,
+ * per row, out[0 * rows + row] = gamma (0: uniform on the support; inf: uniform on the arg-max
+ * set), out[1 * rows + row] = E_p[z] - max z, out[2 * rows + row] = sweeps taken, and
+ * out[3 * rows + row] = max z coded for validity: NaN if the row holds a NaN, +inf if it holds
+ * +inf, -inf if it has no finite logit (p is then left unwritten). */
+void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int64_t n,
+                                    int64_t r0, int64_t r1, const double *t, double *out,
+                                    int64_t max_evals, double ftol_ulps)
+{
+    const double eps = FLT_EPSILON;
+    max_evals = max_evals < 1 ? 1 : max_evals;           /* p is written by the sweeps */
+    for (int64_t row = r0; row < r1; ++row) {
+        const float *zr = z + row * n;
+        float *pr = p + row * n;
+        double *res = out + row;
+        /* The one read from memory: max, support size, extent and moments of z (and a NaN). */
+        const float z0 = isfinite(zr[0]) ? zr[0] : 0.0f;  /* a shift for the moments */
+        float m = -INFINITY, lowest = INFINITY;
+        double live = 0.0, s1 = 0.0, s2 = 0.0;
+        for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+            const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+            float l = 0.0f, a1 = 0.0f, a2 = 0.0f;
+#pragma omp simd reduction(max : m) reduction(min : lowest) reduction(+ : l, a1, a2)
+            for (int64_t i = i0; i < i1; ++i) {
+                const float x = zr[i];
+                const int live_x = x != -INFINITY;       /* a NaN counts: it poisons a1 */
+                const float y = live_x ? x - z0 : 0.0f;
+                m = x > m ? x : m;
+                lowest = x < lowest ? x : lowest;
+                l += live_x ? 1.0f : 0.0f;
+                a1 += y;
+                a2 += y * y;
+            }
+            live += l, s1 += a1, s2 += a2;
+        }
+        const int nan = isnan(s1);  /* a NaN logit, and only that: +inf would give s1 = +inf */
+        res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
+        if (nan || !isfinite(m))
+            continue;
+        const int neginf = live < (double)n;
+        float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
+#pragma omp simd reduction(+ : c32)
+        for (int64_t i = 0; i < n; ++i)
+            c32 += zr[i] == m ? 1.0f : 0.0f;
+        const double c = c32, target = t[row], h_max = log(live), h_min = log(c);
+        const double shift = (double)z0 - (double)m;   /* d = (z - z0) + shift */
+        double mean = s1 / live + shift;
+        if (target >= h_max || target <= h_min) {       /* the edges: gamma = 0 or gamma = inf */
+            const int top = !(target >= h_max);
+            const float w = (float)(top ? 1.0 / c : 1.0 / live);
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i)
+                pr[i] = (top ? zr[i] == m : zr[i] > -INFINITY) ? w : 0.0f;
+            res[0] = top ? INFINITY : 0.0, res[rows] = top ? 0.0 : mean;
+            continue;
+        }
+        const double q = target - h_min, ftol = ftol_ulps * eps * target;
+        const double var_0 = s2 / live - (s1 / live) * (s1 / live);
+        const double reach = (double)m - (double)lowest; /* max |d| over the support */
+        double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
+        if (!(isfinite(gamma) && gamma > 0.0))
+            gamma = 1.0;
+        double lo = 0.0, hi = INFINITY, S = 1.0, s[4];
+        double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
+        int64_t evals = 0;
+        while (evals < max_evals) {
+            gamma = (double)(float)fmax(gamma, 1e-30);   /* the gamma the float sweep uses */
+            const double h = gamma - prev;
+            /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
+            const int update = evals > 0 && fabs(h) * fmin(reach, 87.0 / prev) <= UPDATE_REACH;
+            const double unscale = 1.0 / scale;
+            scale = 1.0;
+            if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
+                scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
+            /* Constant flags at each call site: each inlined copy does only its own work. */
+            const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
+            if (neginf)
+                update ? sweep(zr, pr, n, m, g32, h32, u32, s32, 1, 1, s)
+                       : sweep(zr, pr, n, m, g32, h32, u32, s32, 0, 1, s);
+            else
+                update ? sweep(zr, pr, n, m, g32, h32, u32, s32, 1, 0, s)
+                       : sweep(zr, pr, n, m, g32, h32, u32, s32, 0, 0, s);
+            ++evals;
+            prev = gamma;
+            S = c + s[0];
+            mean = s[1] / S;
+            const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
+            const double f = r - q;
+            if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
+                break;
+            const double M2 = s[2] / S;
+            k2 = M2 - mean * mean;
+            k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
+            log_S = log(S);
+            gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3);
+        }
+        const double total = S * scale;                  /* sum of p as written */
+        if (fabs(total - 1.0) > 2.0 * eps) {             /* not normalised yet, or mispredicted */
+            const float fix = (float)(1.0 / total);
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i)
+                pr[i] *= fix;
+        }
+        res[0] = prev, res[rows] = mean, res[2 * rows] = (double)evals;
+    }
+}
+
+/* The two exponentials on an array, for the tests: which = 0 gives exp_nonpos (x <= 0), which = 1
+ * gives exp_small (|x| <= UPDATE_REACH). */
+void entmath_exp_kernels(const float *x, float *out, int64_t n, int64_t which)
+{
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = which ? exp_small(x[i]) : exp_nonpos(x[i]);
+}
