@@ -640,6 +640,25 @@ def test_fused_path_on_long_rows_uses_its_shortcuts_correctly():
 
 
 @needs_fused
+def test_fused_path_python_threads_match_the_openmp_build(monkeypatch):
+    """The build without OpenMP splits the rows over Python threads: same bits."""
+    gen = torch.Generator().manual_seed(15)
+    z = torch.randn(9, 3000, generator=gen) * 2
+    t = torch.linspace(0.5, 6.0, 9, dtype=torch.float64)
+    p_default = fused_cpu.solve(z, t, 60, 8.0)[0]
+    monkeypatch.setattr(fused_cpu, "_lib", None)
+    monkeypatch.setattr(fused_cpu, "_shares_torch_openmp", lambda cc: False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fused_cpu.build().entmath_openmp() == 0
+        p_threads = fused_cpu.solve(z, t, 60, 8.0)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(p_threads, p_default)
+
+
+@needs_fused
 def test_fused_path_row_that_stops_early_is_still_a_distribution():
     """With the evaluation budget cut, p is normalised at the last gamma (not at a prediction)."""
     gen = torch.Generator().manual_seed(14)

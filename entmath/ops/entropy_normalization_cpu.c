@@ -135,17 +135,32 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
     return *lo > 0.0 ? sqrt(*lo * *hi) : 0.5 * *hi;
 }
 
-/* Solve rows [r0, r1) of z (rows x n, contiguous float32) for the targets t (nats).  Writes p and,
+/* 1 if this build runs the rows of one call on OpenMP threads (entropy_normalization_cpu.py links
+ * it to the OpenMP runtime torch already loaded), 0 if the caller must split them itself. */
+int entmath_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Solve rows [r0, r1) of z (rows x n, contiguous float32) for the targets t (nats), on up to
+ * `threads` OpenMP threads if the build has OpenMP (a row is never split).  Writes p and,
  * per row, out[0 * rows + row] = gamma (0: uniform on the support; inf: uniform on the arg-max
  * set), out[1 * rows + row] = E_p[z] - max z, out[2 * rows + row] = sweeps taken, and
  * out[3 * rows + row] = max z coded for validity: NaN if the row holds a NaN, +inf if it holds
  * +inf, -inf if it has no finite logit (p is then left unwritten). */
 void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int64_t n,
                                     int64_t r0, int64_t r1, const double *t, double *out,
-                                    int64_t max_evals, double ftol_ulps)
+                                    int64_t max_evals, double ftol_ulps, int64_t threads)
 {
     const double eps = FLT_EPSILON;
     max_evals = max_evals < 1 ? 1 : max_evals;           /* p is written by the sweeps */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
     for (int64_t row = r0; row < r1; ++row) {
         const float *zr = z + row * n;
         float *pr = p + row * n;

@@ -10,8 +10,9 @@ top (update sweeps and a predicted normalisation).
 Building.  The first call compiles the C file with the machine's C compiler (``$CC``, else
 ``cc``, ``gcc`` or ``clang``), for the host's instruction set (``-march=native``), into a
 temporary directory that lives as long as the process, and loads it with ctypes.  That takes
-about half a second, once per process; there is no cache to go stale.  Calls release the GIL, so
-the rows are split over ``torch.get_num_threads()`` threads.
+about a second, once per process; there is no cache to go stale.  The rows are split over
+``torch.get_num_threads()`` threads: torch's own OpenMP threads where the build can share them
+(GCC on Linux, see ``_shares_torch_openmp``), else Python threads (ctypes releases the GIL).
 
 Which inputs.  float32 on the CPU, at least ``MIN_ELEMS`` logits (rows x classes; below that the
 eager path is fast enough) and fewer than 2^24 classes per row (the kernel counts the maxima in
@@ -54,13 +55,36 @@ _failed = False
 _pool = None
 
 
-def _attempts():
-    """Flag sets to try in order: the host's full vector width first, then plainer builds."""
-    native = ["-march=native"]
+def _shares_torch_openmp(cc: str) -> bool:
+    """Whether an -fopenmp build would use the OpenMP runtime torch already runs on.
+
+    Torch's Linux wheels bring their own libgomp.so.1 and load it at import; a GCC build with
+    -fopenmp asks for libgomp.so.1, and the dynamic loader hands it the library of that name that
+    is already loaded.  The rows then run on torch's own worker threads, which stay busy-waiting
+    for a few milliseconds after every parallel torch op: threads of our own would compete with
+    them for the cores instead.  Any other pairing (clang's libomp, macOS) could load a second
+    runtime, so it keeps to Python threads.
+    """
+    if platform.system() != "Linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "libgomp" in maps and ("gcc" in version.lower() or "free software foundation" in version.lower())
+
+
+def _attempts(cc: str):
+    """Flag sets to try in order: OpenMP (if shared with torch) and the host's full vector width
+    first, then plainer builds."""
     if platform.machine().lower() in ("x86_64", "amd64"):
         # GCC tunes some x86 CPUs (AMD Zen 1) to 128-bit vectors; the kernel is faster at 256.
-        return [BASE_FLAGS + native + ["-mprefer-vector-width=256"], BASE_FLAGS + native, BASE_FLAGS]
-    return [BASE_FLAGS + native, BASE_FLAGS + ["-mcpu=native"], BASE_FLAGS]
+        natives = [["-march=native", "-mprefer-vector-width=256"], ["-march=native"], []]
+    else:
+        natives = [["-march=native"], ["-mcpu=native"], []]
+    threads = [["-fopenmp"], []] if _shares_torch_openmp(cc) else [[]]
+    return [BASE_FLAGS + t + v for t in threads for v in natives]
 
 
 def build():
@@ -78,7 +102,7 @@ def build():
         workdir = tempfile.mkdtemp(prefix="entmath-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
         errors = []
-        for i, flags in enumerate(_attempts()):
+        for i, flags in enumerate(_attempts(cc)):
             target = os.path.join(workdir, f"entropy_normalization_{i}.so")
             run = subprocess.run([cc, *flags, "-o", target, str(SOURCE), "-lm"], capture_output=True, text=True)
             if run.returncode == 0:
@@ -86,7 +110,8 @@ def build():
                 lib.entmath_entropy_normalize_rows.restype = None
                 lib.entmath_entropy_normalize_rows.argtypes = (
                     [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
-                    + [ctypes.c_int64, ctypes.c_double])
+                    + [ctypes.c_int64, ctypes.c_double, ctypes.c_int64])
+                lib.entmath_openmp.restype = ctypes.c_int
                 lib.entmath_exp_kernels.restype = None
                 lib.entmath_exp_kernels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
                 _lib = lib
@@ -139,13 +164,13 @@ def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):
     cpus = os.cpu_count() or 1
     workers = max(1, min(torch.get_num_threads(), rows, cpus))
     bounds = [rows * k // workers for k in range(workers + 1)]
-    if workers == 1:
-        fn(*args, 0, rows, *tail)
+    if workers == 1 or lib.entmath_openmp():  # the kernel splits the rows over OpenMP threads
+        fn(*args, 0, rows, *tail, workers)
     else:
         with _lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="entmath")
-        jobs = [_pool.submit(fn, *args, bounds[k], bounds[k + 1], *tail) for k in range(workers)]
+        jobs = [_pool.submit(fn, *args, bounds[k], bounds[k + 1], *tail, 1) for k in range(workers)]
         for job in jobs:
             job.result()
     return p, out[0], out[1], out[2], out[3]
