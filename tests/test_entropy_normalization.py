@@ -709,3 +709,26 @@ def test_kernel_exponentials_against_mpmath(xs, us):
     es = fused_cpu.kernel_exp(u, "small").double()
     ref = torch.tensor([float(mp.exp(mp.mpf(float(v)))) for v in u], dtype=torch.float64)
     assert torch.all((es - ref).abs() <= 2 * 2.0**-23 * ref)
+
+
+@needs_fused
+def test_fused_path_declines_rows_spanning_the_float_range():
+    """Logits spanning ~1e38 would overflow d = z - max in float32: the kernel declines such rows,
+    which are solved in float64 (as the float32 eager path solves them too), and the other rows
+    are not affected."""
+    gen = torch.Generator().manual_seed(16)
+    z = torch.randn(4, 2000, generator=gen)
+    z[1, 0], z[1, 1] = 3e38, -3e38
+    z[2, :5] = -INF
+    t = torch.tensor([1.0, 0.5, 2.0, 3.0], dtype=torch.float64)
+    p, gamma, mu, evals, m = fused_cpu.solve(z, t, 60, 8.0)
+    assert evals[1] == -1 and bool((evals[[0, 2, 3]] > 0).all())
+    pf, gf, zf, ef = entropy_normalize_torch(z, t, fused_min_elems=0)
+    pe, ge, ze, ee = entropy_normalize_torch(z, t, fused_min_elems=1 << 62)
+    assert torch.equal(pf[1], pe[1]) and gf[1] == ge[1] and ef[1] == ee[1]
+    assert torch.equal(pf[[0, 2, 3]], p[[0, 2, 3]])
+    p64, g64, z64, _ = entropy_normalize_torch(z[1:2].double(), t[1:2])
+    assert torch.allclose(pf[1].double(), p64[0], atol=1e-7) and gf[1] == g64[0].float()
+    assert zf[1] == z64[0].float() and torch.isfinite(ze).all() and torch.isfinite(zf).all()
+    assert torch.allclose(h64(pf), t, atol=1e-5)
+    assert torch.allclose(entropy_normalize(z, t.float()), pf)  # the public op: no false error

@@ -345,7 +345,9 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
     fused = fused_cpu.solve(z2d, tt, MAX_EVALS, FTOL_ULPS) if fused_cpu.enabled(z2d, fused_min_elems) else None
     if fused is not None:
         p, gamma, mu, evals, m = fused
-        return p, gamma.to(acc), coded_lse(m, m + mu).to(acc), evals
+        zbar = coded_lse(m, m + mu)
+        _resolve_in_float64(z2d, tt, evals < 0, p, gamma, zbar, evals)  # rows the kernel declined
+        return p, gamma.to(acc), zbar.to(acc), evals
     p = torch.empty_like(z2d, memory_format=torch.contiguous_format)
     res = torch.empty(4, rows, dtype=torch.float64, device=z2d.device)
     if z2d.is_cuda or n < row_min_n:
@@ -372,8 +374,23 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
         if out_rows:
             res.copy_(torch.tensor(out_rows, dtype=torch.float64).T)
     # zbar = E_p[z] on valid rows; elsewhere the row max, which codes the fault (coded_lse).
-    gamma, zbar, evals = res[0].to(acc), coded_lse(res[3], res[3] + res[1]).to(acc), res[2]
-    return p, gamma, zbar, evals
+    gamma, zbar, evals = res[0], coded_lse(res[3], res[3] + res[1]), res[2]
+    if acc != torch.float64:  # finite logits whose mean under p overflowed: see _resolve_in_float64
+        _resolve_in_float64(z2d, tt, torch.isfinite(res[3]) & ~torch.isfinite(zbar), p, gamma, zbar, evals)
+    return p, gamma.to(acc), zbar.to(acc), evals
+
+
+def _resolve_in_float64(z2d, t, rows, p, gamma, zbar, evals):
+    """Solve the ``rows`` (a boolean mask) again in float64 and write the results in place.
+
+    For logits spanning more than about 1e38, d = z - max z overflows float32: the C kernel
+    declines such rows, and the float32 eager path loses them (E_p[z] comes out infinite).  In
+    float64 they are ordinary.  ``gamma``, ``zbar`` and ``evals`` are float64 vectors here.
+    """
+    idx = rows.nonzero().flatten()
+    if idx.numel():
+        p64, g64, z64, e64 = entropy_normalize_torch(z2d[idx].double(), t[idx], fused_min_elems=1 << 62)
+        p[idx], gamma[idx], zbar[idx], evals[idx] = p64.to(p.dtype), g64, z64, e64
 
 
 def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):

@@ -151,7 +151,8 @@ int entmath_openmp(void)
  * per row, out[0 * rows + row] = gamma (0: uniform on the support; inf: uniform on the arg-max
  * set), out[1 * rows + row] = E_p[z] - max z, out[2 * rows + row] = sweeps taken, and
  * out[3 * rows + row] = max z coded for validity: NaN if the row holds a NaN, +inf if it holds
- * +inf, -inf if it has no finite logit (p is then left unwritten). */
+ * +inf, -inf if it has no finite logit (p is then left unwritten).  A row whose logits span more
+ * than FLT_MAX / 4 is declined, with sweeps = -1 and p unwritten, for the caller's own path. */
 void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int64_t n,
                                     int64_t r0, int64_t r1, const double *t, double *out,
                                     int64_t max_evals, double ftol_ulps, int64_t threads)
@@ -168,27 +169,33 @@ void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int6
         /* The one read from memory: max, support size, extent and moments of z (and a NaN). */
         const float z0 = isfinite(zr[0]) ? zr[0] : 0.0f;  /* a shift for the moments */
         float m = -INFINITY, lowest = INFINITY;
+        int nan = 0;
         double live = 0.0, s1 = 0.0, s2 = 0.0;
         for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
             const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
             float l = 0.0f, a1 = 0.0f, a2 = 0.0f;
-#pragma omp simd reduction(max : m) reduction(min : lowest) reduction(+ : l, a1, a2)
+#pragma omp simd reduction(max : m) reduction(min : lowest) reduction(| : nan) \
+    reduction(+ : l, a1, a2)
             for (int64_t i = i0; i < i1; ++i) {
                 const float x = zr[i];
-                const int live_x = x != -INFINITY;       /* a NaN counts: it poisons a1 */
+                const int live_x = x > -INFINITY;
                 const float y = live_x ? x - z0 : 0.0f;
                 m = x > m ? x : m;
-                lowest = x < lowest ? x : lowest;
+                lowest = live_x && x < lowest ? x : lowest;
+                nan |= x != x;
                 l += live_x ? 1.0f : 0.0f;
                 a1 += y;
                 a2 += y * y;
             }
             live += l, s1 += a1, s2 += a2;
         }
-        const int nan = isnan(s1);  /* a NaN logit, and only that: +inf would give s1 = +inf */
         res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
         if (nan || !isfinite(m))
             continue;
+        if (!isfinite(s2) || (double)m - (double)lowest > 0.25 * FLT_MAX) {
+            res[2 * rows] = -1.0;  /* d = z - m could overflow: declined, the caller solves it */
+            continue;
+        }
         const int neginf = live < (double)n;
         float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
 #pragma omp simd reduction(+ : c32)
