@@ -87,7 +87,8 @@ static inline float exp_small(float x)
  * enter the caller's formulas through their count c, which keeps T = s[0] accurate when it is
  * tiny next to c; they add 0 to the others).  neginf = 0 promises that no logit is -inf. */
 static inline void sweep(const float *z, float *p, int64_t n, float m, float gamma, float step,
-                         float unscale, float scale, int update, int neginf, double s[4])
+                         float unscale, float scale, int update, int neginf, int moments,
+                         double s[4])
 {
     double T = 0.0, A1 = 0.0, A2 = 0.0, A3 = 0.0;
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
@@ -104,8 +105,8 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
             const float ed = e * dl, edd = ed * dl;
             t += d < 0.0f ? e : 0.0f;
             a1 += ed;
-            a2 += edd;
-            a3 += edd * dl;
+            a2 += moments ? edd : 0.0f;
+            a3 += moments ? edd * dl : 0.0f;
         }
         T += t, A1 += a1, A2 += a2, A3 += a3;
     }
@@ -231,14 +232,23 @@ void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int6
             scale = 1.0;
             if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
                 scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
+            /* An expected-last sweep skips the moments that only steer: if it misses, the next
+             * step reuses the previous sweep's, which a tiny step barely changes. */
+            const int moments = scale == 1.0;
             /* Constant flags at each call site: each inlined copy does only its own work. */
             const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
-            if (neginf)
-                update ? sweep(zr, pr, n, m, g32, h32, u32, s32, 1, 1, s)
-                       : sweep(zr, pr, n, m, g32, h32, u32, s32, 0, 1, s);
-            else
-                update ? sweep(zr, pr, n, m, g32, h32, u32, s32, 1, 0, s)
-                       : sweep(zr, pr, n, m, g32, h32, u32, s32, 0, 0, s);
+#define SWEEP(u, ni, mo) sweep(zr, pr, n, m, g32, h32, u32, s32, u, ni, mo, s)
+            switch (update * 4 + neginf * 2 + moments) {
+            case 0: SWEEP(0, 0, 0); break;
+            case 1: SWEEP(0, 0, 1); break;
+            case 2: SWEEP(0, 1, 0); break;
+            case 3: SWEEP(0, 1, 1); break;
+            case 4: SWEEP(1, 0, 0); break;
+            case 5: SWEEP(1, 0, 1); break;
+            case 6: SWEEP(1, 1, 0); break;
+            default: SWEEP(1, 1, 1); break;
+            }
+#undef SWEEP
             ++evals;
             prev = gamma;
             S = c + s[0];
@@ -247,9 +257,11 @@ void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int6
             const double f = r - q;
             if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
                 break;
-            const double M2 = s[2] / S;
-            k2 = M2 - mean * mean;
-            k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
+            if (moments) {
+                const double M2 = s[2] / S;
+                k2 = M2 - mean * mean;
+                k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
+            }
             log_S = log(S);
             gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3);
         }
