@@ -147,6 +147,119 @@ int entmath_openmp(void)
 #endif
 }
 
+/* One row: zr, pr its logits and output, res its first result (res[k * rows]: the k-th). */
+static void solve_row(const float *zr, float *pr, int64_t n, double target, double *res,
+                      int64_t rows, int64_t max_evals, double ftol_ulps)
+{
+    const double eps = FLT_EPSILON;
+    /* The one read from memory: max, support size, extent and moments of z (and a NaN). */
+    const float z0 = isfinite(zr[0]) ? zr[0] : 0.0f;  /* a shift for the moments */
+    float m = -INFINITY, lowest = INFINITY;
+    int nan = 0;
+    double live = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        float l = 0.0f, a1 = 0.0f, a2 = 0.0f;
+#pragma omp simd reduction(max : m) reduction(min : lowest) reduction(| : nan) \
+    reduction(+ : l, a1, a2)
+        for (int64_t i = i0; i < i1; ++i) {
+            const float x = zr[i];
+            const int live_x = x > -INFINITY;
+            const float y = live_x ? x - z0 : 0.0f;
+            m = x > m ? x : m;
+            lowest = live_x && x < lowest ? x : lowest;
+            nan |= x != x;
+            l += live_x ? 1.0f : 0.0f;
+            a1 += y;
+            a2 += y * y;
+        }
+        live += l, s1 += a1, s2 += a2;
+    }
+    res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
+    if (nan || !isfinite(m))
+        return;
+    if (!isfinite(s2) || (double)m - (double)lowest > 0.25 * FLT_MAX) {
+        res[2 * rows] = -1.0;  /* d = z - m could overflow: declined, the caller solves it */
+        return;
+    }
+    const int neginf = live < (double)n;
+    float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
+#pragma omp simd reduction(+ : c32)
+    for (int64_t i = 0; i < n; ++i)
+        c32 += zr[i] == m ? 1.0f : 0.0f;
+    const double c = c32, h_max = log(live), h_min = log(c);
+    const double shift = (double)z0 - (double)m;   /* d = (z - z0) + shift */
+    double mean = s1 / live + shift;
+    if (target >= h_max || target <= h_min) {       /* the edges: gamma = 0 or gamma = inf */
+        const int top = !(target >= h_max);
+        const float w = (float)(top ? 1.0 / c : 1.0 / live);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i)
+            pr[i] = (top ? zr[i] == m : zr[i] > -INFINITY) ? w : 0.0f;
+        res[0] = top ? INFINITY : 0.0, res[rows] = top ? 0.0 : mean;
+        return;
+    }
+    const double q = target - h_min, ftol = ftol_ulps * eps * target;
+    const double var_0 = s2 / live - (s1 / live) * (s1 / live);
+    const double reach = (double)m - (double)lowest; /* max |d| over the support */
+    double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
+    if (!(isfinite(gamma) && gamma > 0.0))
+        gamma = 1.0;
+    double lo = 0.0, hi = INFINITY, S = 1.0, s[4];
+    double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
+    int64_t evals = 0;
+    while (evals < max_evals) {
+        gamma = (double)(float)fmax(gamma, 1e-30);   /* the gamma the float sweep uses */
+        const double h = gamma - prev;
+        /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
+        const int update = evals > 0 && fabs(h) * fmin(reach, 87.0 / prev) <= UPDATE_REACH;
+        const double unscale = 1.0 / scale;
+        scale = 1.0;
+        if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
+            scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
+        /* An expected-last sweep skips the moments that only steer: if it misses, the next
+         * step reuses the previous sweep's, which a tiny step barely changes. */
+        const int moments = scale == 1.0;
+        /* Constant flags at each call site: each inlined copy does only its own work. */
+        const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
+#define SWEEP(u, ni, mo) sweep(zr, pr, n, m, g32, h32, u32, s32, u, ni, mo, s)
+        switch (update * 4 + neginf * 2 + moments) {
+        case 0: SWEEP(0, 0, 0); break;
+        case 1: SWEEP(0, 0, 1); break;
+        case 2: SWEEP(0, 1, 0); break;
+        case 3: SWEEP(0, 1, 1); break;
+        case 4: SWEEP(1, 0, 0); break;
+        case 5: SWEEP(1, 0, 1); break;
+        case 6: SWEEP(1, 1, 0); break;
+        default: SWEEP(1, 1, 1); break;
+        }
+#undef SWEEP
+        ++evals;
+        prev = gamma;
+        S = c + s[0];
+        mean = s[1] / S;
+        const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
+        const double f = r - q;
+        if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
+            break;
+        if (moments) {
+            const double M2 = s[2] / S;
+            k2 = M2 - mean * mean;
+            k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
+        }
+        log_S = log(S);
+        gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3);
+    }
+    const double total = S * scale;                  /* sum of p as written */
+    if (fabs(total - 1.0) > 2.0 * eps) {             /* not normalised yet, or mispredicted */
+        const float fix = (float)(1.0 / total);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i)
+            pr[i] *= fix;
+    }
+    res[0] = prev, res[rows] = mean, res[2 * rows] = (double)evals;
+}
+
 /* Solve rows [r0, r1) of z (rows x n, contiguous float32) for the targets t (nats), on up to
  * `threads` OpenMP threads if the build has OpenMP (a row is never split).  Writes p and,
  * per row, out[0 * rows + row] = gamma (0: uniform on the support; inf: uniform on the arg-max
@@ -158,122 +271,18 @@ void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int6
                                     int64_t r0, int64_t r1, const double *t, double *out,
                                     int64_t max_evals, double ftol_ulps, int64_t threads)
 {
-    const double eps = FLT_EPSILON;
     max_evals = max_evals < 1 ? 1 : max_evals;           /* p is written by the sweeps */
 #ifdef _OPENMP
+    if (threads > 1) {  /* one thread never enters the OpenMP runtime (safe after a fork) */
 #pragma omp parallel for schedule(static) num_threads(threads)
-#endif
-    for (int64_t row = r0; row < r1; ++row) {
-        const float *zr = z + row * n;
-        float *pr = p + row * n;
-        double *res = out + row;
-        /* The one read from memory: max, support size, extent and moments of z (and a NaN). */
-        const float z0 = isfinite(zr[0]) ? zr[0] : 0.0f;  /* a shift for the moments */
-        float m = -INFINITY, lowest = INFINITY;
-        int nan = 0;
-        double live = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
-            const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
-            float l = 0.0f, a1 = 0.0f, a2 = 0.0f;
-#pragma omp simd reduction(max : m) reduction(min : lowest) reduction(| : nan) \
-    reduction(+ : l, a1, a2)
-            for (int64_t i = i0; i < i1; ++i) {
-                const float x = zr[i];
-                const int live_x = x > -INFINITY;
-                const float y = live_x ? x - z0 : 0.0f;
-                m = x > m ? x : m;
-                lowest = live_x && x < lowest ? x : lowest;
-                nan |= x != x;
-                l += live_x ? 1.0f : 0.0f;
-                a1 += y;
-                a2 += y * y;
-            }
-            live += l, s1 += a1, s2 += a2;
-        }
-        res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
-        if (nan || !isfinite(m))
-            continue;
-        if (!isfinite(s2) || (double)m - (double)lowest > 0.25 * FLT_MAX) {
-            res[2 * rows] = -1.0;  /* d = z - m could overflow: declined, the caller solves it */
-            continue;
-        }
-        const int neginf = live < (double)n;
-        float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
-#pragma omp simd reduction(+ : c32)
-        for (int64_t i = 0; i < n; ++i)
-            c32 += zr[i] == m ? 1.0f : 0.0f;
-        const double c = c32, target = t[row], h_max = log(live), h_min = log(c);
-        const double shift = (double)z0 - (double)m;   /* d = (z - z0) + shift */
-        double mean = s1 / live + shift;
-        if (target >= h_max || target <= h_min) {       /* the edges: gamma = 0 or gamma = inf */
-            const int top = !(target >= h_max);
-            const float w = (float)(top ? 1.0 / c : 1.0 / live);
-#pragma omp simd
-            for (int64_t i = 0; i < n; ++i)
-                pr[i] = (top ? zr[i] == m : zr[i] > -INFINITY) ? w : 0.0f;
-            res[0] = top ? INFINITY : 0.0, res[rows] = top ? 0.0 : mean;
-            continue;
-        }
-        const double q = target - h_min, ftol = ftol_ulps * eps * target;
-        const double var_0 = s2 / live - (s1 / live) * (s1 / live);
-        const double reach = (double)m - (double)lowest; /* max |d| over the support */
-        double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
-        if (!(isfinite(gamma) && gamma > 0.0))
-            gamma = 1.0;
-        double lo = 0.0, hi = INFINITY, S = 1.0, s[4];
-        double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
-        int64_t evals = 0;
-        while (evals < max_evals) {
-            gamma = (double)(float)fmax(gamma, 1e-30);   /* the gamma the float sweep uses */
-            const double h = gamma - prev;
-            /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
-            const int update = evals > 0 && fabs(h) * fmin(reach, 87.0 / prev) <= UPDATE_REACH;
-            const double unscale = 1.0 / scale;
-            scale = 1.0;
-            if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
-                scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
-            /* An expected-last sweep skips the moments that only steer: if it misses, the next
-             * step reuses the previous sweep's, which a tiny step barely changes. */
-            const int moments = scale == 1.0;
-            /* Constant flags at each call site: each inlined copy does only its own work. */
-            const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
-#define SWEEP(u, ni, mo) sweep(zr, pr, n, m, g32, h32, u32, s32, u, ni, mo, s)
-            switch (update * 4 + neginf * 2 + moments) {
-            case 0: SWEEP(0, 0, 0); break;
-            case 1: SWEEP(0, 0, 1); break;
-            case 2: SWEEP(0, 1, 0); break;
-            case 3: SWEEP(0, 1, 1); break;
-            case 4: SWEEP(1, 0, 0); break;
-            case 5: SWEEP(1, 0, 1); break;
-            case 6: SWEEP(1, 1, 0); break;
-            default: SWEEP(1, 1, 1); break;
-            }
-#undef SWEEP
-            ++evals;
-            prev = gamma;
-            S = c + s[0];
-            mean = s[1] / S;
-            const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
-            const double f = r - q;
-            if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
-                break;
-            if (moments) {
-                const double M2 = s[2] / S;
-                k2 = M2 - mean * mean;
-                k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
-            }
-            log_S = log(S);
-            gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3);
-        }
-        const double total = S * scale;                  /* sum of p as written */
-        if (fabs(total - 1.0) > 2.0 * eps) {             /* not normalised yet, or mispredicted */
-            const float fix = (float)(1.0 / total);
-#pragma omp simd
-            for (int64_t i = 0; i < n; ++i)
-                pr[i] *= fix;
-        }
-        res[0] = prev, res[rows] = mean, res[2 * rows] = (double)evals;
+        for (int64_t row = r0; row < r1; ++row)
+            solve_row(z + row * n, p + row * n, n, t[row], out + row, rows, max_evals, ftol_ulps);
+        return;
     }
+#endif
+    (void)threads;
+    for (int64_t row = r0; row < r1; ++row)
+        solve_row(z + row * n, p + row * n, n, t[row], out + row, rows, max_evals, ftol_ulps);
 }
 
 /* The two exponentials on an array, for the tests: which = 0 gives exp_nonpos (x <= 0), which = 1
