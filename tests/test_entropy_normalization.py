@@ -732,3 +732,33 @@ def test_fused_path_declines_rows_spanning_the_float_range():
     assert zf[1] == z64[0].float() and torch.isfinite(ze).all() and torch.isfinite(zf).all()
     assert torch.allclose(h64(pf), t, atol=1e-5)
     assert torch.allclose(entropy_normalize(z, t.float()), pf)  # the public op: no false error
+
+
+def _solve_in_child(queue):
+    torch.set_num_threads(1)  # as DataLoader workers do
+    z = torch.randn(4, 20000, generator=torch.Generator().manual_seed(17))
+    p = entropy_normalize_torch(z, torch.full((4,), 2.0, dtype=torch.float64), fused_min_elems=0)[0]
+    queue.put(float(h64(p).sub(2.0).abs().max()))
+
+
+@needs_fused
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fused_path_works_in_a_forked_child_after_threads_in_the_parent():
+    """A forked child (a DataLoader worker) runs the kernel single-threaded, without touching the
+    parent's OpenMP thread pool, which does not survive a fork."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        entropy_normalize_torch(torch.randn(8, 20000), torch.full((8,), 2.0, dtype=torch.float64),
+                                fused_min_elems=0)
+    finally:
+        torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_solve_in_child, args=(queue,))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5) < 1e-5
