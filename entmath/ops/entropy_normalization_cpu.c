@@ -85,7 +85,8 @@ static inline float exp_small(float x)
  * 1 / unscale: e_i = p_i * unscale * exp(step d_i).  Writes p_i = scale * e_i and returns in s the
  * sums of e, e d, e d^2, e d^3, the first over the entries below the maximum only (the maxima
  * enter the caller's formulas through their count c, which keeps T = s[0] accurate when it is
- * tiny next to c; they add 0 to the others).  neginf = 0 promises that no logit is -inf. */
+ * tiny next to c; they add 0 to the others).  moments = 0 skips e d^2 and e d^3 (s[2] = s[3] = 0),
+ * which only steer; neginf = 0 promises that no logit is -inf. */
 static inline void sweep(const float *z, float *p, int64_t n, float m, float gamma, float step,
                          float unscale, float scale, int update, int neginf, int moments,
                          double s[4])
