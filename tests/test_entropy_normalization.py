@@ -762,3 +762,60 @@ def test_fused_path_works_in_a_forked_child_after_threads_in_the_parent():
     child.join(120)
     assert child.exitcode == 0, "the child hung or failed"
     assert queue.get(timeout=5) < 1e-5
+
+
+@needs_fused
+def test_fused_path_on_rows_found_by_review():
+    """Rows an adversarial review broke: each must give a distribution with the target entropy.
+
+    * a large finite mask (-1e13): the float32 moments overflow, so the predicted normalisation
+      must not be trusted (it came out 0 or inf, and p NaN);
+    * a mask at -1e30: an ordinary row for float32 (no overflow of d), not one to decline, whose
+      root lies 30 decades below the start when the target exceeds the unmasked entries' log
+      count (the bracket's floor, eq-en-floor, makes that a few bisections; both paths);
+    * a row whose gamma would pass float32's range (the step beyond it must stay finite);
+    * a tiny target, where float32 gamma stops moving before |H - t| meets the tolerance: the
+      kernel must stop there, not spend the evaluation budget."""
+    gen = torch.Generator().manual_seed(18)
+    z = torch.randn(64, 1024, generator=gen)
+    z[:, 512:] = -1e13
+    t = torch.linspace(0.5, math.log(1024) - 1e-3, 64, dtype=torch.float64)
+    p = entropy_normalize_torch(z, t, fused_min_elems=0)[0]
+    assert torch.isfinite(p).all() and torch.allclose(h64(p), t, atol=1e-5)
+    z[:, 512:] = -1e30
+    for min_elems in (0, 1 << 62):
+        p, _, _, evals = entropy_normalize_torch(z, t, fused_min_elems=min_elems)
+        assert bool((evals > 0).all()) and bool((evals <= 30).all())
+        assert torch.allclose(h64(p), t, atol=1e-5)
+    z = torch.tensor([[0.0, -1e-40] + [-1e-3] * 6]).repeat(4, 1)
+    p = entropy_normalize_torch(z, torch.full((4,), 0.5, dtype=torch.float64), fused_min_elems=0)[0]
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(4))
+    z = torch.randn(16, 32000, generator=gen)
+    t = torch.full((16,), 1e-10, dtype=torch.float64)
+    pf, gf, _, ef = entropy_normalize_torch(z, t, fused_min_elems=0)
+    pe, ge, _, ee = entropy_normalize_torch(z, t, fused_min_elems=1 << 62)
+    assert ef.max() <= ee.max() + 1 and torch.allclose(gf, ge, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("path", ["eager", "c", pytest.param("triton", marks=needs_triton),
+                                  pytest.param("triton-tiled", marks=needs_triton)])
+def test_masked_rows_with_a_large_finite_mask_value(path):
+    """Half the logits masked at -1e30 (finite, as some code masks): for targets above the log
+    count of the unmasked half the root lies near 1e-31, 30 decades below the start.  The floor of
+    the bracket (eq-en-floor) turns the search into a few geometric bisections on every path."""
+    gen = torch.Generator().manual_seed(19)
+    z = torch.randn(8, 1024, generator=gen)
+    z[:, 512:] = -1e30
+    t = torch.tensor([0.5, 3.0, 6.0, 6.2, 6.3, 6.5, 6.8, math.log(1024) - 1e-3], dtype=torch.float64)
+    if path.startswith("triton"):
+        from entmath.kernels.entropy_normalization import entropy_normalize_fwd
+
+        kw = dict(one_tile_max=0, block=256) if path == "triton-tiled" else {}
+        p, gamma, _ = entropy_normalize_fwd(z, t.float(), **kw)
+    else:
+        if path == "c" and not fused_cpu.enabled(z, min_elems=0):
+            pytest.skip("the C kernel is off")
+        p, gamma, _, evals = entropy_normalize_torch(z, t, fused_min_elems=0 if path == "c" else 1 << 62)
+        assert bool((evals <= 30).all())
+    assert torch.allclose(h64(p), t, atol=1e-5, rtol=0)
+    assert bool((gamma[4:] < 1e-29).all()) and bool((gamma[:3] > 0.1).all())

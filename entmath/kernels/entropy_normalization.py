@@ -34,12 +34,13 @@ FTOL_ULPS = 8.0
 
 @triton.jit
 def _row_setup(x, m):
-    """Partial (c, n_below, sum d, sum d^2) of one chunk ``x`` (-inf padded) about the max m."""
+    """Partial (c, n_below, sum d, sum d^2, min d) of one chunk ``x`` (-inf padded) about the
+    max m; -min d over the row is its reach R = max z - min z on the support."""
     at_max = x == m
     below = (x < m) & (x > float("-inf"))
     d = tl.where(below, x - m, 0.0)
     return (tl.sum(at_max.to(x.dtype), axis=0), tl.sum(below.to(x.dtype), axis=0),
-            tl.sum(d, axis=0), tl.sum(d * d, axis=0))
+            tl.sum(d, axis=0), tl.sum(d * d, axis=0), tl.min(d, axis=0))
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def _halley_update(gamma, lo, hi, f, r, q, k2, k3):
     den = 2.0 * g1 * g1 - g0 * g2
     new = gamma + tl.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
     ok = (new == new) & (tl.abs(new) < float("inf")) & (new > lo) & (new < hi)
-    bis = tl.where(lo > 0, tl.sqrt(lo * hi), 0.5 * hi)
+    bis = tl.where(lo > 0, tl.sqrt(lo) * tl.sqrt(hi), 0.5 * hi)  # lo * hi may underflow float32
     fallback = tl.where(hi == float("inf"), 4.0 * gamma, bis)
     return tl.where(ok, new, fallback), lo, hi
 
@@ -103,19 +104,21 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, n_col
     valid = (n_nan == 0) & (tl.abs(m) < float("inf"))
     # Pass 2: counts and the uniform moments (gamma = 0) that give the starting point.
     if ONE_TILE:
-        c, n_below, s1, s2 = _row_setup(x_reg, m)
+        c, n_below, s1, s2, d_min = _row_setup(x_reg, m)
     else:
         c = tl.zeros([], ACC)
         n_below = tl.zeros([], ACC)
         s1 = tl.zeros([], ACC)
         s2 = tl.zeros([], ACC)
+        d_min = tl.zeros([], ACC)
         for start in range(0, n_cols, BLOCK):
             x, k = load_row_chunk(z_row + start, cols, n_cols - start, ACC)
-            a, b, u, v = _row_setup(x, m)
+            a, b, u, v, w = _row_setup(x, m)
             c += a
             n_below += b
             s1 += u
             s2 += v
+            d_min = tl.minimum(d_min, w)
     n_live = c + n_below
     h_max = tl.log(n_live)
     h_min = tl.log(tl.maximum(c, 1.0))
@@ -129,9 +132,16 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, n_col
     gamma = tl.sqrt(2.0 * tl.maximum(h_max - t, 0.0) / k2_0)
     good = inner & (gamma == gamma) & (gamma > 0) & (gamma < float("inf"))
     gamma = tl.where(good, gamma, tl.where(inner, 1.0, 0.0))
-    lo = tl.zeros([], ACC)
+    # The floor of the bracket (eq-en-floor): half of sqrt(8 (log|S| - t)) / R.
+    reach = -d_min
+    floor_ok = inner & (reach > 0) & (reach < float("inf"))
+    lo = tl.where(floor_ok, 0.5 * tl.sqrt(8.0 * tl.maximum(h_max - t, 0.0)) / tl.where(floor_ok, reach, 1.0), 0.0)
+    gamma = tl.maximum(gamma, lo)
     hi = tl.full([], float("inf"), ACC)
-    ctr = tl.where(valid, mean0, 0.0)  # centre of the moment sums: the previous mean of d
+    # Centre of the moment sums: the previous mean of d.  At the start, the uniform mean, unless
+    # logits far below the maximum (a mask at -1e30, say) drag it where e * (d - ctr)^2 overflows
+    # and the mean cancels: then the maximum itself.
+    ctr = tl.where(valid & (reach * gamma <= 64.0), mean0, 0.0)
     evals = 0
     go = inner
     T = n_below  # the values at gamma = 0, kept for the edge rows

@@ -13,7 +13,9 @@ gamma = 0 to log c as gamma -> inf.  Per row we solve H(gamma) = target by Halle
 G(gamma) = log(H - log c) - log(target - log c) (nearly linear in gamma in the exponential tail,
 where Halley on H itself crawls), inside a bracket [lo, hi] that every evaluation tightens, with
 geometric bisection whenever a step would leave the bracket.  The start is the root of the
-second-order Taylor expansion of H at gamma = 0, gamma_0 = sqrt(2 (log|support| - target) / k2(0)).
+second-order Taylor expansion of H at gamma = 0, gamma_0 = sqrt(2 (log|support| - target) / k2(0));
+the bracket starts at half the floor sqrt(8 (log|support| - target)) / R, R = max z - min z on the
+support (``bracket_floor``: Var <= R^2 / 4 bounds dH/dgamma), not at 0.
 
 Backward (Chapter 2, the implicit function theorem, never through the iterations): with
 F(gamma, z, t) = H(softmax(gamma z)) - t = 0,
@@ -73,6 +75,22 @@ ROW_MIN_N = 1 << 14
 def initial_gamma(xp, h_max, target, k2_0):
     """Root of the Taylor expansion H(gamma) ~ log|S| - k2(0) gamma^2 / 2 at gamma = 0."""
     return xp.sqrt(2.0 * xp.maximum(h_max - target, 0.0 * h_max) / k2_0)
+
+
+def bracket_floor(xp, h_max, target, reach):
+    """Half the lower bound sqrt(8 (log|S| - t)) / R on the root, R = max z - min z over the
+    support (Chapter 2, eq-en-floor: Popoviciu's inequality Var <= R^2 / 4 in dH/dgamma).  Half,
+    so that rounding cannot lift it above the root; 0 where R is 0 or not finite."""
+    ok = (reach > 0) & (reach < math.inf)
+    r_safe = xp.where(ok, reach, 1.0 + 0.0 * reach)
+    return xp.where(ok, 0.5 * xp.sqrt(8.0 * xp.maximum(h_max - target, 0.0 * h_max)) / r_safe, 0.0 * reach)
+
+
+def bracket_floor_scalar(h_max, target, reach):
+    """``bracket_floor`` for one row, in Python floats."""
+    if not (0.0 < reach < math.inf):
+        return 0.0
+    return 0.5 * math.sqrt(8.0 * max(h_max - target, 0.0)) / reach
 
 
 def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
@@ -194,6 +212,8 @@ def _solve_block(zb, t, out, res):
     d, at_max, bias = torch.empty_like(zb), torch.empty_like(zb), torch.empty_like(zb)
     m = _row_setup(zb, d, at_max, bias, sc.out)
     res[3] = m.squeeze(-1).numpy() if xp is not torch else m.squeeze(-1)
+    reach = -d.amin(-1).double()  # max z - min z over the support (-inf logits sit at d = 0)
+    reach = reach.numpy() if xp is not torch else reach
     c, s1, s2, n_below = sc.get()
     n_live = c - n_below
     # gamma = 0 is the uniform distribution on the support; its variance starts the iteration.
@@ -207,8 +227,9 @@ def _solve_block(zb, t, out, res):
     ftol = FTOL_ULPS * eps * t
     gamma = initial_gamma(xp, h_max, t, k2_0)
     gamma = xp.where(inner & xp.isfinite(gamma) & (gamma > 0), gamma, 1.0 * inner)
-    lo = 0.0 * gamma
-    hi = lo + math.inf
+    lo = xp.where(inner, bracket_floor(xp, h_max, t, reach), 0.0 * gamma)
+    gamma = xp.maximum(gamma, lo)
+    hi = 0.0 * gamma + math.inf
     done = ~inner
     evals = 0.0 * gamma
 
@@ -288,6 +309,7 @@ def _solve_row(z, t, out, work, ew, sums):
         torch.mul(d, d, out=powers[0])
     h_max, h_min = math.log(n_live), math.log(c)
     mu = s1 / n_live
+    reach = -d.min().item()  # max z - min z over the support (-inf logits sit at d = 0 here)
     if t >= h_max or t <= h_min:  # the edges: uniform on the support, or on the arg-max set
         if t <= h_min and t < h_max:
             out.copy_(at_max).mul_(1.0 / c)
@@ -301,7 +323,8 @@ def _solve_row(z, t, out, work, ew, sums):
     ftol = FTOL_ULPS * eps * t
     k2_0 = s2 / n_live - mu * mu
     gamma = math.sqrt(2.0 * (h_max - t) / k2_0) if k2_0 > 0 else 1.0
-    lo, hi = 0.0, math.inf
+    lo, hi = bracket_floor_scalar(h_max, t, reach), math.inf
+    gamma = max(gamma, lo)
     torch.mul(powers[0], d, out=powers[1])
     # Fold the bias into d: lowest at the maxima (and -inf logits): weight 0, products with d 0.
     if bias is None:

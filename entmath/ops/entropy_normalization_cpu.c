@@ -179,7 +179,7 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
     if (nan || !isfinite(m))
         return;
-    if (!isfinite(s2) || (double)m - (double)lowest > 0.25 * FLT_MAX) {
+    if ((double)m - (double)lowest > 0.25 * FLT_MAX) {
         res[2 * rows] = -1.0;  /* d = z - m could overflow: declined, the caller solves it */
         return;
     }
@@ -206,11 +206,17 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
     if (!(isfinite(gamma) && gamma > 0.0))
         gamma = 1.0;
-    double lo = 0.0, hi = INFINITY, S = 1.0, s[4];
+    /* The floor of the bracket: half of sqrt(8 (log|S| - t)) / R (eq-en-floor, bracket_floor()). */
+    double lo = reach > 0.0 && isfinite(reach) ? 0.5 * sqrt(8.0 * (h_max - target)) / reach : 0.0;
+    gamma = fmax(gamma, lo);
+    double hi = INFINITY, S = 1.0, s[4];
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
     int64_t evals = 0;
     while (evals < max_evals) {
-        gamma = (double)(float)fmax(gamma, 1e-30);   /* the gamma the float sweep uses */
+        /* The gamma the float sweep uses: finite, so gamma * 0 = 0 at the maxima. */
+        gamma = (double)(float)fmin(fmax(gamma, FLT_MIN), FLT_MAX);
+        if (evals > 0 && gamma == prev)                  /* float32 cannot get closer */
+            break;
         const double h = gamma - prev;
         /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
         const int update = evals > 0 && fabs(h) * fmin(reach, 87.0 / prev) <= UPDATE_REACH;
@@ -218,6 +224,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         scale = 1.0;
         if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
             scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
+        if (!(scale > 0.0 && scale < INFINITY))          /* float32 moments overflowed */
+            scale = 1.0;
         /* An expected-last sweep skips the moments that only steer: if it misses, the next
          * step reuses the previous sweep's, which a tiny step barely changes. */
         const int moments = scale == 1.0;
