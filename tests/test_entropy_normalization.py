@@ -819,3 +819,15 @@ def test_masked_rows_with_a_large_finite_mask_value(path):
         assert bool((evals <= 30).all())
     assert torch.allclose(h64(p), t, atol=1e-5, rtol=0)
     assert bool((gamma[4:] < 1e-29).all()) and bool((gamma[:3] > 0.1).all())
+
+
+@needs_fused
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="needs gcc")
+def test_fused_path_compiler_with_arguments(monkeypatch):
+    """$CC may carry arguments (a wrapper or flags), as make and setuptools allow."""
+    monkeypatch.setattr(fused_cpu, "_lib", None)
+    monkeypatch.setenv("CC", "gcc -DENTMATH_UNUSED=1")
+    z = torch.randn(3, 500)
+    t = torch.full((3,), 2.0, dtype=torch.float64)
+    p = fused_cpu.solve(z, t, 60, 8.0)[0]
+    assert torch.allclose(h64(p), t, atol=1e-5)

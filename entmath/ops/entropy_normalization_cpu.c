@@ -176,6 +176,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         }
         live += l, s1 += a1, s2 += a2;
     }
+    if (live == 0.0)  /* no finite logit (a reduction may start max at -FLT_MAX, not -inf) */
+        m = -INFINITY;
     res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
     if (nan || !isfinite(m))
         return;

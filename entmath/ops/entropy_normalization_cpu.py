@@ -25,6 +25,7 @@ import atexit
 import ctypes
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -55,7 +56,7 @@ _failed = False
 _pool = None
 
 
-def _shares_torch_openmp(cc: str) -> bool:
+def _shares_torch_openmp(cc: list) -> bool:
     """Whether an -fopenmp build would use the OpenMP runtime torch already runs on.
 
     Torch's Linux wheels bring their own libgomp.so.1 and load it at import; a GCC build with
@@ -69,13 +70,15 @@ def _shares_torch_openmp(cc: str) -> bool:
         return False
     try:
         maps = Path("/proc/self/maps").read_text()
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return False
-    return "libgomp" in maps and ("gcc" in version.lower() or "free software foundation" in version.lower())
+    # Exactly that name: a wheel that renames its copy (libgomp-<hash>.so.1) would not be shared.
+    loaded = {line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/" in line}
+    return "libgomp.so.1" in loaded and ("gcc" in version.lower() or "free software foundation" in version.lower())
 
 
-def _attempts(cc: str):
+def _attempts(cc: list):
     """Flag sets to try in order: OpenMP (if shared with torch) and the host's full vector width
     first, then plainer builds."""
     if platform.machine().lower() in ("x86_64", "amd64"):
@@ -96,15 +99,19 @@ def build():
     with _lock:
         if _lib is not None:
             return _lib
-        cc = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
-        if cc is None:
+        found = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+        if found is None:
             raise RuntimeError("no C compiler found (set CC)")
+        cc = shlex.split(found)  # CC may carry a wrapper or flags ("ccache gcc")
         workdir = tempfile.mkdtemp(prefix="entmath-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
         errors = []
         for i, flags in enumerate(_attempts(cc)):
             target = os.path.join(workdir, f"entropy_normalization_{i}.so")
-            run = subprocess.run([cc, *flags, "-o", target, str(SOURCE), "-lm"], capture_output=True, text=True)
+            try:
+                run = subprocess.run([*cc, *flags, "-o", target, str(SOURCE), "-lm"], capture_output=True, text=True)
+            except OSError as exc:  # the compiler itself is missing or not executable
+                raise RuntimeError(f"cannot run {found}: {exc}") from exc
             if run.returncode == 0:
                 lib = ctypes.CDLL(target)
                 lib.entmath_entropy_normalize_rows.restype = None
@@ -117,7 +124,7 @@ def build():
                 _lib = lib
                 return lib
             errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"])
-        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1][0]}")
+        raise RuntimeError(f"{found} could not build {SOURCE.name}: {errors[-1][0]}")
 
 
 def enabled(z2d: torch.Tensor, min_elems: int | None = None) -> bool:
