@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
 import math  # noqa: E402
+import warnings  # noqa: E402
 
 import mpmath as mp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -831,3 +832,22 @@ def test_fused_path_compiler_with_arguments(monkeypatch):
     t = torch.full((3,), 2.0, dtype=torch.float64)
     p = fused_cpu.solve(z, t, 60, 8.0)[0]
     assert torch.allclose(h64(p), t, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_elems", [0, 1 << 62])
+def test_a_row_that_exhausts_the_evaluations_warns(monkeypatch, min_elems):
+    """No known row needs all MAX_EVALS evaluations; if one does, the op says so (naming the rows)
+    instead of returning a p that may miss the target silently.  Forced here by a cap of 1."""
+    import entmath.ops.entropy_normalization as en
+
+    if min_elems == 0 and not fused_cpu.enabled(torch.ones(2, 500), min_elems=0):
+        pytest.skip("the C kernel is off")
+    monkeypatch.setattr(en, "MAX_EVALS", 1)
+    monkeypatch.setattr(fused_cpu, "MIN_ELEMS", min_elems)
+    z = torch.randn(3, 500, generator=torch.Generator().manual_seed(20)) * 3
+    with pytest.warns(RuntimeWarning, match=r"row\(s\) 0, 1, 2 used all 1 evaluations"):
+        entropy_normalize(z, 1.0)
+    monkeypatch.setattr(en, "MAX_EVALS", 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entropy_normalize(z, 1.0)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -444,6 +445,16 @@ def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):
     return gz.to(z2d.dtype), gt
 
 
+def _warn_if_capped(evals):
+    """Warn (naming the rows) if a row spent all MAX_EVALS evaluations: its |H - target| may
+    then exceed the tolerance.  No such row is known; the warning keeps one from passing silently."""
+    capped = (evals >= MAX_EVALS).nonzero().flatten()
+    if capped.numel():
+        rows = ", ".join(str(i) for i in capped[:5].tolist()) + (", ..." if capped.numel() > 5 else "")
+        warnings.warn(f"entropy_normalize: row(s) {rows} used all {MAX_EVALS} evaluations of H; their entropy "
+                      "may miss the target by more than the tolerance", RuntimeWarning, stacklevel=4)
+
+
 class EntropyNormalizeFunction(torch.autograd.Function):
     """(p, gamma) with p = softmax(gamma z) and H(p) = t, rows along the last dim of z."""
 
@@ -454,10 +465,12 @@ class EntropyNormalizeFunction(torch.autograd.Function):
         if backend == "triton":
             p, gamma, zbar = kernels("entropy_normalization").entropy_normalize_fwd(z2d, t1)
         else:
-            p, gamma, zbar, _ = entropy_normalize_torch(z2d, t1)
+            p, gamma, zbar, evals = entropy_normalize_torch(z2d, t1)
         # zbar = E_p[z] is finite exactly when the row is valid (no NaN, no +inf, some finite
         # logit); otherwise it is the row max, NaN / +inf / -inf, which names the fault.
         check_rows_finite(zbar.view(z.shape[:-1]), "logits")
+        if backend != "triton":
+            _warn_if_capped(evals)
         ctx.save_for_backward(z2d, p, gamma, zbar)
         ctx.backend = backend
         ctx.shape = z.shape
@@ -551,6 +564,10 @@ def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: s
         TypeError: ``logits`` is not a floating-point tensor, or ``target`` is not real.
         ValueError: bad ``dim``; a row of ``logits`` contains NaN or +inf or is entirely ``-inf``;
             ``target`` is NaN, negative, or does not broadcast to the rows.
+
+    Warns:
+        RuntimeWarning: (torch backend) a row used all of its evaluations of H without meeting the
+            tolerance; the warning names the rows.
     """
     z, t, dim, backend = _prepare(logits, target, dim, backend)
     p, _ = EntropyNormalizeFunction.apply(z, t, backend)
