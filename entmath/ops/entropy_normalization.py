@@ -310,7 +310,6 @@ def _solve_row(z, t, out, work, ew, sums):
         torch.mul(d, d, out=powers[0])
     h_max, h_min = math.log(n_live), math.log(c)
     mu = s1 / n_live
-    reach = -d.min().item()  # max z - min z over the support (-inf logits sit at d = 0 here)
     if t >= h_max or t <= h_min:  # the edges: uniform on the support, or on the arg-max set
         if t <= h_min and t < h_max:
             out.copy_(at_max).mul_(1.0 / c)
@@ -324,6 +323,7 @@ def _solve_row(z, t, out, work, ew, sums):
     ftol = FTOL_ULPS * eps * t
     k2_0 = s2 / n_live - mu * mu
     gamma = math.sqrt(2.0 * (h_max - t) / k2_0) if k2_0 > 0 else 1.0
+    reach = -d.min().item()  # max z - min z over the support (-inf logits sit at d = 0 here)
     lo, hi = bracket_floor_scalar(h_max, t, reach), math.inf
     gamma = max(gamma, lo)
     torch.mul(powers[0], d, out=powers[1])

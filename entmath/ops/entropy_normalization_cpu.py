@@ -170,10 +170,10 @@ def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):
     # Contiguous ranges of rows, one per thread; ctypes releases the GIL during each call.
     cpus = os.cpu_count() or 1
     workers = max(1, min(torch.get_num_threads(), rows, cpus))
-    bounds = [rows * k // workers for k in range(workers + 1)]
     if workers == 1 or lib.entmath_openmp():  # the kernel splits the rows over OpenMP threads
         fn(*args, 0, rows, *tail, workers)
     else:
+        bounds = [rows * k // workers for k in range(workers + 1)]
         with _lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="entmath")
