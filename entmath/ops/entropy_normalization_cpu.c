@@ -50,18 +50,25 @@
  * the step after a 1% step is typically ~1e-6). */
 #define PREDICT_STEP 0.01
 
-/* exp(x) in float32 for x <= 0: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 in two parts,
- * the first with trailing zero bits, so k ln2 is exact), exp(r) by its Taylor polynomial of
- * degree 7 (error < 0.35^8 / 8! < 6e-9, relative), and 2^k written into the exponent field.
+/* exp(x) in float32 for x <= 0: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 = L1 + L2,
+ * L1 with trailing zero bits, so r1 = x - k L1 is exact and r = r1 - k L2), exp(r1) by its Taylor
+ * polynomial of degree 7 (error < 0.35^8 / 8! < 6e-9, relative), times 2^k (1 - k L2), the
+ * factor exp(-k L2) to first order (|k L2| <= 127 * 1.43e-6 = 1.8e-4, so the error is below
+ * 1.7e-8), with 2^k written into the exponent field.  Multiplying by 1 - k L2 beside the
+ * polynomial, instead of subtracting k L2 from r1 before it, keeps one multiply-add off the chain
+ * from x to exp(x) (see the Estrin note below).
  * Below x = -87.68 (-inf included) k = -127, whose exponent field 0 makes the result exactly 0:
  * such a weight is below 1e-38 of the maximum's, which weighs 1.  No branches: loops that call
  * it vectorise. */
 static inline float exp_nonpos(float x)
 {
     const float xc = x < -88.0f ? -88.0f : x;
-    const float k = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  /* nearest integer */
-    float r = k * -0.693145752f + xc;                   /* ln2 = 0.693145752 + 1.42860677e-6 */
-    r = k * -1.42860677e-6f + r;
+    /* kb = 1.5 * 2^23 + 127 + k, k the nearest integer to x / ln2: at that magnitude a float's
+     * last mantissa bits are the integer 127 + k itself, which `<< 23` below moves into the
+     * exponent field, giving 2^k without a conversion. */
+    const float kb = xc * 1.44269504f + 12583039.0f;
+    const float k = kb - 12583039.0f;
+    const float r = k * -0.693145752f + xc;             /* L1 = 0.693145752, L2 = 1.42860677e-6 */
     /* Estrin's scheme, not Horner's: three dependent multiply-adds deep instead of seven.  A
      * sweep's throughput is bound by how many iterations the out-of-order window holds, and that
      * by the latency of one iteration's chain, which the polynomial dominated. */
@@ -69,9 +76,9 @@ static inline float exp_nonpos(float x)
     const float p01 = r + 1.0f, p23 = r * (1.0f / 6.0f) + 0.5f;
     const float p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f, p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
     const float e = (r2 * p23 + p01) + r4 * (r2 * p67 + p45);
-    union { int32_t i; float f; } two_k;
-    two_k.i = ((int32_t)k + 127) << 23;
-    return e * two_k.f;
+    union { float f; uint32_t i; } two_k = {kb};
+    two_k.i <<= 23;
+    return e * (two_k.f * (k * -1.42860677e-6f) + two_k.f);
 }
 
 /* exp(x) for |x| <= UPDATE_REACH: its Taylor polynomial of degree `degree` (6, 3 or 2; a constant
@@ -120,7 +127,7 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
             float x = step * dl;                         /* update: |x| > reach has e = 0 */
             x = x < -UPDATE_REACH ? -UPDATE_REACH : x > UPDATE_REACH ? UPDATE_REACH : x;
             const float e = degree ? p[i] * unscale * exp_small(x, degree) : exp_nonpos(gamma * d);
-            p[i] = e * scale;
+            p[i] = moments ? e : e * scale;              /* scale is 1 when moments are asked */
             /* The powers of d are formed beside the exponential, not after it, so each sum is one
              * multiply-add away from e (a shorter chain per entry; see exp_nonpos). */
             const float d2 = dl * dl, d3 = d2 * dl;
@@ -139,6 +146,15 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
     s[0] = T, s[1] = A1, s[2] = A2, s[3] = A3;
 }
 
+/* G = log(r / q) and its first two derivatives in gamma, from r = H - log c, q = t - log c and the
+ * cumulants k2, k3 of d at gamma (dH/dgamma = -gamma k2, d(gamma k2)/dgamma = k2 + gamma k3). */
+static void g_derivs(double gamma, double r, double q, double k2, double k3, double g[3])
+{
+    g[0] = log(r / q);
+    g[1] = -gamma * k2 / r;
+    g[2] = (-k2 - gamma * k3) / r - g[1] * g[1];
+}
+
 /* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G. */
 static double halley_step(double gamma, double *lo, double *hi, double f, double r, double q,
                           double k2, double k3)
@@ -149,11 +165,10 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         *hi = gamma;
     double next = NAN;
     if (r > 0.0 && k2 > 0.0) {
-        const double g0 = log(r / q);
-        const double g1 = -gamma * k2 / r;
-        const double g2 = (-k2 - gamma * k3) / r - g1 * g1;
-        const double den = 2.0 * g1 * g1 - g0 * g2;
-        next = gamma - (den > 0.0 ? 2.0 * g0 * g1 / den : g0 / g1);
+        double g[3];
+        g_derivs(gamma, r, q, k2, k3, g);
+        const double den = 2.0 * g[1] * g[1] - g[0] * g[2];
+        next = gamma - (den > 0.0 ? 2.0 * g[0] * g[1] / den : g[0] / g[1]);
     }
     if (isfinite(next) && *lo < next && next < *hi)
         return next;
@@ -255,18 +270,23 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     double hi = INFINITY, S = 1.0, s[4];
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
     int64_t evals = 0;
+    int stored = 0;  /* whether p holds the weights of gamma = prev (times 1 / scale) */
     while (evals < max_evals) {
         /* The gamma the float sweep uses: finite, so gamma * 0 = 0 at the maxima. */
         gamma = (double)(float)fmin(fmax(gamma, FLT_MIN), FLT_MAX);
-        if (evals > 0 && gamma == prev)                  /* float32 cannot get closer */
+        if (stored && gamma == prev)                     /* float32 cannot get closer */
             break;
+        /* The first sweep also fetches the thread's next row into L2, while this row's
+         * arithmetic leaves the memory bus idle: the next row's first read then comes from cache,
+         * not from memory at the rate of a stream that starts cold (about twice as fast here). */
+        const float *ahead = evals == 0 ? next : NULL;
         const double h = gamma - prev;
         /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
         const double step_reach = fabs(h) * fmin(reach, 87.0 / prev);
-        const int degree = evals > 0 && step_reach <= UPDATE_REACH ? update_degree(step_reach) : 0;
+        const int degree = stored && step_reach <= UPDATE_REACH ? update_degree(step_reach) : 0;
         const double unscale = 1.0 / scale;
         scale = 1.0;
-        if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
+        if (stored && fabs(h) <= PREDICT_STEP * gamma)   /* expected last: normalise now */
             scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
         if (!(scale > 0.0 && scale < INFINITY))          /* float32 moments overflowed */
             scale = 1.0;
@@ -275,10 +295,6 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         const int moments = scale == 1.0;
         /* Constant arguments at each call site: each inlined copy does only its own work. */
         const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
-        /* The first sweep also fetches the thread's next row into L2, while this row's
-         * arithmetic leaves the memory bus idle: the next row's first read then comes from cache,
-         * not from memory at the rate of a stream that starts cold (about twice as fast here). */
-        const float *ahead = evals == 0 ? next : NULL;
 #define SWEEP(deg, ni, mo) sweep(zr, pr, n, m, g32, h32, u32, s32, deg, ni, mo, ahead, s)
 #define SWEEPS(deg)                                                                           \
     if (neginf)                                                                               \
@@ -295,6 +311,7 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
 #undef SWEEP
         ++evals;
         prev = gamma;
+        stored = 1;
         S = c + s[0];
         mean = s[1] / S;
         const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
