@@ -113,8 +113,8 @@ static inline int update_degree(double reach)
  * is -inf.  ahead, if not NULL, is the next row this thread solves: the sweep asks for it to be
  * brought into cache a chunk at a time (see solve_row). */
 static inline void sweep(const float *z, float *p, int64_t n, float m, float gamma, float step,
-                         float unscale, float scale, int degree, int neginf, int moments,
-                         const float *ahead, double s[4])
+                         float dmin, float unscale, float scale, int degree, int neginf,
+                         int moments, const float *ahead, double s[4])
 {
     double T = 0.0, A1 = 0.0, A2 = 0.0, A3 = 0.0;
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
@@ -124,8 +124,10 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
         for (int64_t i = i0; i < i1; ++i) {
             const float d = z[i] - m;                    /* 0 at a maximum, -inf at -inf */
             const float dl = !neginf || d > -INFINITY ? d : 0.0f;  /* finite: no 0 * inf */
-            float x = step * dl;                         /* update: |x| > reach has e = 0 */
-            x = x < -UPDATE_REACH ? -UPDATE_REACH : x > UPDATE_REACH ? UPDATE_REACH : x;
+            /* An update's x: below dmin = -88 / gamma_prev the weight is exactly 0 (exp_nonpos
+             * flushed it), and the clamp keeps |x| within the reach update_degree() was chosen
+             * for, so that a masked logit (-1e30) cannot make 0 * inf = NaN. */
+            const float x = step * (dl > dmin ? dl : dmin);
             const float e = degree ? p[i] * unscale * exp_small(x, degree) : exp_nonpos(gamma * d);
             p[i] = moments ? e : e * scale;              /* scale is 1 when moments are asked */
             /* The powers of d are formed beside the exponential, not after it, so each sum is one
@@ -281,8 +283,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
          * not from memory at the rate of a stream that starts cold (about twice as fast here). */
         const float *ahead = evals == 0 ? next : NULL;
         const double h = gamma - prev;
-        /* Weights below exp(-87) were stored as 0, so only |d| <= 87 / prev counts. */
-        const double step_reach = fabs(h) * fmin(reach, 87.0 / prev);
+        /* Weights below exp(-88) were stored as 0, so only |d| <= 88 / prev counts. */
+        const double dmin = -88.0 / prev, step_reach = fabs(h) * fmin(reach, -dmin);
         const int degree = stored && step_reach <= UPDATE_REACH ? update_degree(step_reach) : 0;
         const double unscale = 1.0 / scale;
         scale = 1.0;
@@ -295,7 +297,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         const int moments = scale == 1.0;
         /* Constant arguments at each call site: each inlined copy does only its own work. */
         const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
-#define SWEEP(deg, ni, mo) sweep(zr, pr, n, m, g32, h32, u32, s32, deg, ni, mo, ahead, s)
+        const float dmin32 = (float)fmax(dmin, -FLT_MAX);
+#define SWEEP(deg, ni, mo) sweep(zr, pr, n, m, g32, h32, dmin32, u32, s32, deg, ni, mo, ahead, s)
 #define SWEEPS(deg)                                                                           \
     if (neginf)                                                                               \
         moments ? SWEEP(deg, 1, 1) : SWEEP(deg, 1, 0);                                        \
