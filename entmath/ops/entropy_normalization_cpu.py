@@ -185,10 +185,10 @@ def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):
 
 def kernel_exp(x: torch.Tensor, kind: str, degree: int = 6) -> torch.Tensor:
     """The kernel's own exponentials on float32 ``x``, for checking them: ``kind="nonpos"`` (the
-    full one, for x <= 0) or ``"small"`` (an update's Taylor polynomial of ``degree`` 6, 3 or 2,
-    for |x| up to 0.25, 0.025 or 0.0045)."""
-    if kind == "small" and degree not in (2, 3, 6):
-        raise ValueError(f"degree must be 2, 3 or 6, got {degree!r}")
+    full one, for x <= 0) or ``"small"`` (an update's Taylor polynomial of ``degree`` 9, 6, 3 or
+    2, for |x| up to 0.5, 0.25, 0.025 or 0.0045)."""
+    if kind == "small" and degree not in (2, 3, 6, 9):
+        raise ValueError(f"degree must be 2, 3, 6 or 9, got {degree!r}")
     xs = x.detach().to(torch.float32).contiguous()
     out = torch.empty_like(xs)
     build().entmath_exp_kernels(xs.data_ptr(), out.data_ptr(), xs.numel(), {"nonpos": 0, "small": degree}[kind])
