@@ -75,6 +75,10 @@ def _halley_update(gamma, lo, hi, f, r, q, k2, k3):
     g2 = f2 / r - g1 * g1
     den = 2.0 * g1 * g1 - g0 * g2
     new = gamma + tl.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
+    # On the flat top, at least the quadratic model's root (Chapter 2, eq-en-quad).
+    top = (f > 0) & (hi == float("inf")) & (k2 > 0) & (gamma * gamma * k2 < 0.25 * f)
+    quad = tl.sqrt(gamma * gamma + 2.0 * tl.where(top, f / tl.where(k2 > 0, k2, 1.0), 0.0))
+    new = tl.where(top & ~(new >= quad), quad, new)
     ok = (new == new) & (tl.abs(new) < float("inf")) & (new > lo) & (new < hi)
     bis = tl.where(lo > 0, tl.sqrt(lo) * tl.sqrt(hi), 0.5 * hi)  # lo * hi may underflow float32
     fallback = tl.where(hi == float("inf"), 4.0 * gamma, bis)

@@ -99,7 +99,8 @@ def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
 
     ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0).  Returns the new (gamma, lo, hi):
     Halley's method on G = log(r / q), whose derivatives follow from H' = -gamma k2 and
-    H'' = -k2 - gamma k3; Newton on G if Halley's denominator is not positive; geometric
+    H'' = -k2 - gamma k3; Newton on G if Halley's denominator is not positive; at least the
+    quadratic model's root ``quadratic_step`` on the flat top (Chapter 2, eq-en-quad); geometric
     bisection of [lo, hi] (expansion by 4 while hi = inf, halving while lo = 0) if the step leaves
     the bracket or is not finite.
     """
@@ -112,6 +113,9 @@ def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
     g2 = f2 / r - g1 * g1
     den = 2.0 * g1 * g1 - g0 * g2
     new = gamma + xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
+    top = (f > 0) & xp.isinf(hi) & (k2 > 0) & (gamma * gamma * k2 < 0.25 * f)
+    quad = xp.sqrt(gamma * gamma + 2.0 * xp.where(top, f / xp.where(k2 > 0, k2, 1.0 + 0.0 * k2), 0.0 * f))
+    new = xp.where(top & ~(new >= quad), quad, new)
     ok = xp.isfinite(new) & (new > lo) & (new < hi)
     fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo * hi), 0.5 * hi))
     return xp.where(ok, new, fallback), lo, hi
@@ -130,6 +134,10 @@ def halley_step(gamma, lo, hi, f, r, q, k2, k3):
         g2 = (-k2 - gamma * k3) / r - g1 * g1
         den = 2.0 * g1 * g1 - g0 * g2
         new = gamma - (2.0 * g0 * g1 / den if den > 0 else g0 / g1)
+    if f > 0 and math.isinf(hi) and k2 > 0 and gamma * gamma * k2 < 0.25 * f:
+        quad = math.sqrt(gamma * gamma + 2.0 * f / k2)  # on the flat top: eq-en-quad
+        if not new >= quad:
+            new = quad
     if math.isfinite(new) and lo < new < hi:
         return new, lo, hi
     if math.isinf(hi):
@@ -236,7 +244,7 @@ def _solve_block(zb, t, out, res):
 
     e = out if out.dtype == acc else torch.empty_like(d)
     w, dc = torch.empty_like(d), torch.empty_like(d)
-    for _ in range(MAX_EVALS):
+    for it in range(MAX_EVALS):
         torch.addcmul(bias, d, sc.put(0, gamma), out=e).exp_()
         torch.sum(e, -1, out=o0)
         torch.sum(torch.mul(e, d, out=w), -1, out=o1)
@@ -247,7 +255,7 @@ def _solve_block(zb, t, out, res):
         f = r - q
         evals += ~done
         done |= (abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma)
-        if done.all():
+        if done.all() or it == MAX_EVALS - 1:  # the last: p and gamma stay this evaluation's
             break
         # Central moments about mu; the c maximal entries (weight 1, d = 0) sit at -mu.
         torch.sub(d, sc.put(1, mu), out=dc)
@@ -293,7 +301,11 @@ def _solve_row(z, t, out, work, ew, sums):
     m = z.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
     torch.sub(z, m, out=d)
     torch.sign(d, out=at_max).add_(1.0)  # 1 at the maxima, 0 below (comparisons are slower)
-    torch.mul(d, d, out=powers[0])
+    # The powers only steer.  They are taken of d clamped at -plim, so that no d^2 or sum of d^3
+    # overflows (a logit masked at -1e30 in float32: its weight 0 times d^2 = inf is a NaN).
+    plim = (float(torch.finfo(acc).max) / (4.0 * max(z.numel(), 1))) ** (1.0 / 3.0)
+    torch.clamp(d, min=-plim, out=powers[1]).square_()
+    powers[0].copy_(powers[1])
     torch.sum(work[:3], -1, out=sums[:3])
     c, s1, s2 = sums.tolist()[:3]
     m = m.item()
@@ -307,7 +319,7 @@ def _solve_row(z, t, out, work, ew, sums):
         if not (math.isfinite(m) and c > 0):
             return 0.0, 0.0, 0, m  # NaN / +inf / all -inf: reported by the caller
         n_live, s2 = c - n_below, s2 * s2
-        torch.mul(d, d, out=powers[0])
+        torch.clamp(d, min=-plim, out=powers[0]).square_()
     h_max, h_min = math.log(n_live), math.log(c)
     mu = s1 / n_live
     if t >= h_max or t <= h_min:  # the edges: uniform on the support, or on the arg-max set
@@ -326,7 +338,7 @@ def _solve_row(z, t, out, work, ew, sums):
     reach = -d.min().item()  # max z - min z over the support (-inf logits sit at d = 0 here)
     lo, hi = bracket_floor_scalar(h_max, t, reach), math.inf
     gamma = max(gamma, lo)
-    torch.mul(powers[0], d, out=powers[1])
+    torch.clamp(d, min=-plim, out=powers[1]).mul_(powers[0])
     # Fold the bias into d: lowest at the maxima (and -inf logits): weight 0, products with d 0.
     if bias is None:
         d.add_(at_max, alpha=lowest)
@@ -342,8 +354,8 @@ def _solve_row(z, t, out, work, ew, sums):
         mu = A1 / S
         r = math.log1p(T / c) - gamma * mu  # = H - log c, a sum of two terms >= 0
         f = r - q
-        if abs(f) <= ftol or hi - lo <= 2.0 * eps * gamma:
-            break
+        if abs(f) <= ftol or hi - lo <= 2.0 * eps * gamma or evals == MAX_EVALS:
+            break  # (the last: p and gamma stay those of this evaluation)
         A2, A3 = torch.mv(powers, e).tolist()  # sum e d^2, sum e d^3 (the maxima add 0)
         M2 = A2 / S
         k2 = M2 - mu * mu

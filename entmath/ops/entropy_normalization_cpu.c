@@ -36,6 +36,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX2__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 /* Entries per float partial sum: 256 is 32 terms per AVX2 lane (16 with AVX-512), a relative
  * rounding of at most ~32 ulp and typically ~6; the horizontal reduction into double that ends each
@@ -139,13 +142,13 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
             const float x = step * (dl > dmin ? dl : dmin);
             const float e = degree ? p[i] * unscale * exp_small(x, degree) : exp_nonpos(gamma * d);
             p[i] = moments ? e : e * scale;              /* scale is 1 when moments are asked */
-            /* The powers of d are formed beside the exponential, not after it, so each sum is one
-             * multiply-add away from e (a shorter chain per entry; see exp_nonpos). */
-            const float d2 = dl * dl, d3 = d2 * dl;
+            /* e d^2 as (e d) d, not e (d d): a weight that is 0 at a masked logit (-1e30) must give
+             * 0, and d d would overflow to inf first (0 * inf = NaN). */
+            const float ed = e * dl, edd = ed * dl;
             t += d < 0.0f ? e : 0.0f;
-            a1 += e * dl;
-            a2 += moments ? e * d2 : 0.0f;
-            a3 += moments ? e * d3 : 0.0f;
+            a1 += ed;
+            a2 += moments ? edd : 0.0f;
+            a3 += moments ? edd * dl : 0.0f;
         }
         T += t, A1 += a1, A2 += a2, A3 += a3;
 #if defined(__GNUC__)
@@ -155,6 +158,90 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
 #endif
     }
     s[0] = T, s[1] = A1, s[2] = A2, s[3] = A3;
+}
+
+/* The sketch: a start for the first full sweep from an eighth of the row.
+ *
+ * The Taylor start from gamma = 0 lands 20-40% from the root on Gaussian-like rows, two full
+ * exponential sweeps from the end.  The sums of sweep() are sums over the row, and a sample
+ * estimates them: the sketch holds the row's upper tail exactly (every d >= -tau, about
+ * SKETCH_TAIL entries) and a 1 / SKETCH_STRIDE sample of the rest, each entry standing for
+ * SKETCH_STRIDE.  The sample is SKETCH_RUN consecutive entries of each CHUNK, at an offset that
+ * varies from chunk to chunk, copied by the first pass; its counts above R / 2^j, j = 1..4 (R the
+ * row's range), estimate the row's, and tau is the widest whose estimate is at most SKETCH_TAIL.
+ * Halley on the sketch's H lands within ~0.3% of the row's root on Gaussian-like rows, close
+ * enough that the step after the first full sweep is an update.  The sketch only proposes where
+ * to start: the bracket and every accepted step still come from full sweeps, so a poor sketch
+ * costs sweeps, never accuracy. */
+#define SKETCH_MIN_N 8192
+#define SKETCH_TAIL 2048
+#define SKETCH_STRIDE 16
+#define SKETCH_RUN (CHUNK / SKETCH_STRIDE)
+/* Halley steps on the sketch: the first lands within a few % of the sketch's root, the second
+ * within ~1e-6 of it, well inside the sketch's own error; it is taken without a third look. */
+#define SKETCH_EVALS 2
+
+#if defined(__AVX2__) && defined(__GNUC__)
+/* pack_table[mask]: the indices of mask's set bits, lowest first, one per byte. */
+static uint64_t pack_table[256];
+__attribute__((constructor)) static void fill_pack_table(void)
+{
+    for (int mask = 0; mask < 256; ++mask) {
+        uint64_t packed = 0;
+        for (int b = 0, j = 0; b < 8; ++b)
+            if (mask >> b & 1)
+                packed |= (uint64_t)b << (8 * j++);
+        pack_table[mask] = packed;
+    }
+}
+#endif
+
+/* Writes to out the d = z - m of the entries z >= thr, in order, and returns how many, or -1 if
+ * they would pass cap (out has room for cap + 8: the vector path stores eight at a time). */
+static int64_t gather_tail(const float *z, int64_t n, float m, float thr, float *out, int64_t cap)
+{
+    int64_t k = 0, i = 0;
+#if defined(__AVX2__) && defined(__GNUC__)
+    /* Sixteen at a time; most groups hold no tail entry and cost two comparisons.  In the others
+     * each comparison's bit mask picks, from a table, the permutation that packs the chosen lanes
+     * first; all eight are stored and k advances by their number. */
+    const __m256 vthr = _mm256_set1_ps(thr), vm = _mm256_set1_ps(m);
+    for (; i + 16 <= n; i += 16) {
+        const __m256 x = _mm256_loadu_ps(z + i), y = _mm256_loadu_ps(z + i + 8);
+        const int mx = _mm256_movemask_ps(_mm256_cmp_ps(x, vthr, _CMP_GE_OQ));
+        const int my = _mm256_movemask_ps(_mm256_cmp_ps(y, vthr, _CMP_GE_OQ));
+        if (!(mx | my))
+            continue;
+        const __m256i px = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)pack_table[mx]));
+        _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(_mm256_sub_ps(x, vm), px));
+        k += __builtin_popcount(mx);
+        const __m256i py = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)pack_table[my]));
+        _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(_mm256_sub_ps(y, vm), py));
+        k += __builtin_popcount(my);
+        if (k > cap)
+            return -1;
+    }
+#endif
+    for (; i < n; ++i) {
+        out[k] = z[i] - m;
+        k += z[i] >= thr;
+        if (k > cap)
+            return -1;
+    }
+    return k;
+}
+
+/* The sums of sweep() at gamma over the sketch: nt tail entries d (weight 1) and ns sample
+ * entries z (weight SKETCH_STRIDE; -inf where the entry is in the tail or the row's end);
+ * scratch takes the weights sweep() writes. */
+static void sketch_sums(const float *tail, int64_t nt, const float *sample, int64_t ns, float m,
+                        float gamma, float *scratch, double s[4])
+{
+    double st[4], ss[4];
+    sweep(tail, scratch, nt, 0.0f, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 0, 1, NULL, st);
+    sweep(sample, scratch, ns, m, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 1, 1, NULL, ss);
+    for (int k = 0; k < 4; ++k)
+        s[k] = st[k] + SKETCH_STRIDE * ss[k];
 }
 
 /* G = log(r / q) and its first two derivatives in gamma, from r = H - log c, q = t - log c and the
@@ -181,6 +268,11 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         const double den = 2.0 * g[1] * g[1] - g[0] * g[2];
         next = gamma - (den > 0.0 ? 2.0 * g[0] * g[1] / den : g[0] / g[1]);
     }
+    if (f > 0.0 && isinf(*hi) && k2 > 0.0 && gamma * gamma * k2 < 0.25 * f) {
+        const double quad = sqrt(gamma * gamma + 2.0 * f / k2);  /* the flat top: eq-en-quad */
+        if (!(next >= quad))
+            next = quad;
+    }
     if (isfinite(next) && *lo < next && next < *hi)
         return next;
     if (isinf(*hi))
@@ -200,19 +292,27 @@ int entmath_openmp(void)
 }
 
 /* The first pass over a row: its max m, its lowest finite entry, whether it holds a NaN, how many
- * entries are not -inf, and the sums of y and y^2 over those, y = z - z0.  A function of its own
- * (not inlined): inside solve_row GCC 12 vectorises this loop less well, at twice the cost. */
+ * entries are not -inf, and the sums of y and y^2 over those, y = z - z0; and, if sample is not
+ * NULL, the sketch's sample (SKETCH_RUN entries per chunk, -inf past the row's end).  A function
+ * of its own (not inlined): inside solve_row GCC 12 vectorises this loop less well, at twice the
+ * cost. */
 #if defined(__GNUC__)
 __attribute__((noinline))
 #endif
-static void scan_row(const float *zr, int64_t n, float z0, float *m_out, float *lowest_out,
-                     int *nan_out, double *live_out, double *s1_out, double *s2_out)
+static void scan_row(const float *zr, int64_t n, float z0, float *sample, float *m_out,
+                     float *lowest_out, int *nan_out, double *live_out, double *s1_out,
+                     double *s2_out)
 {
     float m = -INFINITY, lowest = INFINITY;
     int nan = 0;
     double live = 0.0, s1 = 0.0, s2 = 0.0;
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        if (sample) {  /* the sketch's sample: one run of SKETCH_RUN in each chunk (see below) */
+            const int64_t b = i0 / CHUNK, start = i0 + ((b * 7 + 3) % SKETCH_STRIDE) * SKETCH_RUN;
+            for (int64_t k = 0; k < SKETCH_RUN; ++k)
+                sample[b * SKETCH_RUN + k] = start + k < i1 ? zr[start + k] : -INFINITY;
+        }
         float l = 0.0f, a1 = 0.0f, a2 = 0.0f;
 #pragma omp simd reduction(max : m) reduction(min : lowest) reduction(| : nan) \
     reduction(+ : l, a1, a2)
@@ -242,7 +342,12 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     float m, lowest;
     int nan;
     double live, s1, s2;
-    scan_row(zr, n, z0, &m, &lowest, &nan, &live, &s1, &s2);
+    /* pr holds the sketch until the sweeps overwrite it: the sample at its end, the tail at its
+     * start, a scratch for sketch_sums() between. */
+    const int sketch = n >= SKETCH_MIN_N && max_evals > 1;
+    const int64_t ns = (n + CHUNK - 1) / CHUNK * SKETCH_RUN;
+    float *sample = sketch ? pr + n - ns : NULL;
+    scan_row(zr, n, z0, sample, &m, &lowest, &nan, &live, &s1, &s2);
     if (live == 0.0)  /* no finite logit (a reduction may start max at -FLT_MAX, not -inf) */
         m = -INFINITY;
     res[0] = 0.0, res[rows] = 0.0, res[2 * rows] = 0.0, res[3 * rows] = nan ? NAN : m;
@@ -253,6 +358,7 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         return;
     }
     const int neginf = live < (double)n;
+    const double reach = (double)m - (double)lowest; /* max |d| over the support */
     float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
 #pragma omp simd reduction(+ : c32)
     for (int64_t i = 0; i < n; ++i)
@@ -271,7 +377,6 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     }
     const double q = target - h_min, ftol = ftol_ulps * eps * target;
     const double var_0 = s2 / live - (s1 / live) * (s1 / live);
-    const double reach = (double)m - (double)lowest; /* max |d| over the support */
     double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
     if (!(isfinite(gamma) && gamma > 0.0))
         gamma = 1.0;
@@ -279,6 +384,36 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     double lo = reach > 0.0 && isfinite(reach) ? 0.5 * sqrt(8.0 * (h_max - target)) / reach : 0.0;
     gamma = fmax(gamma, lo);
     double hi = INFINITY, S = 1.0, s[4];
+    if (sketch && reach > 0.0 && isfinite(reach)) {
+        float thr = INFINITY;
+        for (int j = 1; j <= 4 && !(thr < INFINITY); ++j) {  /* tau = R / 2^j, widest first */
+            const float t_j = (float)(m - reach / (double)(1 << j));
+            float count = 0.0f;
+#pragma omp simd reduction(+ : count)
+            for (int64_t i = 0; i < ns; ++i)
+                count += sample[i] >= t_j ? 1.0f : 0.0f;
+            if (count * SKETCH_STRIDE <= SKETCH_TAIL)
+                thr = t_j;
+        }
+        float *scratch = pr + n / 2;
+        const int64_t nt = thr < INFINITY ? gather_tail(zr, n, m, thr, pr, n / 2 - ns - 8) : -1;
+        if (nt >= 0) {
+#pragma omp simd
+            for (int64_t i = 0; i < ns; ++i)  /* the tail's entries are in the tail already */
+                sample[i] = sample[i] >= thr ? -INFINITY : sample[i];
+            double g = gamma, slo = lo, shi = INFINITY, ss[4];
+            for (int k = 0; k < SKETCH_EVALS && isfinite(g) && g > 0.0; ++k) {
+                sketch_sums(pr, nt, sample, ns, m, (float)g, scratch, ss);
+                const double St = c + ss[0], mu = ss[1] / St, M2 = ss[2] / St;
+                const double r = log1p(ss[0] / c) - g * mu;
+                const double k2s = M2 - mu * mu;
+                const double k3s = ss[3] / St - 3.0 * mu * M2 + 2.0 * mu * mu * mu;
+                g = halley_step(g, &slo, &shi, r - q, r, q, k2s, k3s);
+            }
+            if (isfinite(g) && g > lo)
+                gamma = g;
+        }
+    }
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
     int64_t evals = 0;
     int stored = 0;  /* whether p holds the weights of gamma = prev (times 1 / scale) */
