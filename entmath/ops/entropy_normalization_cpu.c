@@ -11,8 +11,12 @@
  * The iteration is the eager path's (_solve_row in entropy_normalization.py), in double: the start
  * gamma_0 from the Taylor expansion of H at gamma = 0, then Halley steps on
  * G = log((H - log c) / (t - log c)) inside a bracket (halley_step below is the twin of
- * halley_step() there).  Only the sweeps over the row run in float32.  Two economies:
+ * halley_step() there).  Only the sweeps over the row run in float32.  Three economies:
  *
+ *  - The sketch start (rows of SKETCH_MIN_N or more).  Before any sweep, two Halley steps on a
+ *    sketch of the row (its upper tail exactly and a 1/16 sample of the rest, an eighth of the row)
+ *    move gamma_0 to within ~0.3% of the root, so that one exponential sweep is followed by
+ *    updates.  See "The sketch" below.
  *  - Update sweeps.  Each sweep leaves the weights w_i = exp(gamma d_i) in p.  When the next gamma
  *    is close (|step d_i| <= UPDATE_REACH over the row), the next weights are
  *    w_i exp(step d_i), whose second factor a Taylor polynomial of degree 2 to 9 (as low as
@@ -20,11 +24,12 @@
  *    Halley's last steps are small, so the last sweeps of a row are usually updates.
  *  - Predicted normalisation.  When the step is below PREDICT_STEP the sweep is expected to be the
  *    last, so it writes p already divided by S, predicted from the previous sweep's cumulants
- *    (log S(gamma + h) = log S + h mu + h^2 k2 / 2 + h^3 k3 / 6 + O(h^4)); the sums of the same sweep
- *    check both the entropy and the prediction, and only a miss costs another pass.
+ *    (log S(gamma + h) = log S + h mu + h^2 k2 / 2 + h^3 k3 / 6 + O(h^4)); the sums of the same
+ *    sweep check both the entropy and the prediction, and only a miss costs another pass.
  *
- * Vectorisation without intrinsics: the loops are plain C, and the compiler emits SIMD code for
- * what the machine has (AVX2, AVX-512, NEON).  Float sums are reassociated only inside
+ * Vectorisation without intrinsics (but one): the loops are plain C, and the compiler emits SIMD
+ * code for what the machine has (AVX2, AVX-512, NEON); only the sketch's gather_tail has an AVX2
+ * path in intrinsics, beside its plain C one.  Float sums are reassociated only inside
  * `#pragma omp simd reduction` loops over CHUNK entries (-fopenmp-simd: no OpenMP runtime), whose
  * lane sums are added into double accumulators, so each sum carries the rounding of a few float
  * additions per term, not of n / lanes of them.
@@ -33,9 +38,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX2__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -80,7 +82,8 @@ static inline float exp_nonpos(float x)
      * by the latency of one iteration's chain, which the polynomial dominated. */
     const float r2 = r * r, r4 = r2 * r2;
     const float p01 = r + 1.0f, p23 = r * (1.0f / 6.0f) + 0.5f;
-    const float p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f, p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    const float p45 = r * (1.0f / 120.0f) + 1.0f / 24.0f;
+    const float p67 = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
     const float e = (r2 * p23 + p01) + r4 * (r2 * p67 + p45);
     union { float f; uint32_t i; } two_k = {kb};
     two_k.i <<= 23;
@@ -165,14 +168,16 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
  * The Taylor start from gamma = 0 lands 20-40% from the root on Gaussian-like rows, two full
  * exponential sweeps from the end.  The sums of sweep() are sums over the row, and a sample
  * estimates them: the sketch holds the row's upper tail exactly (every d >= -tau, about
- * SKETCH_TAIL entries) and a 1 / SKETCH_STRIDE sample of the rest, each entry standing for
- * SKETCH_STRIDE.  The sample is SKETCH_RUN consecutive entries of each CHUNK, at an offset that
- * varies from chunk to chunk, copied by the first pass; its counts above R / 2^j, j = 1..4 (R the
- * row's range), estimate the row's, and tau is the widest whose estimate is at most SKETCH_TAIL.
- * Halley on the sketch's H lands within ~0.3% of the row's root on Gaussian-like rows, close
- * enough that the step after the first full sweep is an update.  The sketch only proposes where
- * to start: the bracket and every accepted step still come from full sweeps, so a poor sketch
- * costs sweeps, never accuracy. */
+ * SKETCH_TAIL entries) and a 1 / SKETCH_STRIDE sample of the rest, each entry standing for an
+ * equal share of the live entries below the tail (about SKETCH_STRIDE).  The sample is
+ * SKETCH_RUN consecutive entries of each CHUNK, at an offset that varies from chunk to chunk,
+ * copied by the first pass; its counts above R / 2^j, j = 1..4 (R the row's range), estimate the
+ * row's, and tau is the widest whose estimate is at most SKETCH_TAIL.  Halley on the sketch's H
+ * lands within ~0.3% of the row's root on Gaussian-like rows, close enough that the step after
+ * the first full sweep is an update.  The sketch only proposes where to start: the bracket and
+ * every accepted step still come from full sweeps, so a poor sketch costs sweeps, never the
+ * entropy's accuracy.  (Near the top of the range, where H is flat, it could cost gamma's, so it
+ * is not used there: see solve_row.) */
 #define SKETCH_MIN_N 8192
 #define SKETCH_TAIL 2048
 #define SKETCH_STRIDE 16
@@ -215,6 +220,8 @@ static int64_t gather_tail(const float *z, int64_t n, float m, float thr, float 
         const __m256i px = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)pack_table[mx]));
         _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(_mm256_sub_ps(x, vm), px));
         k += __builtin_popcount(mx);
+        if (k > cap)
+            return -1;
         const __m256i py = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)pack_table[my]));
         _mm256_storeu_ps(out + k, _mm256_permutevar8x32_ps(_mm256_sub_ps(y, vm), py));
         k += __builtin_popcount(my);
@@ -232,16 +239,16 @@ static int64_t gather_tail(const float *z, int64_t n, float m, float thr, float 
 }
 
 /* The sums of sweep() at gamma over the sketch: nt tail entries d (weight 1) and ns sample
- * entries z (weight SKETCH_STRIDE; -inf where the entry is in the tail or the row's end);
- * scratch takes the weights sweep() writes. */
+ * entries z (-inf where the entry is in the tail, is -inf or lies past the row's end), each of the
+ * others standing for `weight` entries of the row; scratch takes the weights sweep() writes. */
 static void sketch_sums(const float *tail, int64_t nt, const float *sample, int64_t ns, float m,
-                        float gamma, float *scratch, double s[4])
+                        double weight, float gamma, float *scratch, double s[4])
 {
     double st[4], ss[4];
     sweep(tail, scratch, nt, 0.0f, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 0, 1, NULL, st);
     sweep(sample, scratch, ns, m, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 1, 1, NULL, ss);
     for (int k = 0; k < 4; ++k)
-        s[k] = st[k] + SKETCH_STRIDE * ss[k];
+        s[k] = st[k] + weight * ss[k];
 }
 
 /* G = log(r / q) and its first two derivatives in gamma, from r = H - log c, q = t - log c and the
@@ -384,7 +391,10 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     double lo = reach > 0.0 && isfinite(reach) ? 0.5 * sqrt(8.0 * (h_max - target)) / reach : 0.0;
     gamma = fmax(gamma, lo);
     double hi = INFINITY, S = 1.0, s[4];
-    if (sketch && reach > 0.0 && isfinite(reach)) {
+    /* Near the top of the range (t within 1/2 nat of log|S|, gamma_0^2 var_0 < 1) the Taylor start
+     * is already close, and H is so flat in gamma there that a sketch's error could pass the
+     * entropy test and stand (gamma, and with it the gradient, would be off): no sketch. */
+    if (sketch && h_max - target >= 0.5 && reach > 0.0 && isfinite(reach)) {
         float thr = INFINITY;
         for (int j = 1; j <= 4 && !(thr < INFINITY); ++j) {  /* tau = R / 2^j, widest first */
             const float t_j = (float)(m - reach / (double)(1 << j));
@@ -398,12 +408,18 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         float *scratch = pr + n / 2;
         const int64_t nt = thr < INFINITY ? gather_tail(zr, n, m, thr, pr, n / 2 - ns - 8) : -1;
         if (nt >= 0) {
-#pragma omp simd
-            for (int64_t i = 0; i < ns; ++i)  /* the tail's entries are in the tail already */
+            float kept = 0.0f;  /* sample entries below the tail (the tail's are in it already) */
+#pragma omp simd reduction(+ : kept)
+            for (int64_t i = 0; i < ns; ++i) {
                 sample[i] = sample[i] >= thr ? -INFINITY : sample[i];
+                kept += sample[i] > -INFINITY ? 1.0f : 0.0f;
+            }
+            /* Each kept entry stands for an equal share of the live entries below the tail, so
+             * that the sketch has the row's count (and at gamma = 0 its entropy, log|S|). */
+            const double weight = kept > 0.0f ? (live - (double)nt) / kept : 0.0;
             double g = gamma, slo = lo, shi = INFINITY, ss[4];
             for (int k = 0; k < SKETCH_EVALS && isfinite(g) && g > 0.0; ++k) {
-                sketch_sums(pr, nt, sample, ns, m, (float)g, scratch, ss);
+                sketch_sums(pr, nt, sample, ns, m, weight, (float)g, scratch, ss);
                 const double St = c + ss[0], mu = ss[1] / St, M2 = ss[2] / St;
                 const double r = log1p(ss[0] / c) - g * mu;
                 const double k2s = M2 - mu * mu;
@@ -491,6 +507,9 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
  * out[3 * rows + row] = max z coded for validity: NaN if the row holds a NaN, +inf if it holds
  * +inf, -inf if it has no finite logit (p is then left unwritten).  A row whose logits span more
  * than FLT_MAX / 4 is declined, with sweeps = -1 and p unwritten, for the caller's own path. */
+/* Rows per unit of work for the OpenMP threads. */
+#define ROW_RUN 8
+
 void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int64_t n,
                                     int64_t r0, int64_t r1, const double *t, double *out,
                                     int64_t max_evals, double ftol_ulps, int64_t threads)
@@ -498,10 +517,13 @@ void entmath_entropy_normalize_rows(const float *z, float *p, int64_t rows, int6
     max_evals = max_evals < 1 ? 1 : max_evals;           /* p is written by the sweeps */
 #ifdef _OPENMP
     if (threads > 1) {  /* one thread never enters the OpenMP runtime (safe after a fork) */
-#pragma omp parallel num_threads(threads)
-        {   /* each thread a contiguous block of rows, as schedule(static) would give it */
-            const int64_t k = omp_get_thread_num(), w = omp_get_num_threads(), span = r1 - r0;
-            const int64_t a = r0 + span * k / w, b = r0 + span * (k + 1) / w;
+        /* Runs of ROW_RUN rows, handed out as threads free up: a thread slowed by another
+         * process on its core does not hold the others up, and within a run each row's first
+         * sweep prefetches the next. */
+        const int64_t runs = (r1 - r0 + ROW_RUN - 1) / ROW_RUN;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+        for (int64_t k = 0; k < runs; ++k) {
+            const int64_t a = r0 + k * ROW_RUN, b = a + ROW_RUN < r1 ? a + ROW_RUN : r1;
             for (int64_t row = a; row < b; ++row)
                 solve_row(z + row * n, p + row * n, n, t[row], out + row, rows, max_evals,
                           ftol_ulps, row + 1 < b ? z + (row + 1) * n : NULL);
