@@ -64,7 +64,7 @@ def _row_p(x, m, gamma, inv_s, lo_edge):
 
 
 @triton.jit
-def _halley_update(gamma, lo, hi, f, r, q, k2, k3):
+def _halley_update(gamma, lo, hi, f, r, q, k2, k3, f_prev):
     """Scalar twin of ``entmath.ops.entropy_normalization.halley_update``."""
     lo = tl.where(f > 0, gamma, lo)
     hi = tl.where(f < 0, gamma, hi)
@@ -79,7 +79,9 @@ def _halley_update(gamma, lo, hi, f, r, q, k2, k3):
     top = (f > 0) & (hi == float("inf")) & (k2 > 0) & (gamma * gamma * k2 < 0.25 * f)
     quad = tl.sqrt(gamma * gamma + 2.0 * tl.where(top, f / tl.where(k2 > 0, k2, 1.0), 0.0))
     new = tl.where(top & ~(new >= quad), quad, new)
-    ok = (new == new) & (tl.abs(new) < float("inf")) & (new > lo) & (new < hi)
+    # A closed bracket and a step that did not halve |f|: a flat stretch, bisect.
+    stall = (lo > 0) & (hi < float("inf")) & (tl.abs(f) > 0.5 * tl.abs(f_prev))
+    ok = (new == new) & (tl.abs(new) < float("inf")) & (new > lo) & (new < hi) & (stall == 0)
     bis = tl.where(lo > 0, tl.sqrt(lo) * tl.sqrt(hi), 0.5 * hi)  # lo * hi may underflow float32
     fallback = tl.where(hi == float("inf"), 4.0 * gamma, bis)
     return tl.where(ok, new, fallback), lo, hi
@@ -142,6 +144,7 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, n_col
     lo = tl.where(floor_ok, 0.5 * tl.sqrt(8.0 * tl.maximum(h_max - t, 0.0)) / tl.where(floor_ok, reach, 1.0), 0.0)
     gamma = tl.maximum(gamma, lo)
     hi = tl.full([], float("inf"), ACC)
+    f_prev = tl.full([], float("inf"), ACC)  # the previous evaluation's H - t
     # Centre of the moment sums: the previous mean of d.  At the start, the uniform mean, unless
     # logits far below the maximum (a mask at -1e30, say) drag it where e * (d - ctr)^2 overflows
     # and the mean cancels: then the maximum itself.
@@ -178,10 +181,11 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, n_col
         f = r - q
         evals += 1
         done = (tl.abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma) | (evals >= MAX_EVALS)
-        new, lo_n, hi_n = _halley_update(gamma, lo, hi, f, r, q, k2, k3)
+        new, lo_n, hi_n = _halley_update(gamma, lo, hi, f, r, q, k2, k3, f_prev)
         gamma = tl.where(done, gamma, new)
         lo = tl.where(done, lo, lo_n)
         hi = tl.where(done, hi, hi_n)
+        f_prev = f
         ctr = mu
         go = done == 0
     S = tl.where(lo_edge, c, c + T)

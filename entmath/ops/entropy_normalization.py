@@ -94,15 +94,16 @@ def bracket_floor_scalar(h_max, target, reach):
     return 0.5 * math.sqrt(8.0 * max(h_max - target, 0.0)) / reach
 
 
-def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
+def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3, f_prev):
     """One safeguarded step on vectors of rows (``xp`` is numpy or torch).
 
-    ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0).  Returns the new (gamma, lo, hi):
-    Halley's method on G = log(r / q), whose derivatives follow from H' = -gamma k2 and
-    H'' = -k2 - gamma k3; Newton on G if Halley's denominator is not positive; at least the
-    quadratic model's root ``quadratic_step`` on the flat top (Chapter 2, eq-en-quad); geometric
-    bisection of [lo, hi] (expansion by 4 while hi = inf, halving while lo = 0) if the step leaves
-    the bracket or is not finite.
+    ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0), ``f_prev`` the previous
+    evaluation's f (inf at the first).  Returns the new (gamma, lo, hi): Halley's method on
+    G = log(r / q), whose derivatives follow from H' = -gamma k2 and H'' = -k2 - gamma k3; Newton
+    on G if Halley's denominator is not positive; at least the quadratic model's root on the flat
+    top (Chapter 2, eq-en-quad); geometric bisection of [lo, hi] (expansion by 4 while hi = inf,
+    halving while lo = 0) if the step leaves the bracket or is not finite, or if the bracket is
+    closed and the last step did not halve |f| (a flat stretch, where Halley crawls).
     """
     lo = xp.where(f > 0, gamma, lo)
     hi = xp.where(f < 0, gamma, hi)
@@ -116,12 +117,13 @@ def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3):
     top = (f > 0) & xp.isinf(hi) & (k2 > 0) & (gamma * gamma * k2 < 0.25 * f)
     quad = xp.sqrt(gamma * gamma + 2.0 * xp.where(top, f / xp.where(k2 > 0, k2, 1.0 + 0.0 * k2), 0.0 * f))
     new = xp.where(top & ~(new >= quad), quad, new)
-    ok = xp.isfinite(new) & (new > lo) & (new < hi)
+    stall = (lo > 0) & ~xp.isinf(hi) & (abs(f) > 0.5 * abs(f_prev))
+    ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall
     fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo * hi), 0.5 * hi))
     return xp.where(ok, new, fallback), lo, hi
 
 
-def halley_step(gamma, lo, hi, f, r, q, k2, k3):
+def halley_step(gamma, lo, hi, f, r, q, k2, k3, f_prev):
     """The same step for one row, in Python floats (the twin of the Triton kernel's scalar code)."""
     if f > 0:
         lo = gamma
@@ -138,7 +140,8 @@ def halley_step(gamma, lo, hi, f, r, q, k2, k3):
         quad = math.sqrt(gamma * gamma + 2.0 * f / k2)  # on the flat top: eq-en-quad
         if not new >= quad:
             new = quad
-    if math.isfinite(new) and lo < new < hi:
+    stall = lo > 0 and math.isfinite(hi) and abs(f) > 0.5 * abs(f_prev)
+    if math.isfinite(new) and lo < new < hi and not stall:
         return new, lo, hi
     if math.isinf(hi):
         return 4.0 * gamma, lo, hi
@@ -241,6 +244,7 @@ def _solve_block(zb, t, out, res):
     hi = 0.0 * gamma + math.inf
     done = ~inner
     evals = 0.0 * gamma
+    f_prev = 0.0 * gamma + math.inf
 
     e = out if out.dtype == acc else torch.empty_like(d)
     w, dc = torch.empty_like(d), torch.empty_like(d)
@@ -265,10 +269,11 @@ def _solve_block(zb, t, out, res):
         A2, A3 = sc.get()[2:]
         k2 = (A2 + c * mu * mu) / S
         k3 = (A3 - c * mu * mu * mu) / S
-        new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, k2, k3)
+        new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, k2, k3, f_prev)
         gamma = xp.where(done, gamma, new)
         lo = xp.where(done, lo, lo_n)
         hi = xp.where(done, hi, hi_n)
+        f_prev = f
 
     if lo_edge.any():  # gamma = inf: keep only the maximal entries
         e.mul_(sc.put(0, 1.0 * ~lo_edge))
@@ -344,6 +349,7 @@ def _solve_row(z, t, out, work, ew, sums):
         d.add_(at_max, alpha=lowest)
     else:
         d.add_(bias)
+    f_prev = math.inf
     for evals in range(1, MAX_EVALS + 1):
         gamma = max(gamma, gamma_floor)
         torch.mul(d, gamma, out=e).exp_()
@@ -360,7 +366,8 @@ def _solve_row(z, t, out, work, ew, sums):
         M2 = A2 / S
         k2 = M2 - mu * mu
         k3 = A3 / S - 3.0 * mu * M2 + 2.0 * mu * mu * mu
-        gamma, lo, hi = halley_step(gamma, lo, hi, f, r, q, k2, k3)
+        gamma, lo, hi = halley_step(gamma, lo, hi, f, r, q, k2, k3, f_prev)
+        f_prev = f
     torch.add(e, at_max, out=out).mul_(1.0 / S)
     return gamma, mu, evals, m
 

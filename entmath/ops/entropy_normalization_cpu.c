@@ -260,9 +260,10 @@ static void g_derivs(double gamma, double r, double q, double k2, double k3, dou
     g[2] = (-k2 - gamma * k3) / r - g[1] * g[1];
 }
 
-/* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G. */
+/* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G; f_prev is
+ * the previous evaluation's f (INFINITY at the first). */
 static double halley_step(double gamma, double *lo, double *hi, double f, double r, double q,
-                          double k2, double k3)
+                          double k2, double k3, double f_prev)
 {
     if (f > 0.0)
         *lo = gamma;
@@ -280,7 +281,9 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         if (!(next >= quad))
             next = quad;
     }
-    if (isfinite(next) && *lo < next && next < *hi)
+    /* A closed bracket and a step that did not halve |f|: a flat stretch, bisect. */
+    const int stall = *lo > 0.0 && isfinite(*hi) && fabs(f) > 0.5 * fabs(f_prev);
+    if (isfinite(next) && *lo < next && next < *hi && !stall)
         return next;
     if (isinf(*hi))
         return 4.0 * gamma;
@@ -424,7 +427,7 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
                 const double r = log1p(ss[0] / c) - g * mu;
                 const double k2s = M2 - mu * mu;
                 const double k3s = ss[3] / St - 3.0 * mu * M2 + 2.0 * mu * mu * mu;
-                g = halley_step(g, &slo, &shi, r - q, r, q, k2s, k3s);
+                g = halley_step(g, &slo, &shi, r - q, r, q, k2s, k3s, INFINITY);
             }
             if (isfinite(g) && g > lo)
                 gamma = g;
@@ -433,6 +436,7 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
     int64_t evals = 0;
     int stored = 0;  /* whether p holds the weights of gamma = prev (times 1 / scale) */
+    double f_prev = INFINITY;  /* the previous evaluation's H - t */
     while (evals < max_evals) {
         /* The gamma the float sweep uses: finite, so gamma * 0 = 0 at the maxima. */
         gamma = (double)(float)fmin(fmax(gamma, FLT_MIN), FLT_MAX);
@@ -488,7 +492,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
             k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
         }
         log_S = log(S);
-        gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3);
+        gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3, f_prev);
+        f_prev = f;
     }
     const double total = S * scale;                  /* sum of p as written */
     if (fabs(total - 1.0) > 2.0 * eps) {             /* not normalised yet, or mispredicted */
