@@ -186,7 +186,9 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, n_col
         lo = tl.where(done, lo, lo_n)
         hi = tl.where(done, hi, hi_n)
         f_prev = f
-        ctr = mu
+        # The next centre: this mean, unless it overflowed (logits masked near -FLT_MAX, whose
+        # weights wake up below the root): then the maximum, which keeps the sums finite.
+        ctr = tl.where((mu == mu) & (tl.abs(mu) < float("inf")), mu, 0.0)
         go = done == 0
     S = tl.where(lo_edge, c, c + T)
     inv_s = 1.0 / S

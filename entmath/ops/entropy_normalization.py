@@ -389,7 +389,8 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
     if fused is not None:
         p, gamma, mu, evals, m = fused
         zbar = coded_lse(m, m + mu)
-        _resolve_in_float64(z2d, tt, evals < 0, p, gamma, zbar, evals)  # rows the kernel declined
+        # Rows the kernel declined, and rows it could not finish in float32.
+        _resolve_in_float64(z2d, tt, (evals < 0) | (evals >= MAX_EVALS), p, gamma, zbar, evals)
         return p, gamma.to(acc), zbar.to(acc), evals
     p = torch.empty_like(z2d, memory_format=torch.contiguous_format)
     res = torch.empty(4, rows, dtype=torch.float64, device=z2d.device)
@@ -418,8 +419,9 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
             res.copy_(torch.tensor(out_rows, dtype=torch.float64).T)
     # zbar = E_p[z] on valid rows; elsewhere the row max, which codes the fault (coded_lse).
     gamma, zbar, evals = res[0], coded_lse(res[3], res[3] + res[1]), res[2]
-    if acc != torch.float64:  # finite logits whose mean under p overflowed: see _resolve_in_float64
-        _resolve_in_float64(z2d, tt, torch.isfinite(res[3]) & ~torch.isfinite(zbar), p, gamma, zbar, evals)
+    if acc != torch.float64:  # finite logits whose mean under p overflowed, or an unfinished row
+        redo = (torch.isfinite(res[3]) & ~torch.isfinite(zbar)) | (evals >= MAX_EVALS)
+        _resolve_in_float64(z2d, tt, redo, p, gamma, zbar, evals)
     return p, gamma.to(acc), zbar.to(acc), evals
 
 
@@ -427,8 +429,11 @@ def _resolve_in_float64(z2d, t, rows, p, gamma, zbar, evals):
     """Solve the ``rows`` (a boolean mask) again in float64 and write the results in place.
 
     For logits spanning more than about 1e38, d = z - max z overflows float32: the C kernel
-    declines such rows, and the float32 eager path loses them (E_p[z] comes out infinite).  In
-    float64 they are ordinary.  ``gamma``, ``zbar`` and ``evals`` are float64 vectors here.
+    declines such rows, and the float32 eager path loses them (E_p[z] comes out infinite).  Rows
+    that used all MAX_EVALS evaluations in float32 come here too: a root below float32's reach
+    (the row path's gamma floor 1000 / FLT_MAX under a mask at -3e37, say) or moments that
+    overflow.  In float64 they are ordinary.  ``gamma``, ``zbar`` and ``evals`` are float64
+    vectors here.
     """
     idx = rows.nonzero().flatten()
     if idx.numel():
