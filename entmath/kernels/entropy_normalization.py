@@ -82,6 +82,7 @@ def _halley_update(gamma, lo, hi, f, r, q, k2, k3, f_prev):
     # A closed bracket and a step that did not halve |f|: a flat stretch, bisect.
     stall = (lo > 0) & (hi < float("inf")) & (tl.abs(f) > 0.5 * tl.abs(f_prev))
     ok = (new == new) & (tl.abs(new) < float("inf")) & (new > lo) & (new < hi) & (stall == 0)
+    ok = ok & (r > 0) & (k2 > 0)  # as halley_step: no step from a variance lost to cancellation
     bis = tl.where(lo > 0, tl.sqrt(lo) * tl.sqrt(hi), 0.5 * hi)  # lo * hi may underflow float32
     fallback = tl.where(hi == float("inf"), 4.0 * gamma, bis)
     return tl.where(ok, new, fallback), lo, hi

@@ -118,7 +118,7 @@ def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3, f_prev):
     quad = xp.sqrt(gamma * gamma + 2.0 * xp.where(top, f / xp.where(k2 > 0, k2, 1.0 + 0.0 * k2), 0.0 * f))
     new = xp.where(top & ~(new >= quad), quad, new)
     stall = (lo > 0) & ~xp.isinf(hi) & (abs(f) > 0.5 * abs(f_prev))
-    ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall
+    ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall & (r > 0) & (k2 > 0)  # as halley_step
     fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo * hi), 0.5 * hi))
     return xp.where(ok, new, fallback), lo, hi
 

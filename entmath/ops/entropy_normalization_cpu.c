@@ -60,7 +60,7 @@
 
 /* exp(x) in float32 for x <= 0: x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 = L1 + L2,
  * L1 with trailing zero bits, so r1 = x - k L1 is exact and r = r1 - k L2), exp(r1) by its Taylor
- * polynomial of degree 7 (error < 0.35^8 / 8! < 6e-9, relative), times 2^k (1 - k L2), the
+ * polynomial of degree 7 (error < e^0.35 0.35^8 / 8! < 8e-9, relative), times 2^k (1 - k L2), the
  * factor exp(-k L2) to first order (|k L2| <= 127 * 1.43e-6 = 1.8e-4, so the error is below
  * 1.7e-8), with 2^k written into the exponent field.  Multiplying by 1 - k L2 beside the
  * polynomial, instead of subtracting k L2 from r1 before it, keeps one multiply-add off the chain
