@@ -251,13 +251,13 @@ static void sketch_sums(const float *tail, int64_t nt, const float *sample, int6
         s[k] = st[k] + weight * ss[k];
 }
 
-/* G = log(r / q) and its first two derivatives in gamma, from r = H - log c, q = t - log c and the
- * cumulants k2, k3 of d at gamma (dH/dgamma = -gamma k2, d(gamma k2)/dgamma = k2 + gamma k3). */
-static void g_derivs(double gamma, double r, double q, double k2, double k3, double g[3])
+/* The second and third cumulants of d from a sweep's sums s (s[2] = sum e d^2, s[3] = sum e d^3)
+ * with S = c + s[0] and the mean: the moments about the maximum, re-centred. */
+static void cumulants(const double s[4], double S, double mean, double *k2, double *k3)
 {
-    g[0] = log(r / q);
-    g[1] = -gamma * k2 / r;
-    g[2] = (-k2 - gamma * k3) / r - g[1] * g[1];
+    const double M2 = s[2] / S;
+    *k2 = M2 - mean * mean;
+    *k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
 }
 
 /* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G; f_prev is
@@ -271,10 +271,11 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         *hi = gamma;
     double next = NAN;
     if (r > 0.0 && k2 > 0.0) {
-        double g[3];
-        g_derivs(gamma, r, q, k2, k3, g);
-        const double den = 2.0 * g[1] * g[1] - g[0] * g[2];
-        next = gamma - (den > 0.0 ? 2.0 * g[0] * g[1] / den : g[0] / g[1]);
+        const double g0 = log(r / q);
+        const double g1 = -gamma * k2 / r;
+        const double g2 = (-k2 - gamma * k3) / r - g1 * g1;
+        const double den = 2.0 * g1 * g1 - g0 * g2;
+        next = gamma - (den > 0.0 ? 2.0 * g0 * g1 / den : g0 / g1);
     }
     if (f > 0.0 && isinf(*hi) && k2 > 0.0 && gamma * gamma * k2 < 0.25 * f) {
         const double quad = sqrt(gamma * gamma + 2.0 * f / k2);  /* the flat top: eq-en-quad */
@@ -423,10 +424,10 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
             double g = gamma, slo = lo, shi = INFINITY, ss[4];
             for (int k = 0; k < SKETCH_EVALS && isfinite(g) && g > 0.0; ++k) {
                 sketch_sums(pr, nt, sample, ns, m, weight, (float)g, scratch, ss);
-                const double St = c + ss[0], mu = ss[1] / St, M2 = ss[2] / St;
+                const double St = c + ss[0], mu = ss[1] / St;
                 const double r = log1p(ss[0] / c) - g * mu;
-                const double k2s = M2 - mu * mu;
-                const double k3s = ss[3] / St - 3.0 * mu * M2 + 2.0 * mu * mu * mu;
+                double k2s, k3s;
+                cumulants(ss, St, mu, &k2s, &k3s);
                 g = halley_step(g, &slo, &shi, r - q, r, q, k2s, k3s, INFINITY);
             }
             if (isfinite(g) && g > lo)
@@ -435,12 +436,11 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
     }
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
     int64_t evals = 0;
-    int stored = 0;  /* whether p holds the weights of gamma = prev (times 1 / scale) */
     double f_prev = INFINITY;  /* the previous evaluation's H - t */
     while (evals < max_evals) {
         /* The gamma the float sweep uses: finite, so gamma * 0 = 0 at the maxima. */
         gamma = (double)(float)fmin(fmax(gamma, FLT_MIN), FLT_MAX);
-        if (stored && gamma == prev)                     /* float32 cannot get closer */
+        if (evals > 0 && gamma == prev)                  /* float32 cannot get closer */
             break;
         /* The first sweep also fetches the thread's next row into L2, while this row's
          * arithmetic leaves the memory bus idle: the next row's first read then comes from cache,
@@ -449,10 +449,10 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         const double h = gamma - prev;
         /* Weights below exp(-88) were stored as 0, so only |d| <= 88 / prev counts. */
         const double dmin = -88.0 / prev, step_reach = fabs(h) * fmin(reach, -dmin);
-        const int degree = stored && step_reach <= UPDATE_REACH ? update_degree(step_reach) : 0;
+        const int degree = evals > 0 && step_reach <= UPDATE_REACH ? update_degree(step_reach) : 0;
         const double unscale = 1.0 / scale;
         scale = 1.0;
-        if (stored && fabs(h) <= PREDICT_STEP * gamma)   /* expected last: normalise now */
+        if (evals > 0 && fabs(h) <= PREDICT_STEP * gamma)  /* expected last: normalise now */
             scale = exp(-(log_S + h * (mean + h * (k2 / 2.0 + h * k3 / 6.0))));
         if (!(scale > 0.0 && scale < INFINITY))          /* float32 moments overflowed */
             scale = 1.0;
@@ -479,18 +479,14 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
 #undef SWEEP
         ++evals;
         prev = gamma;
-        stored = 1;
         S = c + s[0];
         mean = s[1] / S;
         const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
         const double f = r - q;
         if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
             break;
-        if (moments) {
-            const double M2 = s[2] / S;
-            k2 = M2 - mean * mean;
-            k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
-        }
+        if (moments)
+            cumulants(s, S, mean, &k2, &k3);
         log_S = log(S);
         gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3, f_prev);
         f_prev = f;
