@@ -118,7 +118,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, z, target, soft: bool, eps: float, ignore_index: int, reduction: str, z_loss: float,
                 want_entropy: bool, inplace: bool, backend: str):
         z2d = rows_2d(z)
-        t1d = None if soft else target.reshape(-1)
+        # Kernels index targets as a dense vector: a strided or expanded view must not reach them.
+        t1d = None if soft else target.reshape(-1).contiguous()
         y2d = rows_2d(target) if soft else None
         rows = z2d.shape[0]
         if reduction == "mean":
