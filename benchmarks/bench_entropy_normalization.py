@@ -7,7 +7,7 @@ Tensor: 256 x 32000 float32 logits, standard normal x 3; target entropy log 30 n
 * a naive eager torch Newton iteration on gamma (softmax(gamma z) and its moments on the whole
   tensor per step, from gamma = 1, until every row is within 1e-5 nats);
 * entmath.entropy_normalize: on this input (float32, 8M logits) the C kernel of the CPU path
-  (entmath/ops/entropy_normalization_cpu.c: a row at a time in cache, rows split over threads);
+  (entmath/kernels/cpu/entropy_normalization.c: a row at a time in cache, rows split over threads);
 * entmath's eager torch path (the same iteration, one eager op per product and sum);
 * one torch.logsumexp pass over the same tensor, the yardstick, and one torch.softmax (which,
   like every method here but logsumexp, also writes a tensor of the input's size).
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, table  # noqa: E402
 
 from entmath.ops.entropy_normalization import entropy_normalize, entropy_normalize_torch  # noqa: E402
-from entmath.ops import entropy_normalization_cpu  # noqa: E402
+from entmath.kernels.cpu import entropy_normalization as entropy_normalization_cpu  # noqa: E402
 
 ROWS, N, SCALE = 256, 32000, 3.0
 TARGET = math.log(30)

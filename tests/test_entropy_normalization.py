@@ -342,7 +342,7 @@ def _kernel_case(n, dtype, seed):
 @pytest.mark.parametrize("n", [1, 3, 1000, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_matches_torch(n, dtype):
-    from entmath.kernels.entropy_normalization import entropy_normalize_fwd
+    from entmath.kernels.triton.entropy_normalization import entropy_normalize_fwd
 
     z, t = _kernel_case(n, dtype, seed=n)
     p_k, g_k, zb_k = entropy_normalize_fwd(z, t)
@@ -357,7 +357,7 @@ def test_triton_matches_torch(n, dtype):
 @needs_triton
 def test_triton_tiled_fallback_and_backward():
     """Force the tiled path (row longer than the tile) and compare forward and backward."""
-    from entmath.kernels.entropy_normalization import entropy_normalize_bwd, entropy_normalize_fwd
+    from entmath.kernels.triton.entropy_normalization import entropy_normalize_bwd, entropy_normalize_fwd
     from entmath.ops.entropy_normalization import entropy_normalize_backward_torch
 
     z, t = _kernel_case(1000, torch.float64, seed=7)
@@ -517,10 +517,10 @@ def test_integer_target_and_empty_rows():
 
 
 # ----------------------------------------------------------------------------------------------
-# The fused CPU path (entropy_normalization_cpu.py): compiled sweeps, the same iteration
+# The fused CPU path (entmath/kernels/cpu/entropy_normalization.py): compiled sweeps, the same iteration
 # ----------------------------------------------------------------------------------------------
 
-from entmath.ops import entropy_normalization_cpu as fused_cpu  # noqa: E402
+from entmath.kernels.cpu import entropy_normalization as fused_cpu  # noqa: E402
 
 needs_fused = pytest.mark.skipif(not fused_cpu.enabled(torch.ones(2, fused_cpu.MIN_ELEMS)),
                                  reason="the C kernel is off (ENTMATH_COMPILE=0)")
@@ -902,7 +902,7 @@ def test_masked_rows_with_a_large_finite_mask_value(path):
     z[:, 512:] = -1e30
     t = torch.tensor([0.5, 3.0, 6.0, 6.2, 6.3, 6.5, 6.8, math.log(1024) - 1e-3], dtype=torch.float64)
     if path.startswith("triton"):
-        from entmath.kernels.entropy_normalization import entropy_normalize_fwd
+        from entmath.kernels.triton.entropy_normalization import entropy_normalize_fwd
 
         kw = dict(one_tile_max=0, block=256) if path == "triton-tiled" else {}
         p, gamma, _ = entropy_normalize_fwd(z, t.float(), **kw)
@@ -946,7 +946,7 @@ def test_flat_top_and_stall_rules_on_every_path(path, case, monkeypatch):
         mask, n, bound = (-1e20, 8192, 12) if path == "c" else (-3e37, 8192, 30)
     z, t = _flat_rows(n, mask, live=None if case == "flat-top" else 6)
     if path.startswith("triton"):
-        import entmath.kernels.entropy_normalization as K
+        import entmath.kernels.triton.entropy_normalization as K
 
         monkeypatch.setattr(K, "MAX_EVALS", bound)  # a lost rule shows as a miss
         kw = dict(one_tile_max=0, block=256) if path == "triton-tiled" else {}

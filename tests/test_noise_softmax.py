@@ -298,7 +298,7 @@ def test_gradient_matches_finite_difference_of_the_integral():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("noise", FAMILIES)
 def test_kernel_family_helpers_match_mpmath(noise):
-    from entmath.kernels.noise_softmax import family_values
+    from entmath.kernels.triton.noise_softmax import family_values
 
     xs = [-37.0, -20.0, -8.5, -3.0, -1.0, -0.2, 0.0, 0.3, 1.0, 2.5, 6.0, 9.0, 15.0]
     if noise == "cauchy":

@@ -18,7 +18,7 @@ def upcast(z: torch.Tensor) -> torch.Tensor:
 
 
 def kernels(name: str):
-    """Import ``entmath.kernels.<name>`` on first use (Triton is optional)."""
+    """Import ``entmath.kernels.triton.<name>`` on first use (Triton is optional)."""
     import importlib
 
-    return importlib.import_module(f"entmath.kernels.{name}")
+    return importlib.import_module(f"entmath.kernels.triton.{name}")

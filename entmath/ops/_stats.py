@@ -1,4 +1,4 @@
-"""Per-row softmax statistics in torch, the reference twin of ``kernels/softmax_stats.py``.
+"""Per-row softmax statistics in torch, the reference twin of ``kernels/triton/softmax_stats.py``.
 
 Written for CPU speed as well as accuracy: fused torch primitives where they exist, in-place
 updates of one temporary otherwise (an extra logits-sized allocation costs as much as a pass).

@@ -13,7 +13,7 @@ so that H = log S - A / S = log1p(R) - A / (1 + R) (Chapter 1's accurate form). 
 (m1, R1, A1), (m2, R2, A2) of disjoint key sets merge exactly: with m = max(m1, m2) and
 delta_t = m_t - m <= 0, each S_t is rescaled by e^{delta_t} and each A_t becomes
 e^{delta_t} (A_t + delta_t S_t)  (eq-ln-rescale).  The torch path merges one key chunk at a time
-and holds O(L * chunk) logits at once; the Triton kernel (entmath/kernels/attention_entropy.py)
+and holds O(L * chunk) logits at once; the Triton kernel (entmath/kernels/triton/attention_entropy.py)
 does the same per (query block x key block) tile with ``softmax_stats.update_stats``.
 
 Backward (derived, recomputed in chunks).  Chapter 1 gives dH/dz = -p (log p + H); since

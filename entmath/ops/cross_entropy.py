@@ -15,7 +15,7 @@ multiplies it by the incoming gradient (skipped when that is exactly 1, the usua
 ``loss.backward()``).  So forward + backward reads the logits twice and allocates one
 logits-sized buffer, or none with ``inplace_backward=True``, where the gradient is written over
 the logits themselves.  The torch path works through row chunks so that its temporaries stay
-in cache; the Triton path is ``entmath/kernels/cross_entropy.py``.
+in cache; the Triton path is ``entmath/kernels/triton/cross_entropy.py``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ CHUNK_BYTES = 1 << 25
 
 def cross_entropy_rows_torch(z2d, t1d, y2d, eps: float, ignore_index: int, z_loss: float, want_entropy: bool,
                              grad, grad_y, scale):
-    """Reference/CPU twin of ``kernels.cross_entropy.cross_entropy_rows`` (same contract)."""
+    """Reference/CPU twin of ``kernels.triton.cross_entropy.cross_entropy_rows`` (same contract)."""
     rows, n = z2d.shape
     acc = compute_dtype(z2d)
     soft = y2d is not None

@@ -35,8 +35,8 @@ float64 numpy vectors); either way each torch op touches a cache-sized piece.  O
 intra-op threads cost more in synchronisation than they return (and stall badly on a busy
 machine); the op leaves the thread count to the caller (``torch.set_num_threads``) rather than
 change process-wide state.  On a GPU all rows form one block.  float32 inputs on the CPU of at
-least ``entropy_normalization_cpu.MIN_ELEMS`` logits take the C kernel of
-``entropy_normalization_cpu.c`` instead: the same iteration, one row at a time in cache, each
+least ``kernels.cpu.entropy_normalization.MIN_ELEMS`` logits take the C kernel of
+``entmath/kernels/cpu/entropy_normalization.c`` instead: the same iteration, one row at a time in cache, each
 evaluation one vectorised loop (compiled on first use, about a second per process;
 ``ENTMATH_COMPILE=0`` turns it off).
 """
@@ -52,7 +52,7 @@ from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, compute_dtype, normalize_dim
-from . import entropy_normalization_cpu as fused_cpu
+from ..kernels.cpu import entropy_normalization as fused_cpu
 from ._rows import kernels, rows_2d
 
 __all__ = ["entropy_normalize", "solve_gamma", "sample"]
@@ -379,7 +379,7 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
     Returns (p in z2d's dtype, gamma, zbar, evals), the last three (rows,); gamma and zbar in the
     accumulation dtype.  ``zbar = E_p[z]`` on valid rows and the coded row max elsewhere.
     float32 inputs on the CPU of at least ``fused_min_elems`` logits (default
-    ``entropy_normalization_cpu.MIN_ELEMS``) take the C kernel of ``entropy_normalization_cpu``
+    ``kernels.cpu.entropy_normalization.MIN_ELEMS``) take the C kernel of ``kernels.cpu.entropy_normalization``
     (the same iteration, a row at a time in cache); the keyword arguments move the thresholds.
     """
     rows, n = z2d.shape

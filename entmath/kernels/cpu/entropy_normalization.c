@@ -1,6 +1,6 @@
 /* Entropy normalization on the CPU, one row at a time, every evaluation in cache (Chapter 2).
  *
- * entropy_normalization_cpu.py compiles this file with the machine's C compiler and calls
+ * entropy_normalization.py (beside this file) compiles this file with the machine's C compiler and calls
  * entmath_entropy_normalize_rows() through ctypes, one range of rows per thread.
  *
  * Why one row at a time.  A row of 32000 float32 logits is 125 KiB: it and its output stay in L2
@@ -291,7 +291,7 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
     return *lo > 0.0 ? sqrt(*lo * *hi) : 0.5 * *hi;
 }
 
-/* 1 if this build runs the rows of one call on OpenMP threads (entropy_normalization_cpu.py links
+/* 1 if this build runs the rows of one call on OpenMP threads (entropy_normalization.py links
  * it to the OpenMP runtime torch already loaded), 0 if the caller must split them itself. */
 int entmath_openmp(void)
 {

@@ -2,7 +2,7 @@
 
 The eager torch path (``entropy_normalization.py``) spends a separate sweep over the data on
 every product and sum of an evaluation of H, about ten per Halley step.  The kernel in
-``entropy_normalization_cpu.c`` (read it next to this file) runs the same iteration one row at a
+``entropy_normalization.c`` (read it next to this file) runs the same iteration one row at a
 time instead: the row is read from memory once, each evaluation of H is one vectorised loop over
 it while it sits in L2, and p is written back once.  Its comments explain the three economies on
 top (a start from a sketch of the row, update sweeps and a predicted normalisation).
