@@ -28,17 +28,31 @@ Edge rows: target >= log|support| gives gamma = 0 and the uniform distribution o
 otherwise target <= log c gives gamma = +inf and the uniform distribution on the arg-max set.
 Both are locally constant in (z, target) away from ties, and their gradients are defined as 0.
 
+Scale.  The sums that set H are taken in units of the exponent y = gamma d itself (e y, with
+e = exp(y)), which stay of order one wherever the logits and the root lie; the steering step is
+Halley's written for the relative change of gamma, from the cumulants of y.  A root anywhere in
+the dtype's range is found in a few evaluations: a mask at -3e37, a spread of 1e-40 or logits
+spanning 2 * FLT_MAX change gamma, not the size of the sums.
+
 Execution of the torch path.  Every evaluation of H is a pass over the row, so the row should stay
-in cache across the evaluations.  On the CPU, long rows are solved one at a time (their per-row
-scalars are Python floats) and short rows in blocks of a few hundred kilobytes (their scalars are
-float64 numpy vectors); either way each torch op touches a cache-sized piece.  On such pieces
-intra-op threads cost more in synchronisation than they return (and stall badly on a busy
-machine); the op leaves the thread count to the caller (``torch.set_num_threads``) rather than
-change process-wide state.  On a GPU all rows form one block.  float32 inputs on the CPU of at
-least ``kernels.cpu.entropy_normalization.MIN_ELEMS`` logits take the C kernel of
-``entmath/kernels/cpu/entropy_normalization.c`` instead: the same iteration, one row at a time in cache, each
-evaluation one vectorised loop (compiled on first use, about a second per process;
-``ENTMATH_COMPILE=0`` turns it off).
+in cache across the evaluations.  The eager path solves blocks of rows of about BLOCK_ELEMS logits
+(all rows at once on a GPU), in float64 whatever the input dtype (every float32, fp16 or bf16 row
+and its root lie well inside float64's range, and its sums hold every scale of such a row), to the
+tolerance of the input's accumulation dtype; the per-row scalars are float64 numpy vectors on the
+CPU.  Intra-op threads cost more in synchronisation than they return on such pieces; the op
+leaves the thread count to the caller (``torch.set_num_threads``) rather than change
+process-wide state.  float32, fp16 and bf16 inputs on the CPU of at least
+``kernels.cpu.entropy_normalization.MIN_ELEMS`` logits take the C kernel of
+``entmath/kernels/cpu/entropy_normalization.c`` instead: the same iteration, one row at a time in
+cache, each evaluation one vectorised float32 loop with the scalars in double (compiled on first
+use, about a second per process; ``ENTMATH_COMPILE=0`` turns it off).  The rows it declines (a
+root outside float32's range, logits spanning more than FLT_MAX / 4, steering sums that find no
+scale) are solved by the eager path.
+
+Accuracy (``entropy_normalize_torch``): on a row whose target t lies strictly between log c and
+log|S|, |H(p) - t| <= FTOL_ULPS eps t + 64 eps (1 + t) for p in the accumulation dtype (eps its
+machine epsilon; the second term is the rounding of the sums and of p), and rounding p to fp16 or
+bf16 adds u (1 + t) + n tau (u the output's unit roundoff, tau its smallest subnormal).
 """
 from __future__ import annotations
 
@@ -63,14 +77,26 @@ MAX_EVALS = 60
 #: Convergence: |H - target| <= FTOL_ULPS * eps * target.  H is a sum of non-negative terms, so
 #: it is computed to a few ulp of itself; 8 ulp leaves room for that and nothing more.
 FTOL_ULPS = 8.0
-#: CPU blocks of short rows hold about this many logits (a few arrays of it stay in L2).
-BLOCK_ELEMS = 1 << 16
-#: CPU rows at least this long are solved one at a time.
-ROW_MIN_N = 1 << 14
+#: CPU blocks of rows hold about this many logits: large enough that the per-block scalar work
+#: (numpy on vectors of rows) is small against the passes over the block, small enough that a
+#: block's few arrays stay in the last-level cache between evaluations.
+BLOCK_ELEMS = 1 << 18
+#: float64 rows: past this gamma the root is out of float64's reach (logits whose spread is
+#: subnormal) and the row is reported as unfinished (it counts MAX_EVALS evaluations).
+F64_GAMMA_MAX = 2.0 ** 1000
 
 
 # ----------------------------------------------------------------------------------------------
-# The per-row iteration.  The Triton kernel mirrors it line by line.
+# The per-row iteration.  The C kernel (entmath/kernels/cpu/entropy_normalization.c) and the
+# Triton kernel mirror halley_update line by line; tests/test_entropy_normalization.py holds the
+# three to the same iterates.
+#
+# Scale.  Every quantity the step uses is taken in units of gamma d = gamma (z - max z), the
+# exponent itself: its mean nu = gamma mu and its cumulants K2 = gamma^2 k2, K3 = gamma^3 k3 are
+# bounded by the row length alone (|nu| <= log|S|, and e^y |y|^k <= (k / e)^k for y <= 0), so no
+# sum overflows or underflows wherever the logits and the root lie: a mask at -3e37 or a spread of
+# 1e-40 changes gamma, not the size of the sums.  The step is Halley's on G written for the
+# relative change of gamma, the same iterate as on gamma itself.
 # ----------------------------------------------------------------------------------------------
 
 def initial_gamma(xp, h_max, target, k2_0):
@@ -87,65 +113,34 @@ def bracket_floor(xp, h_max, target, reach):
     return xp.where(ok, 0.5 * xp.sqrt(8.0 * xp.maximum(h_max - target, 0.0 * h_max)) / r_safe, 0.0 * reach)
 
 
-def bracket_floor_scalar(h_max, target, reach):
-    """``bracket_floor`` for one row, in Python floats."""
-    if not (0.0 < reach < math.inf):
-        return 0.0
-    return 0.5 * math.sqrt(8.0 * max(h_max - target, 0.0)) / reach
-
-
-def halley_update(xp, gamma, lo, hi, f, r, q, k2, k3, f_prev):
+def halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev):
     """One safeguarded step on vectors of rows (``xp`` is numpy or torch).
 
-    ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0), ``f_prev`` the previous
-    evaluation's f (inf at the first).  Returns the new (gamma, lo, hi): Halley's method on
-    G = log(r / q), whose derivatives follow from H' = -gamma k2 and H'' = -k2 - gamma k3; Newton
-    on G if Halley's denominator is not positive; at least the quadratic model's root on the flat
-    top (Chapter 2, eq-en-quad); geometric bisection of [lo, hi] (expansion by 4 while hi = inf,
-    halving while lo = 0) if the step leaves the bracket or is not finite, or if the bracket is
-    closed and the last step did not halve |f| (a flat stretch, where Halley crawls).
+    ``f = H - t``, ``r = H - log c``, ``q = t - log c`` (> 0), ``K2 = gamma^2 k2`` and
+    ``K3 = gamma^3 k3`` (the cumulants of gamma d under p), ``f_prev`` the previous evaluation's f
+    (inf at the first).  Returns the new (gamma, lo, hi): Halley's method on G = log(r / q), with
+    G' = -gamma k2 / r and G'' = (-k2 - gamma k3) / r - G'^2 carried as gamma G' and gamma^2 G''
+    (so the step is a relative change of gamma); Newton on G if Halley's denominator is not
+    positive; at least the quadratic model's root on the flat top (Chapter 2, eq-en-quad);
+    geometric bisection of [lo, hi] (expansion by 4 while hi = inf, halving while lo = 0) if the
+    step leaves the bracket or is not finite, or if the bracket is closed and the last step did
+    not halve |f| (a flat stretch, where Halley crawls).
     """
     lo = xp.where(f > 0, gamma, lo)
     hi = xp.where(f < 0, gamma, hi)
-    f1 = -gamma * k2
-    f2 = -k2 - gamma * k3
     g0 = xp.log(r / q)
-    g1 = f1 / r
-    g2 = f2 / r - g1 * g1
+    g1 = -K2 / r                   # gamma G'
+    g2 = -(K2 + K3) / r - g1 * g1  # gamma^2 G''
     den = 2.0 * g1 * g1 - g0 * g2
-    new = gamma + xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
-    top = (f > 0) & xp.isinf(hi) & (k2 > 0) & (gamma * gamma * k2 < 0.25 * f)
-    quad = xp.sqrt(gamma * gamma + 2.0 * xp.where(top, f / xp.where(k2 > 0, k2, 1.0 + 0.0 * k2), 0.0 * f))
+    new = gamma * (1.0 + xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1))
+    top = (f > 0) & xp.isinf(hi) & (K2 > 0) & (K2 < 0.25 * f)
+    quad = gamma * xp.sqrt(1.0 + 2.0 * xp.where(top, f / xp.where(K2 > 0, K2, 1.0 + 0.0 * K2), 0.0 * f))
     new = xp.where(top & ~(new >= quad), quad, new)
     stall = (lo > 0) & ~xp.isinf(hi) & (abs(f) > 0.5 * abs(f_prev))
-    ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall & (r > 0) & (k2 > 0)  # as halley_step
-    fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo * hi), 0.5 * hi))
+    ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall & (r > 0) & (K2 > 0)
+    # sqrt(lo) sqrt(hi): lo * hi itself may underflow or overflow.
+    fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo) * xp.sqrt(hi), 0.5 * hi))
     return xp.where(ok, new, fallback), lo, hi
-
-
-def halley_step(gamma, lo, hi, f, r, q, k2, k3, f_prev):
-    """The same step for one row, in Python floats (the twin of the Triton kernel's scalar code)."""
-    if f > 0:
-        lo = gamma
-    elif f < 0:
-        hi = gamma
-    new = math.nan
-    if r > 0 and k2 > 0:
-        g0 = math.log(r / q)
-        g1 = -gamma * k2 / r
-        g2 = (-k2 - gamma * k3) / r - g1 * g1
-        den = 2.0 * g1 * g1 - g0 * g2
-        new = gamma - (2.0 * g0 * g1 / den if den > 0 else g0 / g1)
-    if f > 0 and math.isinf(hi) and k2 > 0 and gamma * gamma * k2 < 0.25 * f:
-        quad = math.sqrt(gamma * gamma + 2.0 * f / k2)  # on the flat top: eq-en-quad
-        if not new >= quad:
-            new = quad
-    stall = lo > 0 and math.isfinite(hi) and abs(f) > 0.5 * abs(f_prev)
-    if math.isfinite(new) and lo < new < hi and not stall:
-        return new, lo, hi
-    if math.isinf(hi):
-        return 4.0 * gamma, lo, hi
-    return (math.sqrt(lo * hi) if lo > 0 else 0.5 * hi), lo, hi
 
 
 def _scalar_ns(device: torch.device):
@@ -166,16 +161,17 @@ class _Scalars:
         self.xp = xp
         self.sums = torch.empty(4, B, dtype=acc, device=device)  # written by the reductions
         self.out = list(self.sums.unbind(0))
-        self.cols = torch.empty(2, B, 1, dtype=acc, device=device)  # gamma and mu, as columns
+        self.cols = torch.empty(3, B, 1, dtype=acc, device=device)  # per-row factors, as columns
         self.col = list(self.cols.unbind(0))
         if xp is not torch:
             self.sums_np = self.sums.numpy()
             self.cols_np = [c.numpy().reshape(B) for c in self.col]
 
-    def get(self, k=4):
-        if self.xp is torch:  # a copy: the reductions overwrite ``sums`` on the next evaluation
-            return self.sums[:k].to(torch.float64, copy=True)
-        return self.sums_np[:k].astype("float64")
+    def get(self, k0, k1):
+        """Sums k0:k1 as float64 vectors (copies: the next reductions overwrite them)."""
+        if self.xp is torch:
+            return self.sums[k0:k1].to(torch.float64, copy=True)
+        return self.sums_np[k0:k1].astype("float64")
 
     def put(self, j, x):
         if self.xp is torch:
@@ -185,54 +181,74 @@ class _Scalars:
         return self.col[j]
 
 
-def _row_setup(zb, d, at_max, bias, sums):
-    """The pass before the iteration, for a row or a block (classes last).
 
-    Fills d = z - max (0 at -inf logits), at_max (1 at the maxima, else 0) and bias (0 strictly
-    below the maximum, the lowest float at the maxima and at -inf logits), and writes
-    (c, sum d, ||d||, -n_below) into ``sums``.  Returns the row max (keepdim).
+def _row_setup(zb, d, at_max, below, xp):
+    """The pass before the iteration, for a block of float64 rows (classes last).
+
+    Fills d = z - max z strictly below the maximum and -FOLD at the maxima and at -inf logits,
+    at_max (1 at the maxima, else 0) and below (1 strictly below the maximum on the support, else
+    0).  Returns float64 vectors in ``xp``: (max z, c, n_below, sum d, sum d^2, R, scale), the
+    sums over the support with d = 0 at the maxima, R = max z - min z over the support.  A row
+    whose logits span more than half of float64's range (d = z - max z would overflow) is taken
+    in units of ``scale`` = 1/4: d = z / 4 - max / 4.
     """
     m = zb.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
-    torch.sub(zb, m, out=d)
+    lowest = torch.nan_to_num(zb, nan=math.nan, neginf=math.inf).amin(-1, keepdim=True)  # over the support
+    wide = (0.5 * m - 0.5 * lowest) > 0.25 * torch.finfo(zb.dtype).max  # R > max / 2
+    scale = torch.where(wide, 0.25, 1.0)
+    if bool(wide.any()):
+        torch.sub(zb * scale, m * scale, out=d)
+    else:
+        torch.sub(zb, m, out=d)
+    reach = m * scale - lowest * scale
     # Masks are built from sign() rather than comparisons (bool tensors are slow on the CPU):
     # sign(d) is 0 at the maxima and -1 below them, -inf logits included.
     torch.sign(d, out=at_max).add_(1.0)
-    torch.sum(at_max, -1, out=sums[0])
-    d.nan_to_num_(neginf=0.0)  # -inf logits now sit at d = 0, like the maxima ...
-    torch.sum(d, -1, out=sums[1])
-    torch.linalg.vector_norm(d, dim=-1, out=sums[2])
-    torch.sign(d, out=bias)
-    torch.sum(bias, -1, out=sums[3])
-    # ... and both get weight exp(gamma d + bias) = 0 through bias = lowest there (0 elsewhere),
-    # for every gamma >= 0; d itself stays 0 there, so products with d never meet an inf.
-    bias.add_(1.0).mul_(torch.finfo(d.dtype).min)
-    return m
+    c = at_max.sum(-1)
+    d.nan_to_num_(neginf=0.0)  # -inf logits now sit at d = 0, like the maxima
+    s1 = d.sum(-1)
+    s2 = torch.linalg.vector_norm(d, dim=-1) ** 2
+    torch.sign(d, out=below).neg_()
+    n_below = below.sum(-1)
+    # Fold the maxima and the -inf logits to d = -FOLD: while gamma FOLD >= 120 their weight
+    # exp(gamma d) is exactly 0, which saves a masking pass per evaluation (the maxima's weight,
+    # 1, enters the sums in closed form through c).
+    d.add_(below - 1.0, alpha=FOLD)
+    out = (m.squeeze(-1), c, n_below, s1, s2, reach.squeeze(-1), scale.squeeze(-1))
+    return out if xp is torch else tuple(v.cpu().numpy() for v in out)
 
 
-def _solve_block(zb, t, out, res):
-    """Solve the rows of ``zb`` (B, n, accumulation dtype) for the targets ``t`` (B,).
+#: The fold of ``_row_setup``: the maxima and -inf logits sit at d = -FOLD, silent for every
+#: gamma >= 120 / FOLD = 6e-89 (every float32, fp16 or bf16 row's root is far above that).
+FOLD = 2.0 ** 300
 
-    Writes p into ``out`` (B, n) and (gamma, E_p[z] - max z, evaluations, max z) into ``res``
-    (4, B), in the scalar namespace's float64.
+
+def _solve_block(zb, t, eps, out, res):
+    """Solve the rows of ``zb`` (B, n, float64) for the targets ``t`` (B,), to the tolerance
+    FTOL_ULPS * eps * t.
+
+    Writes p into ``out`` (B, n, any float dtype) and (gamma, E_p[z] - max z, evaluations, max z)
+    into ``res`` (4, B), in the scalar namespace's float64.
+
+    One evaluation: y = gamma d, e = exp(y) (0 at the folded entries), and the sums of e and e y,
+    which set H; then, if the row goes on, of e y d and e y d^2 (gamma times the moments of d
+    about the maximum), which steer the step: five passes over the block, or nine.  Every sum is
+    float64, and for a float32, fp16 or bf16 row none of them can overflow or underflow: e y and
+    e y d^k are at most 104 and 104 R^k, and gamma d^2 >= 1e-130.
     """
     B, n = zb.shape
-    acc = zb.dtype
     xp = _scalar_ns(zb.device)
-    sc = _Scalars(xp, B, acc, zb.device)
-    o0, o1, o2, o3 = sc.out
-    eps = float(torch.finfo(acc).eps)
-    d, at_max, bias = torch.empty_like(zb), torch.empty_like(zb), torch.empty_like(zb)
-    m = _row_setup(zb, d, at_max, bias, sc.out)
-    res[3] = m.squeeze(-1).numpy() if xp is not torch else m.squeeze(-1)
-    reach = -d.amin(-1).double()  # max z - min z over the support (-inf logits sit at d = 0)
-    reach = reach.numpy() if xp is not torch else reach
-    c, s1, s2, n_below = sc.get()
-    n_live = c - n_below
+    sc = _Scalars(xp, B, zb.dtype, zb.device)
+    big = float(torch.finfo(zb.dtype).max)
+    d, at_max, below = torch.empty_like(zb), torch.empty_like(zb), torch.empty_like(zb)
+    m, c, n_below, s1, s2, reach, scale = _row_setup(zb, d, at_max, below, xp)
+    n_live = c + n_below
     # gamma = 0 is the uniform distribution on the support; its variance starts the iteration.
-    k2_0 = s2 * s2 / n_live - (s1 / n_live) ** 2
+    mean0 = s1 / n_live
+    k2_0 = s2 / n_live - mean0 * mean0
     h_max, h_min = xp.log(n_live), xp.log(c)
-    valid = xp.isfinite(s1) & (c > 0)  # NaN / +inf / all -inf rows: no iterations (reported later)
-    hi_edge = t >= h_max
+    valid = xp.isfinite(m) & (c > 0)  # NaN / +inf / all -inf rows: no iterations (reported later)
+    hi_edge = (t >= h_max) & valid
     lo_edge = ~hi_edge & (t <= h_min) & valid
     inner = ~hi_edge & ~lo_edge & valid
     q = t - h_min
@@ -245,142 +261,89 @@ def _solve_block(zb, t, out, res):
     done = ~inner
     evals = 0.0 * gamma
     f_prev = 0.0 * gamma + math.inf
+    mu = xp.where(valid, mean0, 0.0 * gamma)  # E_p[d]: the uniform mean until the first evaluation
+    reach_fold = xp.maximum(reach, 0.0 * reach + FOLD)  # the largest |d| after the fold
 
-    e = out if out.dtype == acc else torch.empty_like(d)
-    w, dc = torch.empty_like(d), torch.empty_like(d)
+    e = out if out.dtype == zb.dtype else torch.empty_like(d)
+    y, w = torch.empty_like(d), torch.empty_like(d)
     for it in range(MAX_EVALS):
-        torch.addcmul(bias, d, sc.put(0, gamma), out=e).exp_()
-        torch.sum(e, -1, out=o0)
-        torch.sum(torch.mul(e, d, out=w), -1, out=o1)
-        T, A1 = sc.get(2)
+        lost = ~done & (gamma > F64_GAMMA_MAX)  # a subnormal spread: out of float64's reach
+        evals = xp.where(lost, float(MAX_EVALS), evals)
+        done = done | lost
+        live = ~done
+        torch.mul(d, sc.put(0, gamma), out=y)
+        # Guards for float64 logits near the ends of the range (every inner row counts, finished
+        # or not: its p is taken from the last evaluation).
+        if bool((inner & (gamma * reach_fold > 0.25 * big)).any()):
+            y.clamp_(min=-(2.0 ** 14))  # exp(y) is 0 there anyway, but y itself could be -inf
+        torch.exp(y, out=e)
+        if bool((inner & (gamma * FOLD < 120.0)).any()):
+            e.mul_(below)  # a gamma so small that the folded entries are not yet silent
+        torch.sum(e, -1, out=sc.out[0])
+        torch.sum(torch.mul(e, y, out=w), -1, out=sc.out[1])
+        T, P1 = sc.get(0, 2)
         S = c + T
-        mu = A1 / S
-        r = xp.log1p(T / c) - gamma * mu  # = H - log c, a sum of two terms >= 0
+        nu = P1 / S  # E_p[y] = gamma mu; the c maxima (weight 1) sit at y = 0
+        r = xp.log1p(T / c) - nu  # = H - log c, a sum of two terms >= 0
         f = r - q
-        evals += ~done
-        done |= (abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma)
+        mu = xp.where(live & (gamma > 0), nu / xp.where(gamma > 0, gamma, 1.0 + 0.0 * gamma), mu)
+        evals = evals + live
+        done = done | (abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma)
         if done.all() or it == MAX_EVALS - 1:  # the last: p and gamma stay this evaluation's
             break
-        # Central moments about mu; the c maximal entries (weight 1, d = 0) sit at -mu.
-        torch.sub(d, sc.put(1, mu), out=dc)
-        torch.mul(e, dc, out=w)
-        torch.sum(w.mul_(dc), -1, out=o2)
-        torch.sum(w.mul_(dc), -1, out=o3)
-        A2, A3 = sc.get()[2:]
-        k2 = (A2 + c * mu * mu) / S
-        k3 = (A3 - c * mu * mu * mu) / S
-        new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, k2, k3, f_prev)
+        # The cumulants that steer the step, from the moments about the maximum: they lose digits
+        # to cancellation only when the mean lies far below the maximum in units of the spread,
+        # which can slow a step (the bracket still holds) but never moves the answer, which T and
+        # the mean set.
+        torch.sum(w.mul_(d), -1, out=sc.out[2])
+        torch.sum(w.mul_(d), -1, out=sc.out[3])
+        P2, P3 = sc.get(2, 4)
+        M2, M3 = gamma * P2 / S, gamma * gamma * P3 / S  # E_p[y^2], E_p[y^3]
+        K2 = M2 - nu * nu
+        K3 = M3 - 3.0 * nu * M2 + 2.0 * nu * nu * nu
+        new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev)
         gamma = xp.where(done, gamma, new)
         lo = xp.where(done, lo, lo_n)
         hi = xp.where(done, hi, hi_n)
-        f_prev = f
+        f_prev = xp.where(live, f, f_prev)
 
-    if lo_edge.any():  # gamma = inf: keep only the maximal entries
-        e.mul_(sc.put(0, 1.0 * ~lo_edge))
-        S = xp.where(lo_edge, c, S)
+    # p = (e + at_max) / S: the c maxima weigh 1; on the lower edge (gamma = inf) only they do,
+    # on the upper edge (gamma = 0) every live logit weighs 1 (below is 1 strictly below the max).
+    if lo_edge.any() or hi_edge.any():
+        e.mul_(sc.put(0, 1.0 * inner)).addcmul_(below, sc.put(1, 1.0 * hi_edge))
+        S = xp.where(lo_edge, c, xp.where(hi_edge, n_live, S))
         gamma = xp.where(lo_edge, math.inf, gamma)
         mu = xp.where(lo_edge, 0.0, mu)
     e.add_(at_max).mul_(sc.put(0, 1.0 / S))
     if e is not out:
         out.copy_(e)
-    res[0], res[1], res[2] = gamma, mu, evals
-
-
-def _solve_row(z, t, out, work, ew, sums):
-    """Solve one row ``z`` (n,) in the accumulation dtype for the target ``t`` (a float).
-
-    The iteration of ``_solve_block`` with Python-float scalars, and shortcuts for long rows.
-    The bias is folded into d (the maxima and -inf logits sit at the lowest float, so
-    exp(gamma d) = 0 there for every gamma above ``gamma_floor``), which saves a read per
-    evaluation.  The moments that steer the step are taken about the maximum, in one
-    matrix-vector product with the precomputed powers d^2, d^3: they lose digits to cancellation
-    only when the mean lies far below the maximum in units of the spread, which can slow a step
-    (the bracket still holds) but never moves the answer, set by T and the mean, which are summed
-    accurately.  ``work`` is (4, n): at_max, d, d^2, d^3; ``ew`` is (2, n): e and e d.  Writes p
-    into ``out`` and returns (gamma, E_p[z] - max z, evaluations, max z).
-    """
-    acc = z.dtype
-    eps, lowest = float(torch.finfo(acc).eps), torch.finfo(acc).min
-    gamma_floor = 1000.0 / -lowest  # gamma * lowest < -1000: exp underflows to exactly 0
-    at_max, d, powers, e = work[0], work[1], work[2:], ew[0]
-    m = z.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
-    torch.sub(z, m, out=d)
-    torch.sign(d, out=at_max).add_(1.0)  # 1 at the maxima, 0 below (comparisons are slower)
-    # The powers only steer.  They are taken of d clamped at -plim, so that no d^2 or sum of d^3
-    # overflows (a logit masked at -1e30 in float32: its weight 0 times d^2 = inf is a NaN).
-    plim = (float(torch.finfo(acc).max) / (4.0 * max(z.numel(), 1))) ** (1.0 / 3.0)
-    torch.clamp(d, min=-plim, out=powers[1]).square_()
-    powers[0].copy_(powers[1])
-    torch.sum(work[:3], -1, out=sums[:3])
-    c, s1, s2 = sums.tolist()[:3]
-    m = m.item()
-    bias = None
-    if math.isfinite(s1):  # no -inf logit (the common case): d is clean and every class is live
-        n_live = float(z.numel())
-    else:  # -inf logits (or an invalid row): the general setup of the block path
-        bias = ew[1]  # scratch until the iteration starts
-        m = _row_setup(z, d, at_max, bias, sums).item()
-        c, s1, s2, n_below = sums.tolist()
-        if not (math.isfinite(m) and c > 0):
-            return 0.0, 0.0, 0, m  # NaN / +inf / all -inf: reported by the caller
-        n_live, s2 = c - n_below, s2 * s2
-        torch.clamp(d, min=-plim, out=powers[0]).square_()
-    h_max, h_min = math.log(n_live), math.log(c)
-    mu = s1 / n_live
-    if t >= h_max or t <= h_min:  # the edges: uniform on the support, or on the arg-max set
-        if t <= h_min and t < h_max:
-            out.copy_(at_max).mul_(1.0 / c)
-            return math.inf, 0.0, 0, m
-        if bias is None:
-            out.fill_(1.0 / n_live)
-        else:  # weight exp(bias) = 1 strictly below the maximum, at_max at it, 0 at -inf
-            torch.add(torch.exp(bias, out=e), at_max, out=out).mul_(1.0 / n_live)
-        return 0.0, mu, 0, m
-    q = t - h_min
-    ftol = FTOL_ULPS * eps * t
-    k2_0 = s2 / n_live - mu * mu
-    gamma = math.sqrt(2.0 * (h_max - t) / k2_0) if k2_0 > 0 else 1.0
-    reach = -d.min().item()  # max z - min z over the support (-inf logits sit at d = 0 here)
-    lo, hi = bracket_floor_scalar(h_max, t, reach), math.inf
-    gamma = max(gamma, lo)
-    torch.clamp(d, min=-plim, out=powers[1]).mul_(powers[0])
-    # Fold the bias into d: lowest at the maxima (and -inf logits): weight 0, products with d 0.
-    if bias is None:
-        d.add_(at_max, alpha=lowest)
-    else:
-        d.add_(bias)
-    f_prev = math.inf
-    for evals in range(1, MAX_EVALS + 1):
-        gamma = max(gamma, gamma_floor)
-        torch.mul(d, gamma, out=e).exp_()
-        torch.mul(e, d, out=ew[1])
-        torch.sum(ew, -1, out=sums[:2])  # T and sum e d in one call
-        T, A1 = sums.tolist()[:2]
-        S = c + T
-        mu = A1 / S
-        r = math.log1p(T / c) - gamma * mu  # = H - log c, a sum of two terms >= 0
-        f = r - q
-        if abs(f) <= ftol or hi - lo <= 2.0 * eps * gamma or evals == MAX_EVALS:
-            break  # (the last: p and gamma stay those of this evaluation)
-        A2, A3 = torch.mv(powers, e).tolist()  # sum e d^2, sum e d^3 (the maxima add 0)
-        M2 = A2 / S
-        k2 = M2 - mu * mu
-        k3 = A3 / S - 3.0 * mu * M2 + 2.0 * mu * mu * mu
-        gamma, lo, hi = halley_step(gamma, lo, hi, f, r, q, k2, k3, f_prev)
-        f_prev = f
-    torch.add(e, at_max, out=out).mul_(1.0 / S)
-    return gamma, mu, evals, m
+    res[0], res[1], res[2], res[3] = gamma * scale, mu / scale, evals, m
 
 
 def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int = BLOCK_ELEMS,
-                            row_min_n: int = ROW_MIN_N, fused_min_elems: int | None = None):
+                            fused_min_elems: int | None = None):
     """Reference forward on (rows, n) logits and (rows,) targets.
 
     Returns (p in z2d's dtype, gamma, zbar, evals), the last three (rows,); gamma and zbar in the
-    accumulation dtype.  ``zbar = E_p[z]`` on valid rows and the coded row max elsewhere.
-    float32 inputs on the CPU of at least ``fused_min_elems`` logits (default
-    ``kernels.cpu.entropy_normalization.MIN_ELEMS``) take the C kernel of ``kernels.cpu.entropy_normalization``
-    (the same iteration, a row at a time in cache); the keyword arguments move the thresholds.
+    accumulation dtype (float64 for float64 logits, else float32).  ``zbar = E_p[z]`` on valid
+    rows and the coded row max elsewhere; evals counts the evaluations of H.  float32, fp16 and
+    bf16 inputs on the CPU of at least ``fused_min_elems`` logits (default
+    ``kernels.cpu.entropy_normalization.MIN_ELEMS``) take the C kernel of
+    ``kernels.cpu.entropy_normalization`` (the same iteration with float32 sweeps, a row at a
+    time in cache; the rows it declines come back here).  Other inputs are solved in float64, in
+    blocks of about ``block_elems`` logits (all rows at once on a GPU), to the tolerance of their
+    accumulation dtype.
+
+    Accuracy.  A row whose target lies strictly between log c and log|S| stops when the H it
+    computes is within FTOL_ULPS * eps * target of the target (eps of the accumulation dtype);
+    that H is the exact entropy of softmax(gamma z) at the returned gamma up to the rounding of
+    float64 sums (float32 sums with float64 accumulation in the C kernel: a few float32 ulp),
+    wherever the logits lie in the dtype's range (masks up to -max, spreads down to the
+    subnormals).  Rounding p to the output dtype adds at most u (1 + t) to |H(p) - t| (u the
+    unit roundoff of the output dtype), plus n times its subnormal spacing for fp16.  Where the
+    root gamma exceeds the accumulation dtype's range (a float32 row whose spread is below
+    ~1e-37), p is still right; gamma is returned as the dtype's largest finite value, with a
+    RuntimeWarning naming the rows.
     """
     rows, n = z2d.shape
     acc = compute_dtype(z2d)
@@ -389,56 +352,50 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
     if fused is not None:
         p, gamma, mu, evals, m = fused
         zbar = coded_lse(m, m + mu)
-        # Rows the kernel declined, and rows it could not finish in float32.
-        _resolve_in_float64(z2d, tt, (evals < 0) | (evals >= MAX_EVALS), p, gamma, zbar, evals)
-        return p, gamma.to(acc), zbar.to(acc), evals
+        # Rows the kernel declined (their gamma or span left float32's range), and rows it could
+        # not finish in float32: solved here in float64.
+        # (A declined row reports -1 - the sweeps it took; they count with the float64 ones.)
+        redo = ((evals < 0) | (evals >= MAX_EVALS)).nonzero().flatten()
+        if redo.numel():
+            p64, g64, z64, e64 = _solve_float64(z2d[redo], tt[redo], float(torch.finfo(acc).eps), block_elems)
+            spent = torch.where(evals[redo] < 0, -1.0 - evals[redo], evals[redo])
+            p[redo], gamma[redo], zbar[redo], evals[redo] = p64.to(p.dtype), g64, z64, e64 + spent
+        return p.to(z2d.dtype), _gamma_in(gamma, acc), zbar.to(acc), evals
+    p, gamma, zbar, evals = _solve_float64(z2d, tt, float(torch.finfo(acc).eps), block_elems)
+    return p, _gamma_in(gamma, acc), zbar.to(acc), evals
+
+
+def _solve_float64(z2d, t, eps, block_elems=BLOCK_ELEMS):
+    """The block solver on (rows, n) logits of any float dtype, in float64, to FTOL_ULPS * eps * t.
+    Returns (p in z2d's dtype, then gamma, zbar, evals as float64 vectors)."""
+    rows, n = z2d.shape
     p = torch.empty_like(z2d, memory_format=torch.contiguous_format)
     res = torch.empty(4, rows, dtype=torch.float64, device=z2d.device)
-    if z2d.is_cuda or n < row_min_n:
-        xp = _scalar_ns(z2d.device)
-        tx, rx = (tt.numpy(), res.numpy()) if xp is not torch else (tt, res)
-        step = rows if z2d.is_cuda else max(1, block_elems // max(n, 1))
-        ctx = xp.errstate(all="ignore") if xp is not torch else contextlib.nullcontext()
-        with ctx:  # numpy warns on the x/0 that the where-selections discard
-            for r0 in range(0, rows, step):
-                sl = slice(r0, min(rows, r0 + step))
-                _solve_block(z2d[sl].to(acc), tx[sl], p[sl], rx[:, sl])
-    else:
-        work = torch.empty(4, n, dtype=acc, device=z2d.device)  # at_max, d, d^2, d^3
-        ew = torch.empty(2, n, dtype=acc, device=z2d.device)  # e, e d
-        sums = torch.empty(4, dtype=acc, device=z2d.device)
-        targets = tt.tolist()
-        if p.dtype == acc:
-            out_rows = [_solve_row(z2d[i], targets[i], p[i], work, ew, sums) for i in range(rows)]
-        else:
-            out_rows, row_out = [], torch.empty(n, dtype=acc, device=z2d.device)
-            for i in range(rows):
-                out_rows.append(_solve_row(z2d[i].to(acc), targets[i], row_out, work, ew, sums))
-                p[i].copy_(row_out)
-        if out_rows:
-            res.copy_(torch.tensor(out_rows, dtype=torch.float64).T)
+    xp = _scalar_ns(z2d.device)
+    tx, rx = (t.numpy(), res.numpy()) if xp is not torch else (t, res)
+    step = rows if z2d.is_cuda else max(1, block_elems // max(n, 1))
+    ctx = xp.errstate(all="ignore") if xp is not torch else contextlib.nullcontext()
+    with ctx:  # numpy warns on the x/0 that the where-selections discard
+        for r0 in range(0, rows, step):
+            sl = slice(r0, min(rows, r0 + step))
+            _solve_block(z2d[sl].to(torch.float64), tx[sl], eps, p[sl], rx[:, sl])
     # zbar = E_p[z] on valid rows; elsewhere the row max, which codes the fault (coded_lse).
-    gamma, zbar, evals = res[0], coded_lse(res[3], res[3] + res[1]), res[2]
-    if acc != torch.float64:  # finite logits whose mean under p overflowed, or an unfinished row
-        redo = (torch.isfinite(res[3]) & ~torch.isfinite(zbar)) | (evals >= MAX_EVALS)
-        _resolve_in_float64(z2d, tt, redo, p, gamma, zbar, evals)
-    return p, gamma.to(acc), zbar.to(acc), evals
+    return p, res[0], coded_lse(res[3], res[3] + res[1]), res[2]
 
 
-def _resolve_in_float64(z2d, t, rows, p, gamma, zbar, evals):
-    """Solve the ``rows`` (a boolean mask) again in float64 and write the results in place.
-
-    For logits spanning more than about 1e38, d = z - max z overflows float32: the C kernel
-    declines such rows, and the float32 eager path loses them (E_p[z] comes out infinite).  Rows
-    that used all MAX_EVALS evaluations in float32 come here too: a root below float32's reach
-    (the row path's gamma floor 1000 / FLT_MAX under a mask at -3e37, say) or moments that
-    overflow.  In float64 they are ordinary.  ``gamma``, ``zbar`` and ``evals`` are float64
-    vectors here.
-    """
-    idx = rows.nonzero().flatten()
-    if idx.numel():
-        p64, g64, z64, e64 = entropy_normalize_torch(z2d[idx].double(), t[idx], fused_min_elems=1 << 62)
-        p[idx], gamma[idx], zbar[idx], evals[idx] = p64.to(p.dtype), g64, z64, e64
+def _gamma_in(gamma, acc):
+    """gamma (float64) in the accumulation dtype.  A root beyond that dtype's range (a float32 row
+    whose spread is below about 1e-37: the float64 solve found it) cannot be returned: it is
+    saturated to the dtype's largest finite value, and a RuntimeWarning names the rows."""
+    big = torch.isfinite(gamma) & (gamma > torch.finfo(acc).max)
+    if bool(big.any()):
+        idx = big.nonzero().flatten()
+        rows = ", ".join(str(i) for i in idx[:5].tolist()) + (", ..." if idx.numel() > 5 else "")
+        warnings.warn(f"entropy_normalize: row(s) {rows}: the root gamma ({gamma[idx[0]].item():.3g}) exceeds "
+                      f"{acc}'s range (the logits' spread is below about 1 / max); p meets the target, "
+                      f"but gamma is returned as {torch.finfo(acc).max:.3g}", RuntimeWarning, stacklevel=4)
+        gamma = torch.where(big, torch.finfo(acc).max, gamma)
+    return gamma.to(acc)
 
 
 def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):

@@ -121,15 +121,23 @@ static inline int update_degree(double reach)
 /* One evaluation at gamma.  The weights are e_i = exp(gamma d_i), d = z - m (1 at a maximum, 0 at
  * a -inf logit), from scratch, or (degree != 0: an update) from the previous sweep's, which p
  * holds times 1 / unscale: e_i = p_i * unscale * exp_small(step d_i, degree).  Writes
- * p_i = scale * e_i and returns in s the sums of e, e d, e d^2, e d^3, the first over the entries
- * below the maximum only (the maxima enter the caller's formulas through their count c, which
- * keeps T = s[0] accurate when it is tiny next to c; they add 0 to the others).  moments = 0
- * skips e d^2 and e d^3 (s[2] = s[3] = 0), which only steer; neginf = 0 promises that no logit
- * is -inf.  ahead, if not NULL, is the next row this thread solves: the sweep asks for it to be
- * brought into cache a chunk at a time (see solve_row). */
+ * p_i = scale * e_i and returns in s the sums of e, e y, e v^2, e v^3 with y = gamma d and
+ * v = kappa d, the first over the entries below the maximum only (the maxima enter the caller's
+ * formulas through their count c, which keeps T = s[0] accurate when it is tiny next to c; they
+ * add 0 to the others).  moments = 0 skips the last two (s[2] = s[3] = 0), which only steer;
+ * neginf = 0 promises that no logit is -inf.  ahead, if not NULL, is the next row this thread
+ * solves: the sweep asks for it to be brought into cache a chunk at a time (see solve_row).
+ *
+ * Sizes.  The mean's term e y is at most 1 / e wherever the logits lie (e = 0 where y < -88), so
+ * its float sums cannot overflow, as sums of e d would under a mask at -1e37.  The steering terms
+ * need a frame of their own: in units of d they overflow while a mask at -1e30 still weighs, in
+ * units of y they underflow once gamma has silenced it (the flat top, Chapter 2, eq-en-quad),
+ * where the step needs them.  kappa (a power of two) is 1 / R, R the row's range, or, on rows of
+ * several scales, the reciprocal of the largest |d| that can still weigh at gamma (see
+ * steering_frame()): then e v^2 and e v^3 are at most of order 1. */
 static inline void sweep(const float *z, float *p, int64_t n, float m, float gamma, float step,
-                         float dmin, float unscale, float scale, int degree, int neginf,
-                         int moments, const float *ahead, double s[4])
+                         float dcut, float unscale, float scale, float kappa, int degree,
+                         int neginf, int moments, const float *ahead, double s[4])
 {
     double T = 0.0, A1 = 0.0, A2 = 0.0, A3 = 0.0;
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
@@ -139,19 +147,19 @@ static inline void sweep(const float *z, float *p, int64_t n, float m, float gam
         for (int64_t i = i0; i < i1; ++i) {
             const float d = z[i] - m;                    /* 0 at a maximum, -inf at -inf */
             const float dl = !neginf || d > -INFINITY ? d : 0.0f;  /* finite: no 0 * inf */
-            /* An update's x: below dmin = -88 / gamma_prev the weight is exactly 0 (exp_nonpos
-             * flushed it), and the clamp keeps |x| within the reach update_degree() was chosen
-             * for, so that a masked logit (-1e30) cannot make 0 * inf = NaN. */
-            const float x = step * (dl > dmin ? dl : dmin);
-            const float e = degree ? p[i] * unscale * exp_small(x, degree) : exp_nonpos(gamma * d);
+            /* d clamped at dcut, below which the weight is exactly 0: -88 / gamma_prev for an
+             * update (exp_nonpos flushed it), -128 / gamma otherwise.  The clamp keeps an
+             * update's |x| within the reach update_degree() was chosen for, and y and v finite
+             * (a masked logit at -1e30 cannot make 0 * inf = NaN). */
+            const float dc = dl > dcut ? dl : dcut, x = step * dc, y = gamma * dc, v = kappa * dc;
+            const float e = degree ? p[i] * unscale * exp_small(x, degree)
+                                   : exp_nonpos(neginf ? gamma * d : y);  /* 0 at -inf */
             p[i] = moments ? e : e * scale;              /* scale is 1 when moments are asked */
-            /* e d^2 as (e d) d, not e (d d): a weight that is 0 at a masked logit (-1e30) must give
-             * 0, and d d would overflow to inf first (0 * inf = NaN). */
-            const float ed = e * dl, edd = ed * dl;
+            const float ey = e * y, ev = e * v, evv = ev * v;
             t += d < 0.0f ? e : 0.0f;
-            a1 += ed;
-            a2 += moments ? edd : 0.0f;
-            a3 += moments ? edd * dl : 0.0f;
+            a1 += ey;
+            a2 += moments ? evv : 0.0f;
+            a3 += moments ? evv * v : 0.0f;
         }
         T += t, A1 += a1, A2 += a2, A3 += a3;
 #if defined(__GNUC__)
@@ -242,43 +250,88 @@ static int64_t gather_tail(const float *z, int64_t n, float m, float thr, float 
  * entries z (-inf where the entry is in the tail, is -inf or lies past the row's end), each of the
  * others standing for `weight` entries of the row; scratch takes the weights sweep() writes. */
 static void sketch_sums(const float *tail, int64_t nt, const float *sample, int64_t ns, float m,
-                        double weight, float gamma, float *scratch, double s[4])
+                        double weight, float gamma, float kappa, float *scratch, double s[4])
 {
     double st[4], ss[4];
-    sweep(tail, scratch, nt, 0.0f, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 0, 1, NULL, st);
-    sweep(sample, scratch, ns, m, gamma, 0.0f, 0.0f, 1.0f, 1.0f, 0, 1, 1, NULL, ss);
+    const float dcut = -128.0f / gamma;
+    sweep(tail, scratch, nt, 0.0f, gamma, 0.0f, dcut, 1.0f, 1.0f, kappa, 0, 0, 1, NULL, st);
+    sweep(sample, scratch, ns, m, gamma, 0.0f, dcut, 1.0f, 1.0f, kappa, 0, 1, 1, NULL, ss);
     for (int k = 0; k < 4; ++k)
         s[k] = st[k] + weight * ss[k];
 }
 
-/* The second and third cumulants of d from a sweep's sums s (s[2] = sum e d^2, s[3] = sum e d^3)
- * with S = c + s[0] and the mean: the moments about the maximum, re-centred. */
-static void cumulants(const double s[4], double S, double mean, double *k2, double *k3)
+/* The cumulants K2 = gamma^2 k2 and K3 = gamma^3 k3 of y = gamma d from a sweep's sums s at
+ * gamma and kappa (s[2] = sum e v^2, s[3] = sum e v^3, v = kappa d), S = c + s[0] and the mean
+ * nu = E_p[y]: the moments about the maximum, re-centred.  K3 only refines Halley's step: if
+ * its sum overflowed (deep on a flat top), it is dropped. */
+static void cumulants(const double s[4], double S, double nu, double gamma, double kappa,
+                      double *K2, double *K3)
 {
-    const double M2 = s[2] / S;
-    *k2 = M2 - mean * mean;
-    *k3 = s[3] / S - 3.0 * mean * M2 + 2.0 * mean * mean * mean;
+    const double g = gamma / kappa;
+    const double M2 = g * g * s[2] / S, M3 = g * g * g * s[3] / S;  /* E_p[y^2], E_p[y^3] */
+    *K2 = M2 - nu * nu;
+    *K3 = isfinite(M3) ? M3 - 3.0 * nu * M2 + 2.0 * nu * nu * nu : 0.0;
 }
 
-/* The twin of halley_step() in entropy_normalization.py: one safeguarded step on G; f_prev is
- * the previous evaluation's f (INFINITY at the first). */
+/* A power of two near 1 / x, within float32's normal range. */
+static float reciprocal_pow2(double x)
+{
+    int e;
+    frexp(x, &e);
+    return ldexpf(1.0f, e < -125 ? 125 : e > 126 ? -126 : -e);
+}
+
+/* Counts of the binary exponents of |d| below the maximum (hist[b]: |d| in [2^(b-127),
+ * 2^(b-126)), the biased exponent b of float32), for steering_frame() on rows of several
+ * scales.  A scalar loop, run once, on the rare row that needs it. */
+static void exponent_histogram(const float *z, int64_t n, float m, int32_t hist[256])
+{
+    for (int b = 0; b < 256; ++b)
+        hist[b] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float d = z[i] - m;
+        if (d < 0.0f && d > -INFINITY) {
+            union { float f; uint32_t u; } bits = {d};
+            ++hist[(bits.u >> 23) & 0xffu];
+        }
+    }
+}
+
+/* kappa of a sweep at gamma.  Without a histogram: 1 / R, which keeps every v in [-1, 0] and the
+ * steering sums from overflowing, and resolves spreads down to about R / 2^40.  With one (once
+ * the sums have found no spread in that frame: a mask at -1e30 silenced, the rest of the row on
+ * the flat top): the reciprocal of the largest |d| that can still weigh at gamma, those with
+ * gamma |d| <= 128 (beyond, exp(y) is 0 in float32). */
+static float steering_frame(const int32_t *hist, double reach, double gamma)
+{
+    if (!hist)
+        return reciprocal_pow2(reach);
+    for (int b = 254; b >= 1; --b)
+        if (hist[b] > 0 && ldexp(gamma, b - 127) <= 128.0)
+            return reciprocal_pow2(ldexp(1.0, b - 126));
+    return reciprocal_pow2(1.0 / gamma);  /* no entry can weigh: units of y */
+}
+
+/* The twin of halley_update() in entropy_normalization.py: one safeguarded step on G, carried as
+ * a relative change of gamma (g1 = gamma G', g2 = gamma^2 G''); f_prev is the previous
+ * evaluation's f (INFINITY at the first). */
 static double halley_step(double gamma, double *lo, double *hi, double f, double r, double q,
-                          double k2, double k3, double f_prev)
+                          double K2, double K3, double f_prev)
 {
     if (f > 0.0)
         *lo = gamma;
     else if (f < 0.0)
         *hi = gamma;
     double next = NAN;
-    if (r > 0.0 && k2 > 0.0) {
+    if (r > 0.0 && K2 > 0.0) {
         const double g0 = log(r / q);
-        const double g1 = -gamma * k2 / r;
-        const double g2 = (-k2 - gamma * k3) / r - g1 * g1;
+        const double g1 = -K2 / r;
+        const double g2 = -(K2 + K3) / r - g1 * g1;
         const double den = 2.0 * g1 * g1 - g0 * g2;
-        next = gamma - (den > 0.0 ? 2.0 * g0 * g1 / den : g0 / g1);
+        next = gamma * (1.0 + (den > 0.0 ? -2.0 * g0 * g1 / den : -g0 / g1));
     }
-    if (f > 0.0 && isinf(*hi) && k2 > 0.0 && gamma * gamma * k2 < 0.25 * f) {
-        const double quad = sqrt(gamma * gamma + 2.0 * f / k2);  /* the flat top: eq-en-quad */
+    if (f > 0.0 && isinf(*hi) && K2 > 0.0 && K2 < 0.25 * f) {
+        const double quad = gamma * sqrt(1.0 + 2.0 * f / K2);  /* the flat top: eq-en-quad */
         if (!(next >= quad))
             next = quad;
     }
@@ -288,7 +341,14 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         return next;
     if (isinf(*hi))
         return 4.0 * gamma;
-    return *lo > 0.0 ? sqrt(*lo * *hi) : 0.5 * *hi;
+    return *lo > 0.0 ? sqrt(*lo) * sqrt(*hi) : 0.5 * *hi;
+}
+
+/* Whether a float32 sweep at gamma is exact to rounding: gamma a normal float32, not near the
+ * ends (the caller solves a row that leaves this range in float64). */
+static int in_range(double gamma)
+{
+    return gamma >= 0x1p-125 && gamma <= 0x1p125;
 }
 
 /* 1 if this build runs the rows of one call on OpenMP threads (entropy_normalization.py links
@@ -343,6 +403,18 @@ static void scan_row(const float *zr, int64_t n, float z0, float *sample, float 
     *m_out = m, *lowest_out = lowest, *nan_out = nan, *live_out = live, *s1_out = s1, *s2_out = s2;
 }
 
+/* The sums of y and y^2 over the live entries, y = z - z0, in double: for a row whose float
+ * partial sums in scan_row() overflowed (logits masked at a large finite value, say -1e30). */
+static void rescan_moments(const float *zr, int64_t n, float z0, double *s1, double *s2)
+{
+    double a1 = 0.0, a2 = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const double y = zr[i] > -INFINITY ? (double)zr[i] - (double)z0 : 0.0;
+        a1 += y, a2 += y * y;
+    }
+    *s1 = a1, *s2 = a2;
+}
+
 /* One row: zr, pr its logits and output, res its first result (res[k * rows]: the k-th). */
 static void solve_row(const float *zr, float *pr, int64_t n, double target, double *res,
                       int64_t rows, int64_t max_evals, double ftol_ulps, const float *next)
@@ -368,6 +440,8 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         res[2 * rows] = -1.0;  /* d = z - m could overflow: declined, the caller solves it */
         return;
     }
+    if (!(isfinite(s1) && isfinite(s2)))
+        rescan_moments(zr, n, z0, &s1, &s2);
     const int neginf = live < (double)n;
     const double reach = (double)m - (double)lowest; /* max |d| over the support */
     float c32 = 0.0f;  /* the maxima (exact: n < 2^24 is checked by the caller) */
@@ -422,24 +496,34 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
              * that the sketch has the row's count (and at gamma = 0 its entropy, log|S|). */
             const double weight = kept > 0.0f ? (live - (double)nt) / kept : 0.0;
             double g = gamma, slo = lo, shi = INFINITY, ss[4];
-            for (int k = 0; k < SKETCH_EVALS && isfinite(g) && g > 0.0; ++k) {
-                sketch_sums(pr, nt, sample, ns, m, weight, (float)g, scratch, ss);
-                const double St = c + ss[0], mu = ss[1] / St;
-                const double r = log1p(ss[0] / c) - g * mu;
-                double k2s, k3s;
-                cumulants(ss, St, mu, &k2s, &k3s);
-                g = halley_step(g, &slo, &shi, r - q, r, q, k2s, k3s, INFINITY);
+            const float kappa = steering_frame(NULL, reach, 0.0);
+            for (int k = 0; k < SKETCH_EVALS && in_range(g); ++k) {
+                const float g32 = (float)g;
+                sketch_sums(pr, nt, sample, ns, m, weight, g32, kappa, scratch, ss);
+                const double St = c + ss[0], nu = ss[1] / St;
+                const double r = log1p(ss[0] / c) - nu;
+                double K2s, K3s;
+                cumulants(ss, St, nu, g32, kappa, &K2s, &K3s);
+                if (!(K2s > 0.0 && K2s < INFINITY))
+                    break;  /* no spread in the frame: keep the start so far */
+                g = halley_step(g32, &slo, &shi, r - q, r, q, K2s, K3s, INFINITY);
             }
             if (isfinite(g) && g > lo)
                 gamma = g;
         }
     }
+    /* k2, k3: the cumulants of d (not of y = gamma d) at the last sweep that took them, so that a
+     * sweep that skipped them can reuse them at its own gamma. */
     double prev = 0.0, log_S = 0.0, k2 = 0.0, k3 = 0.0, scale = 1.0;
+    int32_t hist_store[256], *hist = NULL;  /* see steering_frame() */
     int64_t evals = 0;
     double f_prev = INFINITY;  /* the previous evaluation's H - t */
     while (evals < max_evals) {
-        /* The gamma the float sweep uses: finite, so gamma * 0 = 0 at the maxima. */
-        gamma = (double)(float)fmin(fmax(gamma, FLT_MIN), FLT_MAX);
+        if (!in_range(gamma)) {  /* a root out of float32's reach: the caller's float64 */
+            res[2 * rows] = -1.0 - (double)evals;
+            return;
+        }
+        gamma = (double)(float)gamma;  /* the gamma the float sweep uses */
         if (evals > 0 && gamma == prev)                  /* float32 cannot get closer */
             break;
         /* The first sweep also fetches the thread's next row into L2, while this row's
@@ -461,8 +545,9 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         const int moments = scale == 1.0;
         /* Constant arguments at each call site: each inlined copy does only its own work. */
         const float g32 = (float)gamma, h32 = (float)h, u32 = (float)unscale, s32 = (float)scale;
-        const float dmin32 = (float)fmax(dmin, -FLT_MAX);
-#define SWEEP(deg, ni, mo) sweep(zr, pr, n, m, g32, h32, dmin32, u32, s32, deg, ni, mo, ahead, s)
+        const float dcut = (float)fmax(degree ? dmin : -128.0 / gamma, -FLT_MAX);
+        const float kappa = steering_frame(hist, reach, gamma);
+#define SWEEP(deg, ni, mo) sweep(zr, pr, n, m, g32, h32, dcut, u32, s32, kappa, deg, ni, mo, ahead, s)
 #define SWEEPS(deg)                                                                           \
     if (neginf)                                                                               \
         moments ? SWEEP(deg, 1, 1) : SWEEP(deg, 1, 0);                                        \
@@ -480,15 +565,33 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         ++evals;
         prev = gamma;
         S = c + s[0];
-        mean = s[1] / S;
-        const double r = log1p(s[0] / c) - gamma * mean;  /* H - log c: two terms >= 0 */
+        const double nu = s[1] / S;                      /* E_p[gamma d] */
+        mean = nu / gamma;
+        const double r = log1p(s[0] / c) - nu;           /* H - log c: two terms >= 0 */
         const double f = r - q;
         if (fabs(f) <= ftol || hi - lo <= 2.0 * eps * gamma)
             break;
-        if (moments)
-            cumulants(s, S, mean, &k2, &k3);
+        /* The cumulants of y at this gamma: this sweep's, or the last sweep's k2, k3 rescaled
+         * (an expected-last sweep skips them: if it misses, a tiny step barely changes them). */
+        double K2 = gamma * gamma * k2, K3 = gamma * gamma * gamma * k3;
+        if (moments) {
+            cumulants(s, S, nu, gamma, kappa, &K2, &K3);
+            if (K2 > 0.0 && K2 < INFINITY) {
+                k2 = K2 / (gamma * gamma), k3 = K3 / (gamma * gamma * gamma);
+            } else if (!hist) {
+                /* No spread in this frame: the weight lies on a scale far below R (a mask at
+                 * -1e30 silenced, the rest of the row on the flat top).  The next sweeps take
+                 * their frame from the exponents of d; this step bisects (K2 is not > 0). */
+                hist = hist_store;
+                exponent_histogram(zr, n, m, hist);
+            } else {  /* none in that frame either: the float64 path, whose sums hold every
+                       * scale of a float row, takes the row */
+                res[2 * rows] = -1.0 - (double)evals;
+                return;
+            }
+        }
         log_S = log(S);
-        gamma = halley_step(gamma, &lo, &hi, f, r, q, k2, k3, f_prev);
+        gamma = halley_step(gamma, &lo, &hi, f, r, q, K2, K3, f_prev);
         f_prev = f;
     }
     const double total = S * scale;                  /* sum of p as written */
@@ -506,8 +609,10 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
  * per row, out[0 * rows + row] = gamma (0: uniform on the support; inf: uniform on the arg-max
  * set), out[1 * rows + row] = E_p[z] - max z, out[2 * rows + row] = sweeps taken, and
  * out[3 * rows + row] = max z coded for validity: NaN if the row holds a NaN, +inf if it holds
- * +inf, -inf if it has no finite logit (p is then left unwritten).  A row whose logits span more
- * than FLT_MAX / 4 is declined, with sweeps = -1 and p unwritten, for the caller's own path. */
+ * +inf, -inf if it has no finite logit (p is then left unwritten).  A row the kernel declines,
+ * for the caller's float64 path, has sweeps = -1 - (the sweeps it took) and p not final: logits
+ * that span more than FLT_MAX / 4, a gamma that leaves float32's range (a root near 1e-38 or
+ * beyond 1e38), or steering sums that found no spread in their frame (see frame()). */
 /* Rows per unit of work for the OpenMP threads. */
 #define ROW_RUN 8
 

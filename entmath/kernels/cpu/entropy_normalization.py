@@ -14,10 +14,12 @@ about a second, once per process; there is no cache to go stale.  The rows are s
 ``torch.get_num_threads()`` threads: torch's own OpenMP threads where the build can share them
 (GCC on Linux, see ``_shares_torch_openmp``), else Python threads (ctypes releases the GIL).
 
-Which inputs.  float32 on the CPU, at least ``MIN_ELEMS`` logits (rows x classes; below that the
-eager path is fast enough) and fewer than 2^24 classes per row (the kernel counts the maxima in
-float32).  ``ENTMATH_COMPILE=0`` turns the path off; without a working compiler the op warns once
-and stays on the eager path.
+Which inputs.  float32, fp16 or bf16 on the CPU (the last two through a float32 copy), at least
+``MIN_ELEMS`` logits (rows x classes; below that the eager path is fast enough) and fewer than 2^24
+classes per row (the kernel counts the maxima in float32).  Rows the kernel declines (logits
+spanning more than FLT_MAX / 4, or a root gamma outside float32's range) come back with
+evaluations = -1 for the eager float64 path.  ``ENTMATH_COMPILE=0`` turns the path off; without a
+working compiler the op warns once and stays on the eager path.
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def build():
 def enabled(z2d: torch.Tensor, min_elems: int | None = None) -> bool:
     """True if ``z2d`` (rows, n) takes the C path: see the module docstring."""
     min_elems = MIN_ELEMS if min_elems is None else min_elems
-    return (not _failed and z2d.device.type == "cpu" and z2d.dtype == torch.float32
+    return (not _failed and z2d.device.type == "cpu" and z2d.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and z2d.numel() >= max(min_elems, 1) and 0 < z2d.shape[1] < MAX_CLASSES
             and os.environ.get("ENTMATH_COMPILE", "1") != "0")
 
@@ -149,18 +151,19 @@ def _kernel():
 
 
 def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):
-    """The forward on (rows, n) float32 logits and float64 targets (rows,).
+    """The forward on (rows, n) float32 (or fp16 / bf16) logits and float64 targets (rows,).
 
-    Returns (p, gamma, E_p[z] - max z, evaluations, max z) as in ``_solve_block``, the last four
-    float64 (rows,); max z is NaN / +inf / -inf on a row without a distribution (NaN, +inf, no
-    finite logit), whose p is left unwritten.  Returns None if the kernel cannot be built.
+    Returns (p in float32, gamma, E_p[z] - max z, evaluations, max z), the last four float64
+    (rows,); max z is NaN / +inf / -inf on a row without a distribution (NaN, +inf, no finite
+    logit), whose p is left unwritten; evaluations is -1 on a row the kernel declined (its p is
+    not final).  Returns None if the kernel cannot be built.
     """
     global _pool
     lib = _kernel()
     if lib is None:
         return None
     fn = lib.entmath_entropy_normalize_rows
-    z = z2d.detach().contiguous()
+    z = z2d.detach().to(torch.float32).contiguous()
     tt = t.detach().to(torch.float64).contiguous()
     rows, n = z.shape
     p = torch.empty_like(z)
