@@ -956,6 +956,127 @@ def test_flat_top_and_stall_rules_on_every_path(path, case, monkeypatch):
     assert torch.all((h64(p) - t).abs() <= 1e-5), h64(p) - t
 
 
+# ---------------------------------------------------------------------------------------------
+# The twins of the safeguarded step: Python (vectors of rows), C and Triton
+# ---------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _halley_steps_kernel(a_ptr, o_ptr, n, BLOCK: tl.constexpr):
+        """The Triton twin, _halley_update, on rows of inputs (gamma, lo, hi, f, r, q, K2, K3, f_prev)."""
+        from entmath.kernels.triton.entropy_normalization import _halley_update
+
+        i = tl.arange(0, BLOCK)
+        mask = i < n
+        a = a_ptr + i * 9
+        new, lo, hi = _halley_update(tl.load(a, mask=mask), tl.load(a + 1, mask=mask), tl.load(a + 2, mask=mask),
+                                     tl.load(a + 3, mask=mask), tl.load(a + 4, mask=mask), tl.load(a + 5, mask=mask),
+                                     tl.load(a + 6, mask=mask), tl.load(a + 7, mask=mask), tl.load(a + 8, mask=mask))
+        tl.store(o_ptr + i * 3, new, mask=mask)
+        tl.store(o_ptr + i * 3 + 1, lo, mask=mask)
+        tl.store(o_ptr + i * 3 + 2, hi, mask=mask)
+
+
+def _step_inputs(monkeypatch):
+    """The inputs of every safeguarded step the eager path takes on rows that exercise its rules
+    (the flat top under a mask at -1e12, the stall under six live logits and a mask at -3e37,
+    masks at -1e30 with targets on both sides of the unmasked log count, nearly one-hot targets,
+    plain Gaussian rows), and random inputs that reach the rest (Newton's step when Halley's
+    denominator is not positive, a lost K2, NaN and inf).  Returns (k, 9) float64 rows of
+    (gamma, lo, hi, f, r, q, K2, K3, f_prev)."""
+    import entmath.ops.entropy_normalization as en
+
+    calls = []
+    real = en.halley_update
+
+    def spy(xp, *args):
+        calls.append(np.stack(np.broadcast_arrays(*[np.asarray(v, dtype=np.float64) for v in args]), -1))
+        return real(xp, *args)
+
+    monkeypatch.setattr(en, "halley_update", spy)
+    gen = torch.Generator().manual_seed(41)
+    cases = [_flat_rows(4096, -1e12), _flat_rows(8192, -3e37, live=6)]
+    zm = torch.randn(6, 1024, generator=gen, dtype=torch.float64)
+    zm[:, 512:] = -1e30
+    cases.append((zm, torch.tensor([0.5, 3.0, 6.0, 6.3, 6.5, 6.9], dtype=torch.float64)))
+    zh = torch.randn(4, 50, generator=gen, dtype=torch.float64) * 2
+    zh[3, 0] = 40.0
+    cases.append((zh, torch.tensor([1e-3, 1e-8, 1e-14, 1e-6], dtype=torch.float64)))
+    zg = torch.randn(8, 300, generator=gen, dtype=torch.float64) * 3
+    cases.append((zg, torch.linspace(0.2, math.log(300) - 0.01, 8, dtype=torch.float64)))
+    for z, t in cases:
+        entropy_normalize_torch(z, t)
+    rng = np.random.default_rng(42)
+    k = 400
+    g = np.exp(rng.uniform(-80, 80, k))
+    lo = np.where(rng.random(k) < 0.5, 0.0, g * rng.uniform(0.1, 1, k))
+    hi = np.where(rng.random(k) < 0.5, np.inf, g * rng.uniform(1, 10, k))
+    f = rng.normal(size=k) * np.exp(rng.uniform(-20, 2, k))
+    q = np.exp(rng.uniform(-10, 2, k))
+    r = np.maximum(q + f, 0.0) * np.where(rng.random(k) < 0.05, -1.0, 1.0)
+    K2 = np.exp(rng.uniform(-60, 3, k)) * np.where(rng.random(k) < 0.1, -1.0, 1.0)
+    K3 = rng.normal(size=k) * np.exp(rng.uniform(-10, 10, k))  # large |K3|: Halley's denominator < 0
+    f_prev = np.where(rng.random(k) < 0.3, np.inf, f * rng.uniform(0.1, 4, k))
+    # Inputs at the rules' thresholds: K2 near f / 4 (the flat top's), |f| near |f_prev| / 2 (the
+    # stall's), so that a twin with another constant fails.
+    edge = slice(0, k // 4)
+    f[edge], hi[edge] = abs(f[edge]), np.inf
+    K2[edge] = f[edge] * rng.uniform(0.2, 0.3, k // 4)
+    stall_edge = slice(k // 4, k // 2)
+    hi[stall_edge] = g[stall_edge] * 2
+    lo[stall_edge] = g[stall_edge] / 2
+    f_prev[stall_edge] = f[stall_edge] / rng.uniform(0.4, 0.6, k // 4)
+    r = np.where(np.arange(k) < k // 2, np.maximum(q + f, 1e-300), r)
+    synthetic = np.stack([g, lo, hi, f, r, q, K2, K3, f_prev], -1)
+    synthetic[-4:, 6] = [np.nan, np.inf, 0.0, -0.0]
+    synthetic[-6:-4, 3] = [np.nan, 0.0]
+    return np.concatenate(calls + [synthetic])
+
+
+def test_step_twins_take_the_same_iterates(monkeypatch):
+    """The safeguarded step is written three times, once per backend that needs it: halley_update
+    (numpy or torch vectors: the eager path), halley_step in the C kernel, _halley_update in the
+    Triton kernel.  Fed the inputs of every step the eager path takes on rows that exercise its
+    rules (and random ones for the rest), the three must return the same (gamma, lo, hi) to
+    rounding; the test also checks that the inputs reach every rule (a rule no input reaches
+    could differ unseen)."""
+    from entmath.ops.entropy_normalization import halley_update
+
+    X = _step_inputs(monkeypatch)
+    gamma, lo, hi, f, r, q, K2, K3, f_prev = X.T
+    with np.errstate(all="ignore"):
+        want = np.stack(halley_update(np, gamma, lo, hi, f, r, q, K2, K3, f_prev), -1)
+        # Which rule set each step (from the rules' own conditions, as halley_update states them).
+        g0, g1 = np.log(r / q), -K2 / r
+        den = 2 * g1 * g1 - g0 * (-(K2 + K3) / r - g1 * g1)
+        top = (f > 0) & np.isinf(hi) & (K2 > 0) & (K2 < 0.25 * f)
+        quad = gamma * np.sqrt(1 + 2 * f / np.where(K2 > 0, K2, 1.0))
+        stall = (want[:, 1] > 0) & np.isfinite(want[:, 2]) & (abs(f) > 0.5 * abs(f_prev))
+    rules = {"flat top (eq-en-quad)": top & (want[:, 0] == quad),
+             "stall: bisection": stall & (want[:, 0] == np.sqrt(want[:, 1]) * np.sqrt(want[:, 2])),
+             "Newton (den <= 0)": (den <= 0) & (K2 > 0) & (r > 0) & ~stall & ~top,
+             "expansion by 4": np.isinf(want[:, 2]) & (want[:, 0] == 4 * gamma),
+             "halving (lo = 0)": (want[:, 1] == 0) & (want[:, 0] == 0.5 * want[:, 2]),
+             "Halley": (den > 0) & ~top & ~stall & (want[:, 0] != 4 * gamma)}
+    assert all(rule.any() for rule in rules.values()), {k: int(v.sum()) for k, v in rules.items()}
+    twins = {}
+    if fused_cpu.enabled(torch.ones(2, fused_cpu.MIN_ELEMS)):
+        twins["C"] = fused_cpu.halley_steps(torch.from_numpy(X)).numpy()
+    if triton_available():
+        a = torch.from_numpy(np.ascontiguousarray(X))
+        out = torch.empty(len(X), 3, dtype=torch.float64)
+        _halley_steps_kernel[(1,)](a, out, len(X), BLOCK=triton.next_power_of_2(len(X)))
+        twins["Triton"] = out.numpy()
+    assert twins, "no twin to compare (C kernel off and Triton missing)"
+    for name, got in twins.items():
+        with np.errstate(invalid="ignore"):  # inf - inf where both are inf (equal, caught above)
+            same = (got == want) | (np.isnan(got) & np.isnan(want)) | (abs(got - want) <= 1e-13 * abs(want))
+        assert same.all(), (name, X[~same.all(-1)][:3], got[~same.all(-1)][:3], want[~same.all(-1)][:3])
+
+
 @needs_fused
 @pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="needs gcc")
 def test_fused_path_compiler_with_arguments(monkeypatch):

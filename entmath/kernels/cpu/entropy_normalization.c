@@ -337,7 +337,8 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
     }
     /* A closed bracket and a step that did not halve |f|: a flat stretch, bisect. */
     const int stall = *lo > 0.0 && isfinite(*hi) && fabs(f) > 0.5 * fabs(f_prev);
-    if (isfinite(next) && *lo < next && next < *hi && !stall)
+    /* (r > 0 and K2 > 0 again: no step at all, the flat top's included, from a lost spread) */
+    if (isfinite(next) && *lo < next && next < *hi && !stall && r > 0.0 && K2 > 0.0)
         return next;
     if (isinf(*hi))
         return 4.0 * gamma;
@@ -649,4 +650,16 @@ void entmath_exp_kernels(const float *x, float *out, int64_t n, int64_t which)
 {
     for (int64_t i = 0; i < n; ++i)
         out[i] = which ? exp_small(x[i], (int)which) : exp_nonpos(x[i]);
+}
+
+/* halley_step() on n rows of inputs, for the test that holds it to its twins: in[9 k .. 9 k + 8]
+ * = (gamma, lo, hi, f, r, q, K2, K3, f_prev), out[3 k .. 3 k + 2] = (next gamma, lo, hi). */
+void entmath_halley_steps(const double *in, double *out, int64_t n)
+{
+    for (int64_t k = 0; k < n; ++k) {
+        const double *a = in + 9 * k;
+        double lo = a[1], hi = a[2];
+        const double next = halley_step(a[0], &lo, &hi, a[3], a[4], a[5], a[6], a[7], a[8]);
+        out[3 * k] = next, out[3 * k + 1] = lo, out[3 * k + 2] = hi;
+    }
 }

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "solve", "build", "kernel_exp"]
+__all__ = ["enabled", "solve", "build", "kernel_exp", "halley_steps"]
 
 #: Smallest input (rows x classes) for the C path: 256 KiB of float32.
 MIN_ELEMS = 1 << 16
@@ -123,6 +123,8 @@ def build():
                 lib.entmath_openmp.restype = ctypes.c_int
                 lib.entmath_exp_kernels.restype = None
                 lib.entmath_exp_kernels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+                lib.entmath_halley_steps.restype = None
+                lib.entmath_halley_steps.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                 _lib = lib
                 return lib
             errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"])
@@ -195,4 +197,14 @@ def kernel_exp(x: torch.Tensor, kind: str, degree: int = 6) -> torch.Tensor:
     xs = x.detach().to(torch.float32).contiguous()
     out = torch.empty_like(xs)
     build().entmath_exp_kernels(xs.data_ptr(), out.data_ptr(), xs.numel(), {"nonpos": 0, "small": degree}[kind])
+    return out
+
+
+def halley_steps(args: torch.Tensor) -> torch.Tensor:
+    """The kernel's safeguarded step (``halley_step`` in the C file) on rows of float64 inputs
+    ``args`` (k, 9) = (gamma, lo, hi, f, r, q, K2, K3, f_prev); returns (k, 3) = (next gamma, lo,
+    hi).  For the test that holds it to its twins in Python and Triton."""
+    a = args.detach().to(torch.float64).contiguous()
+    out = torch.empty(a.shape[0], 3, dtype=torch.float64)
+    build().entmath_halley_steps(a.data_ptr(), out.data_ptr(), a.shape[0])
     return out
