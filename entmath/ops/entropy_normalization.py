@@ -49,10 +49,19 @@ use, about a second per process; ``ENTMATH_COMPILE=0`` turns it off).  The rows 
 root outside float32's range, logits spanning more than FLT_MAX / 4, steering sums that find no
 scale) are solved by the eager path.
 
-Accuracy (``entropy_normalize_torch``): on a row whose target t lies strictly between log c and
-log|S|, |H(p) - t| <= FTOL_ULPS eps t + 64 eps (1 + t) for p in the accumulation dtype (eps its
-machine epsilon; the second term is the rounding of the sums and of p), and rounding p to fp16 or
-bf16 adds u (1 + t) + n tau (u the output's unit roundoff, tau its smallest subnormal).
+Accuracy.  For any finite logits and any target, on every path (eager, C, Triton),
+
+    |H(p) - t*| <= (16 eps + u) (1 + t*) + n tau (1 - log tau) / 2,
+
+where t* is the target clamped to the reachable range [log c, log|S|], H(p) the exact entropy of
+the returned p (rounded to its dtype), eps the machine epsilon of the accumulation dtype (float32
+for fp16/bf16), u the unit roundoff of p's dtype and tau its smallest subnormal (the last term
+matters for fp16 only).  The solver stops within FTOL_ULPS eps t of the target as it computes H;
+the rest is the rounding of its sums and of p.  tests/test_entropy_normalization_extremes.py
+checks it on rows shifted by up to 1e30, spanning up to the dtype's max, masked down to -max,
+of spread 1e-40 and near the fp16/bf16 max (worst measured: 4.6 eps (1 + t*) for float32,
+3.2 eps for float64, within u (1 + t*) for fp16/bf16).  p, gamma and zbar are never NaN on
+valid rows; gamma is +inf only at the lower edge.
 """
 from __future__ import annotations
 
@@ -74,9 +83,13 @@ __all__ = ["entropy_normalize", "solve_gamma", "sample"]
 #: Most evaluations of H per row.  Typical rows converge in 3-6; the cap only matters for
 #: adversarial rows that force bisection, and a row that hits it keeps its last iterate.
 MAX_EVALS = 60
-#: Convergence: |H - target| <= FTOL_ULPS * eps * target.  H is a sum of non-negative terms, so
-#: it is computed to a few ulp of itself; 8 ulp leaves room for that and nothing more.
+#: Convergence: |H - target| <= FTOL_ULPS * eps * target + FTOL_FLOOR.  H is a sum of
+#: non-negative terms, so it is computed to a few ulp of itself; 8 ulp leaves room for that and
+#: nothing more.  The floor, 2^-1000, is for targets so small (1.5e-309, say) that H - log c near
+#: them is below float64's normal range and cannot be resolved relatively (the kernels, whose
+#: sums are float32, use 2^-126).
 FTOL_ULPS = 8.0
+FTOL_FLOOR = 2.0 ** -1000
 #: CPU blocks of rows hold about this many logits: large enough that the per-block scalar work
 #: (numpy on vectors of rows) is small against the passes over the block, small enough that a
 #: block's few arrays stay in the last-level cache between evaluations.
@@ -99,9 +112,10 @@ F64_GAMMA_MAX = 2.0 ** 1000
 # relative change of gamma, the same iterate as on gamma itself.
 # ----------------------------------------------------------------------------------------------
 
-def initial_gamma(xp, h_max, target, k2_0):
-    """Root of the Taylor expansion H(gamma) ~ log|S| - k2(0) gamma^2 / 2 at gamma = 0."""
-    return xp.sqrt(2.0 * xp.maximum(h_max - target, 0.0 * h_max) / k2_0)
+def initial_gamma(xp, h_max, target, sd_0):
+    """Root of the Taylor expansion H(gamma) ~ log|S| - k2(0) gamma^2 / 2 at gamma = 0, from the
+    standard deviation sd_0 = sqrt(k2(0)) (whose square can overflow for float64 logits)."""
+    return xp.sqrt(2.0 * xp.maximum(h_max - target, 0.0 * h_max)) / sd_0
 
 
 def bracket_floor(xp, h_max, target, reach):
@@ -124,7 +138,10 @@ def halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev):
     positive; at least the quadratic model's root on the flat top (Chapter 2, eq-en-quad);
     geometric bisection of [lo, hi] (expansion by 4 while hi = inf, halving while lo = 0) if the
     step leaves the bracket or is not finite, or if the bracket is closed and the last step did
-    not halve |f| (a flat stretch, where Halley crawls).
+    not halve |f| (a flat stretch, where Halley crawls).  A Halley or Newton step below float64's
+    resolution of gamma (2^-50 relative) returns gamma itself: float64 cannot get closer (where H
+    is steep in gamma, the tolerance on |f| can lie below what one ulp of gamma moves), and the
+    caller stops.
     """
     lo = xp.where(f > 0, gamma, lo)
     hi = xp.where(f < 0, gamma, hi)
@@ -132,7 +149,9 @@ def halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev):
     g1 = -K2 / r                   # gamma G'
     g2 = -(K2 + K3) / r - g1 * g1  # gamma^2 G''
     den = 2.0 * g1 * g1 - g0 * g2
-    new = gamma * (1.0 + xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1))
+    rel = xp.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
+    settled = (abs(rel) <= 2.0 ** -50) & (r > 0) & (K2 > 0) & (K2 < math.inf)
+    new = gamma * (1.0 + rel)
     top = (f > 0) & xp.isinf(hi) & (K2 > 0) & (K2 < 0.25 * f)
     quad = gamma * xp.sqrt(1.0 + 2.0 * xp.where(top, f / xp.where(K2 > 0, K2, 1.0 + 0.0 * K2), 0.0 * f))
     new = xp.where(top & ~(new >= quad), quad, new)
@@ -140,7 +159,7 @@ def halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev):
     ok = xp.isfinite(new) & (new > lo) & (new < hi) & ~stall & (r > 0) & (K2 > 0)
     # sqrt(lo) sqrt(hi): lo * hi itself may underflow or overflow.
     fallback = xp.where(xp.isinf(hi), 4.0 * gamma, xp.where(lo > 0, xp.sqrt(lo) * xp.sqrt(hi), 0.5 * hi))
-    return xp.where(ok, new, fallback), lo, hi
+    return xp.where(settled, gamma, xp.where(ok, new, fallback)), lo, hi
 
 
 def _scalar_ns(device: torch.device):
@@ -187,10 +206,12 @@ def _row_setup(zb, d, at_max, below, xp):
 
     Fills d = z - max z strictly below the maximum and -FOLD at the maxima and at -inf logits,
     at_max (1 at the maxima, else 0) and below (1 strictly below the maximum on the support, else
-    0).  Returns float64 vectors in ``xp``: (max z, c, n_below, sum d, sum d^2, R, scale), the
-    sums over the support with d = 0 at the maxima, R = max z - min z over the support.  A row
-    whose logits span more than half of float64's range (d = z - max z would overflow) is taken
-    in units of ``scale`` = 1/4: d = z / 4 - max / 4.
+    0).  Returns float64 vectors in ``xp``: (max z, c, n_below, mean of d, standard deviation of
+    d, R, scale), the moments of the uniform distribution on the support (the maxima at d = 0,
+    summed in units of about R, so that neither a row spanning 1e308 nor one of 1e-300 over- or
+    underflows them), R = max z - min z over the support.  A row whose logits span more than half
+    of float64's range (d = z - max z would overflow) is taken in units of ``scale`` = 1/4:
+    d = z / 4 - max / 4.
     """
     m = zb.amax(-1, keepdim=True)  # NaN if the row holds a NaN: the validity code (coded_lse)
     lowest = torch.nan_to_num(zb, nan=math.nan, neginf=math.inf).amin(-1, keepdim=True)  # over the support
@@ -206,15 +227,22 @@ def _row_setup(zb, d, at_max, below, xp):
     torch.sign(d, out=at_max).add_(1.0)
     c = at_max.sum(-1)
     d.nan_to_num_(neginf=0.0)  # -inf logits now sit at d = 0, like the maxima
-    s1 = d.sum(-1)
-    s2 = torch.linalg.vector_norm(d, dim=-1) ** 2
     torch.sign(d, out=below).neg_()
     n_below = below.sum(-1)
+    n_live = c + n_below
+    # The uniform moments in units of 2^e >= R (a power of two: exact).
+    _, e = torch.frexp(torch.where((reach > 0) & (reach < math.inf), reach, 1.0))
+    unit = torch.ldexp(torch.ones_like(reach), e)
+    scaled = d / unit
+    mean_u = scaled.sum(-1, keepdim=True) / n_live.unsqueeze(-1)
+    var_u = (torch.linalg.vector_norm(scaled, dim=-1, keepdim=True) ** 2 / n_live.unsqueeze(-1) - mean_u * mean_u)
+    mean0 = (mean_u * unit).squeeze(-1)
+    sd0 = (var_u.clamp_min(0.0).sqrt() * unit).squeeze(-1)
     # Fold the maxima and the -inf logits to d = -FOLD: while gamma FOLD >= 120 their weight
     # exp(gamma d) is exactly 0, which saves a masking pass per evaluation (the maxima's weight,
     # 1, enters the sums in closed form through c).
     d.add_(below - 1.0, alpha=FOLD)
-    out = (m.squeeze(-1), c, n_below, s1, s2, reach.squeeze(-1), scale.squeeze(-1))
+    out = (m.squeeze(-1), c, n_below, mean0, sd0, reach.squeeze(-1), scale.squeeze(-1))
     return out if xp is torch else tuple(v.cpu().numpy() for v in out)
 
 
@@ -231,29 +259,26 @@ def _solve_block(zb, t, eps, out, res):
     into ``res`` (4, B), in the scalar namespace's float64.
 
     One evaluation: y = gamma d, e = exp(y) (0 at the folded entries), and the sums of e and e y,
-    which set H; then, if the row goes on, of e y d and e y d^2 (gamma times the moments of d
-    about the maximum), which steer the step: five passes over the block, or nine.  Every sum is
-    float64, and for a float32, fp16 or bf16 row none of them can overflow or underflow: e y and
-    e y d^k are at most 104 and 104 R^k, and gamma d^2 >= 1e-130.
+    which set H; then, if the row goes on, of e y (phi d) and e y (phi d)^2 (gamma times the
+    moments of d about the maximum, in units of 1 / phi near the spread), which steer the step:
+    five passes over the block, or eleven.  Every sum is float64.
     """
     B, n = zb.shape
     xp = _scalar_ns(zb.device)
     sc = _Scalars(xp, B, zb.dtype, zb.device)
     big = float(torch.finfo(zb.dtype).max)
     d, at_max, below = torch.empty_like(zb), torch.empty_like(zb), torch.empty_like(zb)
-    m, c, n_below, s1, s2, reach, scale = _row_setup(zb, d, at_max, below, xp)
+    m, c, n_below, mean0, sd0, reach, scale = _row_setup(zb, d, at_max, below, xp)
     n_live = c + n_below
-    # gamma = 0 is the uniform distribution on the support; its variance starts the iteration.
-    mean0 = s1 / n_live
-    k2_0 = s2 / n_live - mean0 * mean0
     h_max, h_min = xp.log(n_live), xp.log(c)
     valid = xp.isfinite(m) & (c > 0)  # NaN / +inf / all -inf rows: no iterations (reported later)
     hi_edge = (t >= h_max) & valid
     lo_edge = ~hi_edge & (t <= h_min) & valid
     inner = ~hi_edge & ~lo_edge & valid
     q = t - h_min
-    ftol = FTOL_ULPS * eps * t
-    gamma = initial_gamma(xp, h_max, t, k2_0)
+    ftol = FTOL_ULPS * eps * t + FTOL_FLOOR
+    # gamma = 0 is the uniform distribution on the support; its spread starts the iteration.
+    gamma = initial_gamma(xp, h_max, t, sd0)
     gamma = xp.where(inner & xp.isfinite(gamma) & (gamma > 0), gamma, 1.0 * inner)
     lo = xp.where(inner, bracket_floor(xp, h_max, t, reach), 0.0 * gamma)
     gamma = xp.maximum(gamma, lo)
@@ -263,6 +288,7 @@ def _solve_block(zb, t, eps, out, res):
     f_prev = 0.0 * gamma + math.inf
     mu = xp.where(valid, mean0, 0.0 * gamma)  # E_p[d]: the uniform mean until the first evaluation
     reach_fold = xp.maximum(reach, 0.0 * reach + FOLD)  # the largest |d| after the fold
+    spread = sd0  # the spread of d under p that sets the steering sums' units (see below)
 
     e = out if out.dtype == zb.dtype else torch.empty_like(d)
     y, w = torch.empty_like(d), torch.empty_like(d)
@@ -291,21 +317,46 @@ def _solve_block(zb, t, eps, out, res):
         done = done | (abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma)
         if done.all() or it == MAX_EVALS - 1:  # the last: p and gamma stay this evaluation's
             break
-        # The cumulants that steer the step, from the moments about the maximum: they lose digits
-        # to cancellation only when the mean lies far below the maximum in units of the spread,
-        # which can slow a step (the bracket still holds) but never moves the answer, which T and
-        # the mean set.
-        torch.sum(w.mul_(d), -1, out=sc.out[2])
-        torch.sum(w.mul_(d), -1, out=sc.out[3])
+        # The cumulants that steer the step, from the moments about the maximum, sums of
+        # e y (phi d)^k with phi a power of two near 1 / (the spread of d under p): the last
+        # evaluation's, or the mean's distance from the maximum after a jump lost it.  (A float64
+        # row spanning 1e308 would overflow sums of e y d.)  They lose digits to cancellation only
+        # when the mean lies far below the maximum in units of the spread, which can slow a step
+        # (the bracket still holds) but never moves the answer, which T and the mean set.
+        _, ex = xp.frexp(xp.where((spread > 0) & (spread < math.inf), spread, 1.0 + 0.0 * spread))
+        phi = xp.ldexp(1.0 + 0.0 * spread, -ex)
+        # phi d clamped: it may overflow where e = 0 (0 * inf = NaN).
+        torch.mul(d, sc.put(1, phi), out=y).clamp_(min=-1e300)
+        torch.sum(w.mul_(y), -1, out=sc.out[2])
+        torch.sum(w.mul_(y), -1, out=sc.out[3])
         P2, P3 = sc.get(2, 4)
-        M2, M3 = gamma * P2 / S, gamma * gamma * P3 / S  # E_p[y^2], E_p[y^3]
+        # With phi = 2^-ex and gamma = gm 2^ge (gm in [1/2, 1)), the powers of two are applied
+        # last, in one step: no intermediate leaves the range where the result is in it.
+        gm, ge = xp.frexp(xp.where(gamma > 0, gamma, 1.0 + 0.0 * gamma))
+        M2 = xp.ldexp(gm * P2 / S, ge + ex)  # E_p[y^2], E_p[y^3]
+        M3 = xp.ldexp(gm * gm * P3 / S, 2 * (ge + ex))
+        D2 = xp.ldexp(P2 / gm / S, ex - ge)  # E_p[d^2] (for the deep flat top below)
         K2 = M2 - nu * nu
         K3 = M3 - 3.0 * nu * M2 + 2.0 * nu * nu * nu
+        K3 = xp.where(xp.isfinite(K3), K3, 0.0 * K3)  # (only refines Halley's step)
+        # Deep on a flat top of a float64 row spanning ~1e300 (gamma sigma < 1e-154), E_p[y^2]
+        # underflows; the cumulants of d do not, so they stand in, with K2 kept above 2^-1000:
+        # the flat top's jump is then by 1e150 at least, not lost.
+        k2 = D2 - mu * mu
+        measured = (k2 > 0) & (k2 < math.inf)
+        spread = xp.where(live & measured, xp.sqrt(xp.where(measured, k2, 1.0 + 0.0 * k2)),
+                          xp.where(live & (mu < 0), -mu, spread))
+        deep = ~((K2 > 2.0 ** -900) & (K2 < math.inf)) & measured
+        K2 = xp.where(deep, xp.maximum(gamma * gamma * k2, 2.0 ** -1000 + 0.0 * k2), K2)
+        K3 = xp.where(deep, 0.0 * K3, K3)
         new, lo_n, hi_n = halley_update(xp, gamma, lo, hi, f, r, q, K2, K3, f_prev)
+        done = done | (new == gamma)  # settled: float64 cannot get closer (halley_update)
         gamma = xp.where(done, gamma, new)
         lo = xp.where(done, lo, lo_n)
         hi = xp.where(done, hi, hi_n)
         f_prev = xp.where(live, f, f_prev)
+        if done.all():  # (e still holds the last evaluation's weights)
+            break
 
     # p = (e + at_max) / S: the c maxima weigh 1; on the lower edge (gamma = inf) only they do,
     # on the upper edge (gamma = 0) every live logit weighs 1 (below is 1 strictly below the max).
@@ -334,16 +385,11 @@ def entropy_normalize_torch(z2d: torch.Tensor, t: torch.Tensor, block_elems: int
     blocks of about ``block_elems`` logits (all rows at once on a GPU), to the tolerance of their
     accumulation dtype.
 
-    Accuracy.  A row whose target lies strictly between log c and log|S| stops when the H it
-    computes is within FTOL_ULPS * eps * target of the target (eps of the accumulation dtype);
-    that H is the exact entropy of softmax(gamma z) at the returned gamma up to the rounding of
-    float64 sums (float32 sums with float64 accumulation in the C kernel: a few float32 ulp),
-    wherever the logits lie in the dtype's range (masks up to -max, spreads down to the
-    subnormals).  Rounding p to the output dtype adds at most u (1 + t) to |H(p) - t| (u the
-    unit roundoff of the output dtype), plus n times its subnormal spacing for fp16.  Where the
-    root gamma exceeds the accumulation dtype's range (a float32 row whose spread is below
-    ~1e-37), p is still right; gamma is returned as the dtype's largest finite value, with a
-    RuntimeWarning naming the rows.
+    Accuracy: the bound of the module docstring, |H(p) - t*| <= (16 eps + u)(1 + t*) plus the
+    fp16 subnormal term, wherever the logits lie in the dtype's range.  Where the root gamma
+    exceeds the accumulation dtype's range (a float32 row whose spread is below ~1e-37), p is
+    still right; gamma is returned as the dtype's largest finite value, with a RuntimeWarning
+    naming the rows.
     """
     rows, n = z2d.shape
     acc = compute_dtype(z2d)

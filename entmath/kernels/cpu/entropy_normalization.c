@@ -8,10 +8,13 @@
  * many times H(gamma) is evaluated.  (The eager torch path sweeps the whole tensor per product and
  * sum instead; here each evaluation is one loop.)
  *
- * The iteration is the eager path's (_solve_row in entropy_normalization.py), in double: the start
- * gamma_0 from the Taylor expansion of H at gamma = 0, then Halley steps on
+ * The iteration is the eager path's (_solve_block in entropy_normalization.py), in double: the
+ * start gamma_0 from the Taylor expansion of H at gamma = 0, then Halley steps on
  * G = log((H - log c) / (t - log c)) inside a bracket (halley_step below is the twin of
- * halley_step() there).  Only the sweeps over the row run in float32.  Three economies:
+ * halley_update() there; tests/test_entropy_normalization.py holds them to the same iterates).
+ * Only the sweeps over the row run in float32.  A row whose root gamma leaves float32's range,
+ * whose logits span more than FLT_MAX / 4, or whose steering sums find no scale (see
+ * steering_frame()) is declined to the float64 eager path.  Three economies:
  *
  *  - The sketch start (rows of SKETCH_MIN_N or more).  Before any sweep, two Halley steps on a
  *    sketch of the row (its upper tail exactly and a 1/16 sample of the rest, an eighth of the row)
@@ -328,7 +331,10 @@ static double halley_step(double gamma, double *lo, double *hi, double f, double
         const double g1 = -K2 / r;
         const double g2 = -(K2 + K3) / r - g1 * g1;
         const double den = 2.0 * g1 * g1 - g0 * g2;
-        next = gamma * (1.0 + (den > 0.0 ? -2.0 * g0 * g1 / den : -g0 / g1));
+        const double rel = den > 0.0 ? -2.0 * g0 * g1 / den : -g0 / g1;
+        if (fabs(rel) <= 0x1p-50 && K2 < INFINITY)  /* below float64's resolution of gamma: settled */
+            return gamma;
+        next = gamma * (1.0 + rel);
     }
     if (f > 0.0 && isinf(*hi) && K2 > 0.0 && K2 < 0.25 * f) {
         const double quad = gamma * sqrt(1.0 + 2.0 * f / K2);  /* the flat top: eq-en-quad */
@@ -461,7 +467,9 @@ static void solve_row(const float *zr, float *pr, int64_t n, double target, doub
         res[0] = top ? INFINITY : 0.0, res[rows] = top ? 0.0 : mean;
         return;
     }
-    const double q = target - h_min, ftol = ftol_ulps * eps * target;
+    /* The floor 2^-126 (FTOL_FLOOR of entropy_normalization.py for float sums): a target so small
+     * that H - log c near it is below float32's normal range cannot be met relatively. */
+    const double q = target - h_min, ftol = ftol_ulps * eps * target + 0x1p-126;
     const double var_0 = s2 / live - (s1 / live) * (s1 / live);
     double gamma = var_0 > 0.0 ? sqrt(2.0 * (h_max - target) / var_0) : 1.0;
     if (!(isfinite(gamma) && gamma > 0.0))

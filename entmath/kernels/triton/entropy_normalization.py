@@ -53,15 +53,16 @@ PREDICT_STEP = 0.01
 
 
 @triton.jit
-def _setup_chunk(x, z0):
+def _setup_chunk(x, z0, LOG2_HS: tl.constexpr):
     """Partial setup sums of one chunk ``x`` (-inf padded): (max, count at that max, lowest live
-    logit, live count, sum h 2^-11, sum h^2, sum (h 2^-70)^2) with h = (z - z0) / 2 over the live
-    logits (halved so that a span of 2 FLT_MAX does not overflow, scaled so that 4096 of them do
-    not; the last sum stands in for the one before where that overflows, under a far mask)."""
+    logit, live count, sum h 2^-11, sum h^2, sum (h HS)^2) with h = (z - z0) / 2 over the live
+    logits (halved so that a span of twice the dtype's max does not overflow, scaled so that 4096
+    of them do not; the last sum stands in for the one before where that overflows, under a far
+    mask: HS = 2^LOG2_HS, 2^-70 in float32, 2^-540 in float64)."""
     live = x > float("-inf")
     cm = tl.max(x, axis=0)
     h = tl.where(live, x * 0.5 - z0 * 0.5, 0.0)
-    hs = h * 8.470329472543003e-22  # 2^-70
+    hs = h * tl.exp2(tl.full([], LOG2_HS, x.dtype))
     return (cm, tl.sum((x == cm).to(tl.float32), axis=0), tl.min(tl.where(live, x, float("inf")), axis=0),
             tl.sum(live.to(tl.float32), axis=0), tl.sum(h * 0.00048828125, axis=0), tl.sum(h * h, axis=0),
             tl.sum(hs * hs, axis=0))
@@ -72,7 +73,8 @@ def _eval_chunk(x, m, sc, pre, gs, dcut, kappa):
     """Partial sums of one chunk at gamma = pre gs (in units of 1 / ds, ds = sc (z - max), sc = 1,
     or 1/4 on rows spanning more than the dtype's range): T = sum e, sum e y and sum e w^2, e w^3,
     with e = exp(y), y = gamma ds, below the maximum only, and w = kappa ds.  ds is clamped at
-    dcut = -128 / (pre gs): e is 0 beyond, where y or w could overflow (0 * inf = NaN)."""
+    dcut = -YCUT / (pre gs): e is 0 beyond (YCUT = 128 in float32, 800 in float64), where y or w
+    could overflow (0 * inf = NaN)."""
     below = (x < m) & (x > float("-inf"))
     ds = tl.where(below, tl.maximum(x * sc - m * sc, dcut), 0.0)  # 0 where e = 0: no 0 * inf
     y = (ds * pre) * gs
@@ -100,7 +102,9 @@ def _halley_update(gamma, lo, hi, f, r, q, K2, K3, f_prev):
     g1 = -K2 / r                   # gamma G'
     g2 = -(K2 + K3) / r - g1 * g1  # gamma^2 G''
     den = 2.0 * g1 * g1 - g0 * g2
-    new = gamma * (1.0 + tl.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1))
+    rel = tl.where(den > 0, -2.0 * g0 * g1 / den, -g0 / g1)
+    settled = (tl.abs(rel) <= 8.881784197001252e-16) & (r > 0) & (K2 > 0) & (K2 < float("inf"))  # 2^-50
+    new = gamma * (1.0 + rel)
     # On the flat top, at least the quadratic model's root (Chapter 2, eq-en-quad).
     top = (f > 0) & (hi == float("inf")) & (K2 > 0) & (K2 < 0.25 * f)
     quad = gamma * tl.sqrt(1.0 + 2.0 * tl.where(top, f / tl.where(K2 > 0, K2, 1.0), 0.0))
@@ -111,7 +115,7 @@ def _halley_update(gamma, lo, hi, f, r, q, K2, K3, f_prev):
     ok = ok & (r > 0) & (K2 > 0)  # no step from a spread lost to its frame (NaN fails too)
     bis = tl.where(lo > 0, tl.sqrt(lo) * tl.sqrt(hi), 0.5 * hi)  # lo * hi may underflow
     fallback = tl.where(hi == float("inf"), 4.0 * gamma, bis)
-    return tl.where(ok, new, fallback), lo, hi
+    return tl.where(settled, gamma, tl.where(ok, new, fallback)), lo, hi
 
 
 @triton.jit
@@ -125,12 +129,14 @@ def _split(gamma_s):
 
 
 @triton.jit
-def _frame(k2, mean, reach):
-    """kappa for the steering sums: a power of two near 1 / sqrt(k2) (the spread of ds under p at
-    the last evaluation that measured one), else near 1 / |mean| (after a jump that lost it: the
-    distance of the mean from the maximum), else 1 / R; within float32's normal range."""
-    sigma = tl.where((k2 > 0) & (k2 < float("inf")), tl.sqrt(k2), tl.where(mean < 0, -mean, reach))
-    return tl.exp2(tl.minimum(tl.maximum(-tl.floor(tl.log2(sigma)), -126.0), 125.0))
+def _frame(log2_sigma, mean, reach, LIM: tl.constexpr):
+    """kappa for the steering sums: a power of two near 1 / sigma, sigma the spread of ds under p
+    at the last evaluation that measured one (log2_sigma, NaN if none), else near 1 / |mean|
+    (after a jump that lost it: the distance of the mean from the maximum), else 1 / R; within
+    2^-LIM .. 2^LIM (the row dtype's normal range).  sigma is carried as its logarithm: a float64
+    row spanning 1e308 has a variance beyond float64's range."""
+    lg = tl.where(log2_sigma == log2_sigma, log2_sigma, tl.log2(tl.where(mean < 0, -mean, reach)))
+    return tl.exp2(tl.minimum(tl.maximum(-tl.floor(lg), -LIM), LIM - 1.0))
 
 
 @triton.jit
@@ -140,6 +146,11 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
                                  FTOL_ULPS: tl.constexpr, PREDICT_STEP: tl.constexpr,
                                  WRITE_EVALS: tl.constexpr):
     F64: tl.constexpr = tl.float64
+    # Scales by the row's dtype: the setup's overflow stand-in (_setup_chunk) and kappa's range.
+    LOG2_HS: tl.constexpr = -540.0 if ACC == tl.float64 else -70.0
+    YCUT: tl.constexpr = 800.0 if ACC == tl.float64 else 128.0  # exp(-YCUT) is 0
+    FLOOR: tl.constexpr = 9.332636185032189e-302 if ACC == tl.float64 else 1.1754943508222875e-38  # 2^-1000, 2^-126
+    LIM: tl.constexpr = 1000.0 if ACC == tl.float64 else 126.0
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     p_row = p_ptr + row * stride_p
@@ -151,7 +162,7 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
     # NaN count and the uniform moments, folded chunk by chunk (c restarts when the max grows).
     if ONE_TILE:
         x_reg, n_nan = load_row_chunk(z_row, cols, n_cols, ACC)
-        m, c, lowest, n_live, s1, s2, s2s = _setup_chunk(x_reg, z0)
+        m, c, lowest, n_live, s1, s2, s2s = _setup_chunk(x_reg, z0, LOG2_HS)
         c, n_live, s1, s2, s2s = c.to(F64), n_live.to(F64), s1.to(F64), s2.to(F64), s2s.to(F64)
     else:
         m = tl.full([], float("-inf"), ACC)
@@ -164,7 +175,7 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
         n_nan = tl.zeros([], tl.int32)
         for start in range(0, n_cols, BLOCK):
             x, k = load_row_chunk(z_row + start, cols, n_cols - start, ACC)
-            cm, cc, cl, cn, c1, c2, c3 = _setup_chunk(x, z0)
+            cm, cc, cl, cn, c1, c2, c3 = _setup_chunk(x, z0, LOG2_HS)
             c = tl.where(cm > m, cc.to(F64), tl.where(cm == m, c + cc.to(F64), c))
             m = tl.maximum(m, cm)
             lowest = tl.minimum(lowest, cl)
@@ -175,22 +186,27 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
             n_nan += k
     valid = (n_nan == 0) & (tl.abs(m) < float("inf"))
     m64 = m.to(F64)
-    reach = m64 - lowest.to(F64)  # R = max z - min z over the support (float64: no overflow)
-    # A row spanning more than the dtype's range is taken in units of ds = (z - max) / 4.
-    sc = tl.where(reach > 0.5 * BIG, 0.25, 1.0)
-    reach_s = reach * sc
+    # R = max z - min z over the support, halved so that it cannot overflow.  A row spanning more
+    # than the dtype's range is taken in units of ds = (z - max) / 4.
+    reach_half = 0.5 * m64 - 0.5 * lowest.to(F64)
+    sc = tl.where(reach_half > 0.25 * BIG, 0.25, 1.0)
+    reach_s = reach_half * (2.0 * sc)
     h_max = tl.log(n_live)
     h_min = tl.log(tl.maximum(c, 1.0))
     hi_edge = t >= h_max
     lo_edge = (t <= h_min) & (hi_edge == 0) & valid
     inner = (hi_edge == 0) & (lo_edge == 0) & valid
     q = t - h_min
-    ftol = FTOL_ULPS * eps * t
-    s2 = tl.where(s2 < float("inf"), s2, s2s * 1.393796574908164e42)  # 2^140
-    mean_h = s1 * 2048.0 / n_live
-    var0 = 4.0 * (s2 / n_live - mean_h * mean_h) * sc * sc  # in units of ds
-    mean = (2.0 * mean_h + (z0.to(F64) - m64)) * sc  # E[ds] under the uniform p (gamma = 0)
-    gamma = tl.sqrt(2.0 * tl.maximum(h_max - t, 0.0) / var0)  # the start (eq-en-start) ...
+    ftol = FTOL_ULPS * eps * t + FLOOR  # (see FTOL_FLOOR of the torch path)
+    # The uniform distribution's mean and spread (gamma = 0), in units of ds; the spread as log2
+    # (from the stand-in sum where the plain one overflowed).
+    mean_h = s1 / n_live * 2048.0
+    mean = 2.0 * mean_h * sc + (z0.to(F64) * sc - m64 * sc)
+    hsc = tl.exp2(tl.full([], LOG2_HS, F64))
+    var_h = tl.where(s2 < float("inf"), s2 / n_live - mean_h * mean_h, s2s / n_live - (mean_h * hsc) * (mean_h * hsc))
+    log2_sd = tl.where(s2 < float("inf"), 0.0, -LOG2_HS) + 0.5 * tl.log2(var_h) + tl.log2(2.0 * sc)
+    # The start (eq-en-start), sqrt(2 (log|S| - t)) / sd, ...
+    gamma = tl.exp2(0.5 * tl.log2(2.0 * tl.maximum(h_max - t, 0.0)) - log2_sd)
     good = inner & (gamma == gamma) & (gamma > 0) & (gamma < float("inf"))
     gamma = tl.where(good, gamma, tl.where(inner, 1.0, 0.0))
     # ... and the floor of the bracket (eq-en-floor): half of sqrt(8 (log|S| - t)) / R.
@@ -199,8 +215,9 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
     gamma = tl.maximum(gamma, lo)  # gamma, lo, hi in units of 1 / ds from here on
     hi = tl.full([], float("inf"), F64)
     f_prev = tl.full([], float("inf"), F64)  # the previous evaluation's H - t
-    k2 = var0  # the spread that sets the first frame: the uniform one
-    k3 = tl.zeros([], F64)
+    log2_sigma = log2_sd  # the spread that sets the first frame: the uniform one
+    K2p = tl.zeros([], F64)  # the last evaluation's cumulants of y, for the prediction of S
+    K3p = tl.zeros([], F64)
     g_prev = tl.zeros([], F64)
     log_s = tl.zeros([], F64)
     S = n_live  # the values at gamma = 0, kept for the edge rows
@@ -212,16 +229,14 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
         pre, gs = _split(gamma)
         pre32 = pre.to(ACC)
         gs32 = gs.to(ACC)
-        dcut = tl.maximum(-128.0 / gamma, -BIG).to(ACC)
-        kappa = _frame(k2, mean, reach_s)
+        dcut = tl.maximum(-YCUT / gamma, -BIG).to(ACC)
+        kappa = _frame(log2_sigma, mean, reach_s, LIM)
         k32 = kappa.to(ACC)
         # The tiled path writes p in this pass when the step that led here was small: it is
         # expected to be the last.  S is predicted from the last pass's cumulants,
         # log S(gamma) = log S + rho nu + rho^2 K2 / 2 + rho^3 K3 / 6, rho = gamma / g_prev - 1.
         rho = gamma / g_prev - 1.0
-        nu_prev = g_prev * mean
-        K2p = g_prev * g_prev * k2
-        log_pred = log_s + rho * (nu_prev + rho * (K2p / 2.0 + rho * g_prev * g_prev * g_prev * k3 / 6.0))
+        log_pred = log_s + rho * (g_prev * mean + rho * (K2p / 2.0 + rho * K3p / 6.0))
         predict = (evals > 0) & (tl.abs(rho) <= PREDICT_STEP) & (log_pred == log_pred)  # (tiled only)
         s_pred = tl.where(predict, tl.exp(log_pred), 0.0)
         inv_pred = tl.where(predict, 1.0 / s_pred, 0.0).to(ACC)
@@ -255,16 +270,23 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
         # 2^-16 of M2: the frame missed the scale of the weight) counts as lost.
         m1 = nu / gamma * kappa
         m2 = A2 / S
+        vw = m2 - m1 * m1  # the variance of w
+        measured = (vw > 0.0000152587890625 * m2) & (vw < float("inf"))
         gk = gamma / kappa
-        K2 = gk * gk * (m2 - m1 * m1)
+        # K2 = (gamma sigma)^2 underflows deep on a flat top of a float64 row spanning ~1e300
+        # (gamma sigma < 1e-154); there a floor of 2^-1000 keeps the flat top's jump, by 1e150,
+        # instead of losing the step.
+        K2 = tl.where(measured, tl.maximum(gk * gk * vw, 9.332636185032189e-302), gk * gk * vw)
         K3 = gk * gk * gk * (A3 / S - 3.0 * m1 * m2 + 2.0 * m1 * m1 * m1)
         K3 = tl.where(K3 == K3, K3, 0.0)  # (only refines Halley's step; dropped if it overflowed)
-        measured = (K2 > 0.0000152587890625 * gk * gk * m2) & (K2 < float("inf"))
-        k2 = tl.where(measured, K2 / (gamma * gamma), -1.0)  # -1: lost; the next frame uses the mean
-        k3 = tl.where(measured, K3 / (gamma * gamma * gamma), 0.0)
+        # sigma = sqrt(vw) / kappa in units of ds; NaN when lost (the next frame uses the mean).
+        log2_sigma = tl.where(measured, 0.5 * tl.log2(vw) - tl.log2(kappa), float("nan"))
+        K2p = tl.where(measured, K2, 0.0)
+        K3p = tl.where(measured, K3, 0.0)
         mean = nu / gamma
         done = (tl.abs(f) <= ftol) | (hi - lo <= 2.0 * eps * gamma) | (evals >= MAX_EVALS)
         new, lo_n, hi_n = _halley_update(gamma, lo, hi, f, r, q, K2, K3, f_prev)
+        done = done | (new == gamma)  # settled: float64 cannot get closer
         gamma = tl.where(done, gamma, new)
         lo = tl.where(done, lo, lo_n)
         hi = tl.where(done, hi, hi_n)
@@ -284,7 +306,7 @@ def entropy_normalize_fwd_kernel(z_ptr, t_ptr, p_ptr, gamma_ptr, zbar_ptr, evals
     pre, gs = _split(g_eval)
     pre32 = pre.to(ACC)
     gs32 = gs.to(ACC)
-    dcut = tl.maximum(-128.0 / g_eval, -BIG).to(ACC)
+    dcut = tl.maximum(-YCUT / g_eval, -BIG).to(ACC)
     inv_s = (1.0 / S).to(ACC)
     if ONE_TILE:
         p = _p_chunk(x_reg, m, sc, pre32, gs32, dcut, inv_s, lo_edge.to(tl.int32))
