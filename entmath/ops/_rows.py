@@ -22,3 +22,11 @@ def kernels(name: str):
     import importlib
 
     return importlib.import_module(f"entmath.kernels.triton.{name}")
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op returns for input ``x``: x's own, except that under ``torch.autocast``
+    half-precision inputs give float32 results, as torch's losses and reductions do there."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype

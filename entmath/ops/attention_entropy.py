@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, compute_dtype, lowest
 from ._rows import kernels
-from .entropy import entropy_backward_torch
+from .entropy import entropy_vjp
 from .logn_attention import check_causal_offset
 
 __all__ = ["attention_entropy"]
@@ -140,7 +140,7 @@ def attention_entropy_backward_torch(q3, k3, scale2, h, lse, grad_h, is_causal, 
     for start, end, r0 in _chunks(L, S, is_causal, offset, chunk):
         z = _logits(qs, k3, start, end, r0, is_causal, offset)
         # Chapter 1's entropy backward: g = -grad_h p (log p + H); masked keys get exactly 0.
-        g = entropy_backward_torch(z, grad_h[:, r0:], h[:, r0:], lse[:, r0:])
+        g = entropy_vjp(z, h[:, r0:], lse[:, r0:], grad_h[:, r0:], None)
         G[:, r0:] += g @ k3[:, start:end]
         dk[:, start:end] += g.transpose(1, 2) @ qs[:, r0:]
     return scale2[..., None] * G, dk, (G * q3).sum(-1)

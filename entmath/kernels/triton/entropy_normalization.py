@@ -21,6 +21,7 @@ dz = z - zbar, then the elementwise implicit-function gradient.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import block_size, num_warps
 from .softmax_stats import load_row_chunk, log1p
@@ -267,7 +268,7 @@ def entropy_normalize_fwd(z2d: torch.Tensor, t: torch.Tensor, one_tile_max: int 
         one_tile = n <= one_tile_max
         blk = block or (triton.next_power_of_2(max(n, 1)) if one_tile else block_size(n))
         fi = torch.finfo(acc)
-        entropy_normalize_fwd_kernel[(rows,)](
+        wrap_triton(entropy_normalize_fwd_kernel)[(rows,)](
             z2d, t.to(acc).contiguous(), p, gamma, zbar, n, z2d.stride(0), p.stride(0), fi.eps,
             BLOCK=blk, ONE_TILE=one_tile and blk >= n, ACC=_acc(z2d.dtype), MAX_EVALS=MAX_EVALS,
             FTOL_ULPS=FTOL_ULPS, num_warps=num_warps(blk))
@@ -285,7 +286,7 @@ def entropy_normalize_bwd(z2d, p, gamma, zbar, grad_p, grad_gamma, block: int = 
     gg = torch.zeros_like(gamma) if grad_gamma is None else grad_gamma.contiguous()
     if rows:
         blk = block or block_size(n)
-        entropy_normalize_bwd_kernel[(rows,)](z2d, p, gp, gg, gamma, zbar, gz, gt, n, z2d.stride(0), p.stride(0),
+        wrap_triton(entropy_normalize_bwd_kernel)[(rows,)](z2d, p, gp, gg, gamma, zbar, gz, gt, n, z2d.stride(0), p.stride(0),
                                               gp.stride(0), gz.stride(0), BLOCK=blk, ACC=_acc(z2d.dtype),
                                               num_warps=num_warps(blk))
     return gz, gt
