@@ -52,7 +52,7 @@ def register_row_vmap(op, arg_ranks):
     ``arg_ranks[i]`` is the number of dimensions of tensor argument i after its leading rows
     dimension (1 for a (rows, n) tensor, 0 for a per-row (rows,) vector), or None for an argument
     that is not per-row (a number, a string, a tensor shared by all rows, which must not be
-    vmapped).  Every output is per-row and comes back batched at dim 0.
+    vmapped).  Per-row outputs come back batched at dim 0.
     """
 
     def rule(info, in_dims, *args):
@@ -70,9 +70,12 @@ def register_row_vmap(op, arg_ranks):
             flat.append(a.reshape(B * rows, *a.shape[2:]))
         out = op(*flat)
         outs = out if isinstance(out, tuple) else (out,)
-        outs = tuple(o.reshape(B, rows, *o.shape[1:]) for o in outs)
+        # An output that is not per-row (an empty placeholder, e.g. an entropy nobody asked for)
+        # comes back unbatched.
+        dims = tuple(0 if o.shape[:1] == (B * rows,) else None for o in outs)
+        outs = tuple(o.reshape(B, rows, *o.shape[1:]) if d == 0 else o for o, d in zip(outs, dims))
         if isinstance(out, tuple):
-            return outs, (0,) * len(outs)
-        return outs[0], 0
+            return outs, dims
+        return outs[0], dims[0]
 
     torch.library.register_vmap(op, rule)

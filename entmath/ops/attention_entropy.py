@@ -35,7 +35,7 @@ import torch
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, compute_dtype, lowest, value_checks_active
 from ._library import register_row_vmap, triton_kernel_op
-from ._rows import kernels, output_dtype
+from ._rows import kernels, no_autocast, output_dtype
 from .entropy import entropy_vjp
 from .logn_attention import check_causal_offset
 
@@ -199,7 +199,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_h, grad_lse):
     """The one backward of both backends (Chapter 3, eq-ln-grad), in the accumulation dtype."""
     q, k, scale, h, lse = ctx.saved_tensors
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q):
         acc = h.dtype
         dq, dk, dscale = attention_entropy_vjp(q.to(acc), k.to(acc), scale.to(acc), h, lse,
                                                None if grad_h is None else grad_h.to(acc),
@@ -327,7 +327,7 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
     chunk = _chunk_size(chunk_size, math.prod(q.shape[:-1]))
     lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
     bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
-    with torch.autocast(q.device.type, enabled=False):  # the logits stay in the accumulation dtype
+    with no_autocast(q):  # the logits stay in the accumulation dtype
         q3 = q.to(acc).reshape(bh, L, D)
         k3 = k.to(acc).reshape(bh, S, D)
         scale2 = scale_t.to(acc).expand(q.shape[:-1]).reshape(bh, L)

@@ -32,7 +32,7 @@ from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compu
                          value_checks_active)
 from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
-from ._stats import clamped
+from ._stats import clamped, nan_unless_finite
 
 __all__ = ["cross_entropy"]
 
@@ -105,6 +105,7 @@ def cross_entropy_vjp(z, t, y, eps, ignore_index, z_loss, lse, ent, g_loss, g_ls
     zc = upcast(z)
     n = zc.shape[-1]
     keep, spread = 1.0 - eps, eps / n
+    lse = nan_unless_finite(lse)  # a row without a distribution: NaN gradients, as in torch
     log_p = clamped(zc - lse.unsqueeze(-1))  # -inf logits: p = 0 with a finite log p
     p = log_p.exp()
     gz = torch.zeros_like(zc)

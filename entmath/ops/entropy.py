@@ -24,7 +24,7 @@ from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
-from ._stats import clamped, softmax_stats
+from ._stats import clamped, nan_unless_finite, softmax_stats
 
 __all__ = ["entropy"]
 
@@ -44,7 +44,7 @@ def entropy_vjp(z, h, lse, grad_h, grad_lse):
     """dH/dz^T grad_h + dlse/dz^T grad_lse = p (grad_lse - grad_h (log p + H)), in torch ops
     (differentiable again).  Either gradient may be None."""
     zc = upcast(z)
-    log_p = clamped(zc - lse.unsqueeze(-1))  # -inf logits: p = 0 and a finite log p, never 0 * inf
+    log_p = clamped(zc - nan_unless_finite(lse).unsqueeze(-1))  # -inf logits: p = 0 and a finite log p, never 0 * inf
     p = log_p.exp()
     g = None
     if grad_h is not None:

@@ -502,7 +502,7 @@ def entropy_normalize_solve(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Ten
                                                                         torch.Tensor, torch.Tensor]:
     """(p, gamma, zbar, evals) of the rows of z (rows, n) for the targets t (rows,): the torch
     backend's forward (``entropy_normalize_torch``)."""
-    p, gamma, zbar, evals = entropy_normalize_torch(z, t)
+    p, gamma, zbar, evals = entropy_normalize_torch(rows_2d(z), t)
     # The per-row results may be views of one scratch tensor; an operator's outputs may not alias.
     return p, gamma.clone(), zbar.clone(), evals.clone()
 

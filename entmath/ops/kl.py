@@ -20,7 +20,7 @@ from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, normalize_dim
 from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
-from ._stats import clamped, log_softmax_and_lse
+from ._stats import clamped, log_softmax_and_lse, nan_unless_finite
 
 __all__ = ["kl"]
 
@@ -49,8 +49,8 @@ def kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b):
 
     Rows with KL = +inf get 0 w.r.t. a from the KL term (documented).  Any gradient may be None."""
     ac, bc = upcast(a), upcast(b)
-    log_p = clamped(ac - lse_a.unsqueeze(-1))  # -inf logits: p = 0 with a finite log p
-    log_q = clamped(bc - lse_b.unsqueeze(-1))
+    log_p = clamped(ac - nan_unless_finite(lse_a).unsqueeze(-1))  # -inf logits: p = 0 with a finite log p
+    log_q = clamped(bc - nan_unless_finite(lse_b).unsqueeze(-1))
     p, q = log_p.exp(), log_q.exp()
     ga = gb = None
     if g is not None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import check_float_tensor, value_checks_active
+from ._rows import autocast_on
 
 __all__ = ["logn_scale", "logn_attention", "query_lengths"]
 
@@ -125,7 +126,7 @@ def _check_qkv(q, k, v):
         check_float_tensor(t, name)
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape (..., length, features), got {tuple(t.shape)}")
-    if (k.dtype != q.dtype or v.dtype != q.dtype) and not torch.is_autocast_enabled(q.device.type):
+    if (k.dtype != q.dtype or v.dtype != q.dtype) and not autocast_on(q):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")

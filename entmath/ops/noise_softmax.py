@@ -32,7 +32,6 @@ G1 = sum_i g_i w_i, G2 = sum_i g_i a_i: two reductions and one map per node, O(n
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -132,11 +131,17 @@ _FAMILY = {
 # --------------------------------------------------------------------------------------------
 # The node rule
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _rule_fp64(K: int):
-    """(y_k = -log u_k, omega_k) of the K-node tanh-sinh rule on (0, 1), in float64."""
+def tanh_sinh_rule(K: int, dtype=torch.float64, device=None):
+    """The K-node rule used by ``noise_softmax``: ``(y, omega)`` with u_k = exp(-y_k) the nodes in
+    (0, 1) and omega_k > 0 the weights, normalised so that sum_k omega_k = 1.
+
+    Computed in float64 on ``device`` with a handful of K-sized torch ops on every call (no
+    cache): a tracer (fake tensors, ``torch.compile``) then sees ordinary ops, not tensors made
+    outside it."""
+    K = int(K)
     if K == 1:
-        return torch.tensor([math.log(2)], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        y = torch.full((1,), math.log(2), dtype=torch.float64, device=device)
+        return y.to(dtype), torch.ones(1, dtype=dtype, device=device)
     N = K / 2
     # Step of the double-exponential rule for ~2N nodes (Takahasi and Mori): it balances the
     # discretisation error exp(-2 pi d / h) against the truncation at |s| = (K - 1) h / 2.
@@ -145,19 +150,12 @@ def _rule_fp64(K: int):
     # beyond, the nodes add nothing at the 1e-6 level and would strain fp32.  For heavy tails the
     # finer h this gives at large K matters more than the outermost nodes (Chapter 4).
     h = min(h, 2 * _S_MAX / (K - 1))
-    s = (torch.arange(K, dtype=torch.float64) - (K - 1) / 2) * h
+    s = (torch.arange(K, dtype=torch.float64, device=device) - (K - 1) / 2) * h
     a = math.pi * torch.sinh(s)
     y = torch.nn.functional.softplus(-a)  # -log u with u = 1 / (1 + e^{-a}), exact for u -> 1
     log_w = torch.log(torch.cosh(s)) - torch.nn.functional.softplus(-a) - torch.nn.functional.softplus(a)
     w = torch.exp(log_w - log_w.max())
-    return y, w / w.sum()
-
-
-def tanh_sinh_rule(K: int, dtype=torch.float64, device=None):
-    """The K-node rule used by ``noise_softmax``: ``(y, omega)`` with u_k = exp(-y_k) the nodes in
-    (0, 1) and omega_k > 0 the weights, normalised so that sum_k omega_k = 1."""
-    y, w = _rule_fp64(int(K))
-    return y.to(dtype=dtype, device=device), w.to(dtype=dtype, device=device)
+    return y.to(dtype), (w / w.sum()).to(dtype)
 
 
 def brackets(noise: str, n: int, y: torch.Tensor):
@@ -169,8 +167,8 @@ def brackets(noise: str, n: int, y: torch.Tensor):
 
 def node_brackets(noise: str, n: int, K: int, dtype, device):
     """(y, omega, x_lo, x_hi): the K-node rule and the per-node brackets, in dtype on device."""
-    y, w = tanh_sinh_rule(K)
-    return tuple(v.to(dtype=dtype, device=device) for v in (y, w, *brackets(noise, n, y)))
+    y, w = tanh_sinh_rule(K, device=device)
+    return tuple(v.to(dtype=dtype) for v in (y, w, *brackets(noise, n, y)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +293,7 @@ def quadrature(mu: torch.Tensor, noise: str, y: torch.Tensor, w: torch.Tensor) -
 @torch.library.custom_op("entmath::noise_softmax_solve", mutates_args=())
 def noise_softmax_solve(z: torch.Tensor, noise: str, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p, nodes t, log S at the nodes) of the rows of z (rows, n); t and log S are (rows, K)."""
+    z = rows_2d(z)
     y, w, x_lo, x_hi = node_brackets(noise, z.shape[1], K, z.dtype, z.device)
     return noise_softmax_torch(z, z.amax(-1, keepdim=True), y, w, x_lo, x_hi, noise)
 
@@ -315,7 +314,7 @@ def noise_softmax_backward_triton(z: torch.Tensor, grad_p: torch.Tensor, t: torc
                                   noise: str) -> torch.Tensor:
     """dL/dmu from dL/dp and the forward's nodes (rows, K), by the Triton kernel (two passes)."""
     z2d, K = rows_2d(z), t.shape[-1]
-    _, w, _, _ = node_brackets(noise, z2d.shape[1], K, z2d.dtype, z2d.device)
+    _, w = tanh_sinh_rule(K, dtype=z2d.dtype, device=z2d.device)
     pad = kernels("noise_softmax")._shape(z2d.shape[1], K)[0] - K
     t_p, ls_p = (torch.nn.functional.pad(v, (0, pad)) for v in (t, log_s))
     return kernels("noise_softmax").noise_softmax_bwd(z2d, rows_2d(grad_p), t_p, ls_p, w, noise)
@@ -343,7 +342,7 @@ def _backward(ctx, grad_p, grad_t, _grad_log_s, kernel=False):
     z, t, log_s = ctx.saved_tensors
     if kernel and grad_t is None and grad_p is not None and not torch.is_grad_enabled():
         return torch.ops.entmath.noise_softmax_backward_triton(z, grad_p, t, log_s, ctx.noise), None, None
-    _, w, _, _ = node_brackets(ctx.noise, z.shape[-1], ctx.K, z.dtype, z.device)
+    _, w = tanh_sinh_rule(ctx.K, dtype=z.dtype, device=z.device)
     graph = torch.is_grad_enabled()
     return noise_softmax_vjp(z, t, w, ctx.noise, grad_p, grad_t, log_s=None if graph else log_s), None, None
 

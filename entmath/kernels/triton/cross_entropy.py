@@ -92,6 +92,7 @@ def cross_entropy_bwd_kernel(z_ptr, t_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_p
     cols = tl.arange(0, BLOCK)
     keep, spread, z_loss = tl.load(coef_ptr), tl.load(coef_ptr + 1), tl.load(coef_ptr + 3)
     lse = tl.load(lse_ptr + row)
+    lse = tl.where(tl.abs(lse) < float("inf"), lse, float("nan"))  # a bad row: NaN everywhere, as in torch
     gl = tl.load(gl_ptr + row).to(ACC)
     if SOFT:
         valid = True

@@ -42,6 +42,7 @@ def entropy_bwd_kernel(z_ptr, gz_ptr, gh_ptr, h_ptr, lse_ptr, n_cols, stride_row
     gh = tl.load(gh_ptr + row).to(ACC)
     h = tl.load(h_ptr + row)
     lse = tl.load(lse_ptr + row)
+    lse = tl.where(tl.abs(lse) < float("inf"), lse, float("nan"))  # a bad row: NaN everywhere, as in torch
     cols = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols

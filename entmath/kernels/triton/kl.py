@@ -70,6 +70,9 @@ def kl_bwd_kernel(a_ptr, b_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, ga_ptr, gb_
     kl = tl.load(kl_ptr + row)
     lse_a = tl.load(lse_a_ptr + row)
     lse_b = tl.load(lse_b_ptr + row)
+    # A bad row (coded lse NaN / +inf / -inf): NaN everywhere, as in torch.
+    lse_a = tl.where(tl.abs(lse_a) < float("inf"), lse_a, float("nan"))
+    lse_b = tl.where(tl.abs(lse_b) < float("inf"), lse_b, float("nan"))
     finite = kl < float("inf")  # rows with KL = +inf get a zero gradient w.r.t. a (documented)
     cols = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
