@@ -99,46 +99,64 @@ def cross_entropy_rows_torch(z2d, t1d, y2d, eps: float, ignore_index: int, z_los
 
 
 def cross_entropy_vjp(z, t, y, eps, ignore_index, z_loss, lse, ent, g_loss, g_lse, g_ent, want_gy=True):
-    """The vector-Jacobian product of (loss, lse, entropy) per row, in torch ops (differentiable
-    again).  z: (rows, n); exactly one of t (rows,) / y (rows, n); any gradient may be None.
-    Returns (dz, dy) in the dtypes of z and y (dy None for class targets or if not ``want_gy``)."""
+    """The vector-Jacobian product of (loss, lse, entropy) per row, in torch ops.
+
+    z: (rows, n); exactly one of t (rows,) / y (rows, n); any gradient may be None.  Returns
+    (dz, dy) in the dtypes of z and y (dy None for class targets or if not ``want_gy``):
+
+        dz = p (g_loss (sum y' + 2 z_loss lse) + g_lse - g_H (log p + H)) - g_loss y',
+        dy = g_loss (1 - eps)(lse - z).
+
+    While autograd records (``create_graph=True``) every op is out of place, so the result is
+    differentiable again; otherwise the same ops work in place on fresh temporaries.
+    """
+    fast = not torch.is_grad_enabled()  # no graph: in place on the temporaries made here
     zc = upcast(z)
-    n = zc.shape[-1]
+    acc, n = zc.dtype, zc.shape[-1]
     keep, spread = 1.0 - eps, eps / n
-    lse = nan_unless_finite(lse)  # a row without a distribution: NaN gradients, as in torch
-    log_p = clamped(zc - lse.unsqueeze(-1))  # -inf logits: p = 0 with a finite log p
-    p = log_p.exp()
-    gz = torch.zeros_like(zc)
-    gy = None
-    valid = None
-    if t is not None:
-        valid = t != ignore_index
-        bad = valid & ((t < 0) | (t >= n))
+    lse = nan_unless_finite(lse).unsqueeze(-1)  # a row without a distribution: NaN, as in torch
+    log_p = clamped(zc - lse)  # -inf logits: p = 0 with a finite log p
+    p = log_p.exp_() if fast and g_ent is None else log_p.exp()
+    coef = torch.zeros_like(lse)  # per row: g_loss (sum y' + 2 z_loss lse) + g_lse
+    gl = yc = None
     if g_loss is not None:
-        gl = g_loss.to(zc.dtype).unsqueeze(-1)
+        gl = g_loss.to(acc).unsqueeze(-1)
         if y is not None:
-            yc = upcast(y).to(zc.dtype) * keep + spread
+            yc = upcast(y).to(acc) * keep + spread
             sum_y = yc.sum(-1, keepdim=True)
         else:
             sum_y = 1.0
-        coef = sum_y + 2.0 * z_loss * lse.unsqueeze(-1) if z_loss else sum_y
-        gz = gz + gl * coef * p
-        if y is not None:
-            gz = gz - gl * yc
+        coef = coef + gl * (sum_y + 2.0 * z_loss * lse if z_loss else sum_y)
+    if g_lse is not None:
+        coef = coef + g_lse.to(acc).unsqueeze(-1)
+    if g_ent is not None:  # - g_H p (log p + H): fold into the per-entry factor before multiplying p
+        inner = log_p.add_(ent.unsqueeze(-1)) if fast else log_p + ent.unsqueeze(-1)
+        inner = inner.mul_(-g_ent.to(acc).unsqueeze(-1)).add_(coef) if fast else \
+            inner * -g_ent.to(acc).unsqueeze(-1) + coef
+        gz = p.mul_(inner) if fast else p * inner
+    else:
+        gz = p.mul_(coef) if fast else p * coef
+    gy = None
+    valid = bad = None
+    if t is not None:
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= n))
+    if gl is not None:
+        if yc is not None:
+            gz = gz.sub_(yc.mul_(gl)) if fast else gz - yc * gl
             if want_gy:
-                gy = (gl * keep * (lse.unsqueeze(-1) - zc)).to(y.dtype)
+                gy = (gl * keep * (lse - zc)).to(y.dtype)
         else:
             if eps > 0:
-                gz = gz - gl * spread
+                gz = gz.sub_(gl * spread) if fast else gz - gl * spread
             idx = torch.where(valid & ~bad, t, 0).unsqueeze(-1)
-            gz = gz.scatter_add(-1, idx, -keep * gl)
-    if g_ent is not None:
-        gz = gz - p * (log_p + ent.unsqueeze(-1)) * g_ent.to(zc.dtype).unsqueeze(-1)  # 0 at p = 0 first
-    if g_lse is not None:
-        gz = gz + g_lse.to(zc.dtype).unsqueeze(-1) * p
+            gz = gz.scatter_add_(-1, idx, -keep * gl) if fast else gz.scatter_add(-1, idx, -keep * gl)
     if valid is not None:
         # Ignored rows: exactly 0 (they may be all -inf, with NaN p); out-of-range targets: NaN.
-        gz = torch.where(bad.unsqueeze(-1), float("nan"), torch.where(valid.unsqueeze(-1), gz, 0.0))
+        if fast:
+            gz.masked_fill_(~valid.unsqueeze(-1), 0.0).masked_fill_(bad.unsqueeze(-1), float("nan"))
+        else:
+            gz = torch.where(bad.unsqueeze(-1), float("nan"), torch.where(valid.unsqueeze(-1), gz, 0.0))
     return gz.to(z.dtype), gy
 
 
