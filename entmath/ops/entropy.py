@@ -41,20 +41,28 @@ def entropy_torch(z: torch.Tensor):
 
 
 def entropy_vjp(z, h, lse, grad_h, grad_lse):
-    """dH/dz^T grad_h + dlse/dz^T grad_lse = p (grad_lse - grad_h (log p + H)), in torch ops
-    (differentiable again).  Either gradient may be None."""
+    """dH/dz^T grad_h + dlse/dz^T grad_lse = p (grad_lse - grad_h (log p + H)), in torch ops.
+    Either gradient may be None.  While autograd records (``create_graph=True``) every op is out
+    of place, so the result is differentiable again; otherwise the ops work in place on the
+    temporaries made here."""
+    fast = not torch.is_grad_enabled()
     zc = upcast(z)
-    log_p = clamped(zc - nan_unless_finite(lse).unsqueeze(-1))  # -inf logits: p = 0 and a finite log p, never 0 * inf
+    log_p = clamped(zc - nan_unless_finite(lse).unsqueeze(-1))  # -inf logits: p = 0, finite log p
     p = log_p.exp()
-    g = None
+    # p (log p + H) before any scaling: at a -inf logit that is 0 * (lowest + H) = 0, before a
+    # factor |grad_h| > 1 could round lowest to -inf (and 0 * inf = NaN).
+    lse_term = None if grad_lse is None else p * grad_lse.to(zc.dtype).unsqueeze(-1)
     if grad_h is not None:
-        # p (log p + H) first: at a -inf logit that is 0 * (lowest + H) = 0, before any scaling
-        # could round lowest to -inf.
-        g = p * (log_p + h.unsqueeze(-1)) * -grad_h.to(zc.dtype).unsqueeze(-1)
-    if grad_lse is not None:
-        term = p * grad_lse.to(zc.dtype).unsqueeze(-1)
-        g = term if g is None else g + term
-    return (torch.zeros_like(zc) if g is None else g).to(z.dtype)
+        gh = -grad_h.to(zc.dtype).unsqueeze(-1)
+        if fast:
+            g = p.mul_(log_p.add_(h.unsqueeze(-1))).mul_(gh)
+        else:
+            g = p * (log_p + h.unsqueeze(-1)) * gh
+        if lse_term is not None:
+            g = g + lse_term
+    else:
+        g = lse_term if lse_term is not None else torch.zeros_like(zc)
+    return g.to(z.dtype)
 
 
 class _Entropy(torch.autograd.Function):

@@ -43,28 +43,36 @@ def kl_torch(a, b):
 
 
 def kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b):
-    """Vector-Jacobian product of (KL, lse_a, lse_b) in torch ops (differentiable again):
+    """Vector-Jacobian product of (KL, lse_a, lse_b) in torch ops:
 
         dKL/da = p (log p - log q - KL),   dKL/db = q - p,   dlse_a/da = p,   dlse_b/db = q.
 
-    Rows with KL = +inf get 0 w.r.t. a from the KL term (documented).  Any gradient may be None."""
+    Rows with KL = +inf get 0 w.r.t. a from the KL term (documented).  Any gradient may be None.
+    While autograd records (``create_graph=True``) every op is out of place, so the result is
+    differentiable again; otherwise the ops work in place on the temporaries made here."""
+    fast = not torch.is_grad_enabled()
     ac, bc = upcast(a), upcast(b)
-    log_p = clamped(ac - nan_unless_finite(lse_a).unsqueeze(-1))  # -inf logits: p = 0 with a finite log p
+    log_p = clamped(ac - nan_unless_finite(lse_a).unsqueeze(-1))  # -inf logits: p = 0, finite log p
     log_q = clamped(bc - nan_unless_finite(lse_b).unsqueeze(-1))
     p, q = log_p.exp(), log_q.exp()
     ga = gb = None
+    if g_lse_a is not None:
+        ga = p * g_lse_a.to(ac.dtype).unsqueeze(-1)
+    if g_lse_b is not None:
+        gb = q * g_lse_b.to(bc.dtype).unsqueeze(-1)
     if g is not None:
         gc = g.to(ac.dtype).unsqueeze(-1)
         finite = torch.isfinite(kl).unsqueeze(-1)
-        ratio = log_p - log_q - torch.where(finite, kl.unsqueeze(-1), 0.0)
-        ga = torch.where(finite, p * ratio, 0.0) * gc  # p * ratio first: 0 at p = 0, before scaling
-        gb = (q - p) * gc
-    if g_lse_a is not None:
-        term = p * g_lse_a.to(ac.dtype).unsqueeze(-1)
-        ga = term if ga is None else ga + term
-    if g_lse_b is not None:
-        term = q * g_lse_b.to(bc.dtype).unsqueeze(-1)
-        gb = term if gb is None else gb + term
+        kl_f = torch.where(finite, kl.unsqueeze(-1), 0.0)
+        if fast:
+            # p (log p - log q - KL) first: 0 at p = 0, before scaling could overflow it
+            term_a = log_p.sub_(log_q).sub_(kl_f).mul_(p).mul_(gc).masked_fill_(~finite, 0.0)
+            term_b = q.sub_(p).mul_(gc)
+        else:
+            term_a = torch.where(finite, p * (log_p - log_q - kl_f), 0.0) * gc
+            term_b = (q - p) * gc
+        ga = term_a if ga is None else ga + term_a
+        gb = term_b if gb is None else gb + term_b
     return (None if ga is None else ga.to(a.dtype)), (None if gb is None else gb.to(b.dtype))
 
 
