@@ -324,7 +324,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, lab
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        The loss (dtype of ``logits``), or ``(loss, entropy)`` if ``return_entropy``.
+        The loss (dtype of ``logits``; float32 under ``torch.autocast``), or ``(loss, entropy)``
+        if ``return_entropy``.  Differentiable twice (double backward gives the Hessian-vector
+        products of Chapter 5) in ``logits`` and probability targets.
 
     Raises:
         TypeError: non-float ``logits``; ``target`` neither integer nor float; non-number options.
@@ -334,7 +336,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, lab
             logits in a row that is not ignored.  With validation off
             (``entmath.set_validation(False)``) the value errors are not raised: such rows, and
             rows whose class index is out of range, give NaN.
-        Differentiable twice (double backward gives the Hessian-vector products of Chapter 5).
     """
     check_float_tensor(logits, "logits")
     dim = normalize_dim(logits, dim, "logits")
