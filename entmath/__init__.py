@@ -5,6 +5,7 @@ returns the input's dtype, and takes ``backend="auto" | "torch" | "triton"``.  T
 each op; each module's docstring names its chapter.
 """
 from ._backend import triton_available
+from ._validate import is_validation_enabled, set_validation, validation
 from .ops.attention_entropy import attention_entropy
 from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
@@ -23,5 +24,7 @@ __all__ = [
     "logn_scale", "logn_attention", "attention_entropy",
     # Chapter 4: noise-argmax distributions (Gumbel gives softmax; normal, logistic, Cauchy by quadrature)
     "noise_softmax",
+    # Value checks on or off (off: no device-to-host sync; bad rows give NaN, as in torch)
+    "set_validation", "validation", "is_validation_enabled",
     "triton_available", "__version__",
 ]

@@ -12,7 +12,6 @@ Triton is imported lazily, so ``import entmath`` works without it.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -21,13 +20,20 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True if the ``triton`` package can be imported (checked once, without importing it)."""
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):
         return False
+
+
+# Looked up once, at import: ``torch.compile`` traces ``resolve_backend`` and must find a constant.
+_TRITON = _find_triton()
+
+
+def triton_available() -> bool:
+    """True if the ``triton`` package can be imported (checked at import, without importing it)."""
+    return _TRITON
 
 
 def interpreter_enabled() -> bool:

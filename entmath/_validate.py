@@ -1,14 +1,75 @@
-"""Argument checks shared by the ops.
+"""Argument checks shared by the ops, and the switch that turns the value checks off.
 
-Cheap structural checks (types, shapes, ``dim``) run before any computation.  Value checks
-(NaN, +inf, rows with no finite logit) are read off the per-row log-normaliser that every op
-computes anyway, so they cost a rows-sized reduction rather than another pass over the logits.
+Two kinds of check:
+
+* **Structural** checks (types, shapes, ``dim``, options) look only at Python values and tensor
+  metadata.  They always run, in eager mode and while ``torch.compile`` or ``torch.export``
+  traces, and cost nothing on the device.
+* **Value** checks (NaN, +inf, rows with no finite logit, class indices out of range) must look
+  at the data, which on a GPU is a device-to-host synchronisation.  They are read off the
+  per-row log-normaliser that every op computes anyway, so they cost a rows-sized reduction,
+  not another pass over the logits.  They run only when ``value_checks_active()``: validation
+  is enabled (the default; ``set_validation`` / ``validation``), and no compiler, exporter,
+  ``torch.func`` transform or fake tensor is involved (none of them can read a value).
+
+With value checks off nothing is read back from the device, and bad rows propagate as they do
+through torch's own ops: NaN results (and NaN gradients) for the rows concerned, other rows
+unaffected.  That is what ``torch.amp.GradScaler`` needs to notice an overflow and skip a step.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
-__all__ = ["check_float_tensor", "normalize_dim", "check_rows_finite", "coded_lse", "compute_dtype", "lowest"]
+__all__ = ["check_float_tensor", "normalize_dim", "check_rows_finite", "coded_lse", "compute_dtype", "lowest",
+           "set_validation", "validation", "is_validation_enabled", "value_checks_active"]
+
+_state = threading.local()
+
+
+def is_validation_enabled() -> bool:
+    """Whether entmath's value checks are on in this thread (the default)."""
+    return getattr(_state, "enabled", True)
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn entmath's value checks on or off for this thread.
+
+    Off: no op reads a value back from the device (no ``.item()``, no ``bool(tensor)``), so no
+    op synchronises with the GPU; NaN, +inf and rows without a finite logit give NaN for those
+    rows, as in torch, instead of a ``ValueError``.  Structural errors (types, shapes, options)
+    are raised either way.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _state.enabled = enabled
+
+
+@contextlib.contextmanager
+def validation(enabled: bool):
+    """Context manager: ``with entmath.validation(False): ...`` runs the block without value
+    checks and restores the previous setting afterwards (see ``set_validation``)."""
+    previous = is_validation_enabled()
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def value_checks_active(*tensors: torch.Tensor) -> bool:
+    """True if the data-dependent checks should run for these tensors: validation is on, and
+    nothing is tracing (torch.compile, torch.export, a torch.func transform) or fake."""
+    if not is_validation_enabled() or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / grad / jacrev
+        return False
+    for t in tensors:
+        if t is not None and (t.is_meta or isinstance(t, torch._subclasses.FakeTensor)):
+            return False
+    return True
 
 
 def check_float_tensor(x, name: str) -> None:
@@ -48,8 +109,11 @@ def check_rows_finite(lse: torch.Tensor, name: str, rows: torch.Tensor | None = 
     Every op returns its per-row lse *coded*: NaN if the row holds a NaN, +inf if it holds +inf,
     -inf if every logit is -inf (see ``coded_lse``).  So the cause is read off a rows-sized tensor,
     without another look at the logits (which an in-place op may already have overwritten).
-    ``rows`` optionally restricts the check to a boolean mask of rows that matter.
+    ``rows`` optionally restricts the check to a boolean mask of rows that matter.  A no-op
+    unless ``value_checks_active``.
     """
+    if not value_checks_active(lse):
+        return
     bad = ~torch.isfinite(lse.reshape(lse.shape or (1,)))  # a 1-D input has a 0-dim lse: one row
     if rows is not None:
         bad &= rows.reshape(bad.shape)

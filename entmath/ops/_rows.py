@@ -1,6 +1,8 @@
 """Shape plumbing shared by the ops: classes along the last dimension, rows everywhere else."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -22,3 +24,22 @@ def kernels(name: str):
     import importlib
 
     return importlib.import_module(f"entmath.kernels.triton.{name}")
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether ``torch.autocast`` is active for x's device (never for meta and other devices)."""
+    return x.device.type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(x.device.type)
+
+
+def no_autocast(x: torch.Tensor):
+    """A context that turns autocast off for x's device (our internal matmuls stay in the
+    accumulation dtype), or does nothing when it is not on."""
+    return torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext()
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op returns for input ``x``: x's own, except that under ``torch.autocast``
+    half-precision inputs give float32 results, as torch's losses and reductions do there."""
+    if x.dtype in (torch.float16, torch.bfloat16) and autocast_on(x):
+        return torch.float32
+    return x.dtype

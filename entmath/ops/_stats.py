@@ -40,6 +40,13 @@ def log_softmax_and_lse(z: torch.Tensor):
     return log_p, coded_lse(m, m - log_p.amax(-1))
 
 
+def nan_unless_finite(lse: torch.Tensor) -> torch.Tensor:
+    """A coded lse (NaN, +inf or -inf on a row without a distribution) as NaN there: a backward
+    computed from it then gives the whole row NaN gradients, as torch's own ops do, instead of a
+    NaN at one entry (which a later op might drop)."""
+    return torch.where(torch.isfinite(lse), lse, float("nan"))
+
+
 def clamped(x: torch.Tensor) -> torch.Tensor:
     """-inf -> lowest finite value, in place: then 0 * x = 0 where x was -inf."""
     return x.clamp_min_(lowest(x.dtype))

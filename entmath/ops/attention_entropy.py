@@ -31,12 +31,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
-from .._validate import check_float_tensor, compute_dtype, lowest
-from ._rows import kernels
-from .entropy import entropy_backward_torch
+from .._validate import check_float_tensor, compute_dtype, lowest, value_checks_active
+from ._library import register_row_vmap, triton_kernel_op
+from ._rows import kernels, no_autocast, output_dtype
+from .entropy import entropy_vjp
 from .logn_attention import check_causal_offset
 
 __all__ = ["attention_entropy"]
@@ -131,18 +131,20 @@ def attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk):
     return log_s - a / (1 + r), m + log_s
 
 
-def attention_entropy_backward_torch(q3, k3, scale2, h, lse, grad_h, is_causal, offset, chunk):
-    """Gradients (dq, dk, dlambda) by recomputing p chunk by chunk from (H, lse)."""
+def attention_entropy_vjp(q3, k3, scale2, h, lse, grad_h, grad_lse, is_causal, offset, chunk):
+    """Gradients (dq, dk, dlambda) by recomputing p chunk by chunk from (H, lse); torch ops, so
+    differentiable again.  ``grad_h``/``grad_lse`` (BH, L) or None (dlse/dz = p)."""
     qs = q3 * scale2[..., None]
     G = torch.zeros_like(q3)  # sum_j g_ij k_j
     dk = torch.zeros_like(k3)
     L, S = q3.shape[1], k3.shape[1]
     for start, end, r0 in _chunks(L, S, is_causal, offset, chunk):
         z = _logits(qs, k3, start, end, r0, is_causal, offset)
-        # Chapter 1's entropy backward: g = -grad_h p (log p + H); masked keys get exactly 0.
-        g = entropy_backward_torch(z, grad_h[:, r0:], h[:, r0:], lse[:, r0:])
-        G[:, r0:] += g @ k3[:, start:end]
-        dk[:, start:end] += g.transpose(1, 2) @ qs[:, r0:]
+        # Chapter 1's entropy backward: g = -grad_h p (log p + H) (+ grad_lse p); masked keys get 0.
+        g = entropy_vjp(z, h[:, r0:], lse[:, r0:], None if grad_h is None else grad_h[:, r0:],
+                        None if grad_lse is None else grad_lse[:, r0:])
+        G = G.index_add(1, torch.arange(r0, L, device=G.device), g @ k3[:, start:end])
+        dk = dk.index_add(1, torch.arange(start, end, device=dk.device), g.transpose(1, 2) @ qs[:, r0:])
     return scale2[..., None] * G, dk, (G * q3).sum(-1)
 
 
@@ -151,8 +153,10 @@ def _check_values(q, k, scale, acc):
 
     Both passes are O((L + S) d).  Overflow is ruled out by Cauchy-Schwarz,
     |scale_i q_i . k_j| <= |scale_i| |q_i| |k_j|: the check is conservative, and an input that
-    fails it has entries of order 1e19 (fp32) or more.
+    fails it has entries of order 1e19 (fp32) or more.  A no-op unless value checks are active.
     """
+    if not value_checks_active(q, k, scale):
+        return
     for t, name in ((q, "q"), (k, "k")):
         if t.numel() and not bool(torch.isfinite(t).all()):
             what = "NaN" if bool(torch.isnan(t).any()) else "inf"
@@ -167,46 +171,66 @@ def _check_values(q, k, scale, acc):
                          f"{(q_norm * k_norm).item():.3g} exceeds {big:.3g}; rescale q or k")
 
 
-class AttentionEntropyFunction(torch.autograd.Function):
-    """H_i = H(softmax_j(lambda_i q_i . k_j)); backward recomputes p in chunks (eq-ln-grad)."""
+# ---- the Triton path, registered as operators (see _library.py) -----------------------------
+@triton_kernel_op("attention_entropy_triton")
+def attention_entropy_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, is_causal: bool,
+                             offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, lse), each (BH, L), of q (BH, L, D) against k (BH, S, D) with per-query scales (BH, L)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    # The interpreter pays per step, not per element: bigger tiles on CPU.
+    blocks = {} if q.is_cuda else {"block_m": 256, "block_n": 256}
+    return kernels("attention_entropy").attention_entropy_fwd(q, k, scale.contiguous(), is_causal, offset, **blocks)
 
-    @staticmethod
-    def forward(ctx, q, k, scale, is_causal, offset, chunk, backend):
-        acc = compute_dtype(q)
-        lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
-        bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
-        q3 = q.to(acc).reshape(bh, L, D)
-        k3 = k.to(acc).reshape(bh, S, D)
-        scale2 = scale.to(acc).expand(q.shape[:-1]).reshape(bh, L)
-        if backend == "triton":
-            q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()
-            k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
-            # The interpreter pays per step, not per element: bigger tiles on CPU.
-            blocks = {} if q.is_cuda else {"block_m": 256, "block_n": 256}
-            h, lse = kernels("attention_entropy").attention_entropy_fwd(q3, k3, scale2.contiguous(), is_causal,
-                                                                        offset, **blocks)
-        else:
-            h, lse = attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk)
-        if h.numel() and not bool(torch.isfinite(h).all()):  # unreachable after _check_values
-            raise ValueError("attention_entropy produced a non-finite entropy; please report the input")
-        ctx.save_for_backward(q, k, scale, h, lse)
-        ctx.cfg = (is_causal, offset, chunk)
-        return h.reshape(lead + (L,)).to(q.dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        q, k, scale, h, lse = ctx.saved_tensors
+@attention_entropy_triton.register_fake
+def _(q, k, scale, is_causal, offset):
+    h = q.new_empty(q.shape[:2], dtype=scale.dtype)
+    return h, torch.empty_like(h)
+
+
+def _setup(ctx, inputs, output):
+    q, k, scale, is_causal, offset = inputs[:5]
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, scale, *output)
+    ctx.cfg = (is_causal, offset, inputs[5] if len(inputs) > 5 else DEFAULT_CHUNK)
+
+
+def _backward(ctx, grad_h, grad_lse):
+    """The one backward of both backends (Chapter 3, eq-ln-grad), in the accumulation dtype."""
+    q, k, scale, h, lse = ctx.saved_tensors
+    with no_autocast(q):
         acc = h.dtype
-        L, D, S = q.shape[-2], q.shape[-1], k.shape[-2]
-        bh = h.shape[0]
-        q3 = q.to(acc).reshape(bh, L, D)
-        k3 = k.to(acc).reshape(bh, S, D)
-        scale2 = scale.to(acc).expand(q.shape[:-1]).reshape(bh, L)
-        dq, dk, dscale = attention_entropy_backward_torch(q3, k3, scale2, h, lse, grad_h.to(acc).reshape(bh, L),
-                                                          *ctx.cfg)
-        dscale = dscale.reshape(q.shape[:-1]).sum_to_size(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        return dq.reshape(q.shape).to(q.dtype), dk.reshape(k.shape).to(k.dtype), dscale, None, None, None, None
+        dq, dk, dscale = attention_entropy_vjp(q.to(acc), k.to(acc), scale.to(acc), h, lse,
+                                               None if grad_h is None else grad_h.to(acc),
+                                               None if grad_lse is None else grad_lse.to(acc), *ctx.cfg)
+    return dq.to(q.dtype), dk.to(k.dtype), dscale.to(scale.dtype)
+
+
+attention_entropy_triton.register_autograd(lambda ctx, gh, gl: (*_backward(ctx, gh, gl), None, None),
+                                           setup_context=_setup)
+register_row_vmap(attention_entropy_triton, (2, 2, 1, None, None))
+
+
+class _AttentionEntropy(torch.autograd.Function):
+    """(H, lse) per query of q3 (BH, L, D), k3 (BH, S, D), scales (BH, L), all in the
+    accumulation dtype; the backward recomputes p in chunks (eq-ln-grad)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q3, k3, scale2, is_causal, offset, chunk, backend):
+        if backend == "triton":
+            return torch.ops.entmath.attention_entropy_triton(q3, k3, scale2, is_causal, offset)
+        return attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_lse):
+        return (*_backward(ctx, grad_h, grad_lse), None, None, None, None)
 
 
 def _check_scale(scale, q: torch.Tensor) -> torch.Tensor:
@@ -226,7 +250,7 @@ def _check_scale(scale, q: torch.Tensor) -> torch.Tensor:
         if len(torch.broadcast_shapes(scale.shape, q.shape[:-1])) != q.dim() - 1:
             raise ValueError(f"scale of shape {tuple(scale.shape)} has more dimensions than the queries "
                              f"{tuple(q.shape[:-1])}")
-        if not bool(torch.isfinite(scale).all()):
+        if value_checks_active(scale) and not bool(torch.isfinite(scale).all()):
             raise ValueError("scale contains NaN or inf")
         return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -298,6 +322,16 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale_t = _check_scale(scale, q)
     backend = resolve_backend(backend, q, k)
-    _check_values(q, k, scale_t, compute_dtype(q))
+    acc = compute_dtype(q)
+    _check_values(q, k, scale_t, acc)
     chunk = _chunk_size(chunk_size, math.prod(q.shape[:-1]))
-    return AttentionEntropyFunction.apply(q, k, scale_t, is_causal, offset, chunk, backend)
+    lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
+    bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
+    with no_autocast(q):  # the logits stay in the accumulation dtype
+        q3 = q.to(acc).reshape(bh, L, D)
+        k3 = k.to(acc).reshape(bh, S, D)
+        scale2 = scale_t.to(acc).expand(q.shape[:-1]).reshape(bh, L)
+        h, lse = _AttentionEntropy.apply(q3, k3, scale2, is_causal, offset, chunk, backend)
+    if value_checks_active(h) and h.numel() and not bool(torch.isfinite(h).all()):  # unreachable after _check_values
+        raise ValueError("attention_entropy produced a non-finite entropy; please report the input")
+    return h.reshape(lead + (L,)).to(output_dtype(q))

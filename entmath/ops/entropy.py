@@ -8,23 +8,30 @@ The first maximal entry contributes exactly 1 to S; the rest, R = S - 1, is summ
 that log S = log1p(R) keeps its relative accuracy for nearly one-hot rows.  -inf logits have
 e^{d_i} = 0 and contribute 0 (the 0 log 0 = 0 convention), never 0 * (-inf) = NaN.
 
-Backward (Chapter 1, the gradient of the entropy):  dH/dz_k = -p_k (log p_k + H).
+Backward (Chapter 1, the gradient of the entropy):  dH/dz_k = -p_k (log p_k + H).  The forward
+also returns the log-normaliser lse (for validation, and because the backward is written in
+terms of it); its own gradient is d lse / dz_k = p_k.  Written in torch ops, the backward is
+differentiable, which gives the second derivatives (Hessian-vector products, gradient penalties).
+
+Paths: ``entropy_torch`` (the reference, plain torch) and ``torch.ops.entmath.entropy_triton``
+(``entmath/kernels/triton/entropy.py``), with the same autograd formula ``entropy_vjp``.
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
-from ._rows import kernels, rows_2d, upcast
-from ._stats import clamped, softmax_stats
+from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ._rows import kernels, output_dtype, rows_2d, upcast
+from ._stats import clamped, nan_unless_finite, softmax_stats
 
 __all__ = ["entropy"]
 
 
 def entropy_torch(z: torch.Tensor):
-    """Reference forward along the last dim.  Returns (H, lse) in the accumulation dtype."""
+    """Reference forward along the last dim.  Returns (H, lse) in the accumulation dtype; lse is
+    coded for validation (``_validate.coded_lse``)."""
     z = upcast(z)
     m, d, e, log_s = softmax_stats(z)  # d = z - m, e = exp(d) without the first maximal entry
     moment = e.mul_(d).sum(-1)  # sum_i e^{d_i} d_i; the maximal entry has d = 0 anyway
@@ -33,38 +40,97 @@ def entropy_torch(z: torch.Tensor):
     return h, coded_lse(m, m + log_s)
 
 
-def entropy_backward_torch(z: torch.Tensor, grad_h, h, lse):
+def entropy_vjp(z, h, lse, grad_h, grad_lse):
+    """dH/dz^T grad_h + dlse/dz^T grad_lse = p (grad_lse - grad_h (log p + H)), in torch ops.
+    Either gradient may be None.  While autograd records (``create_graph=True``) every op is out
+    of place, so the result is differentiable again; otherwise the ops work in place on the
+    temporaries made here."""
+    fast = not torch.is_grad_enabled()
     zc = upcast(z)
-    log_p = clamped(zc - lse.unsqueeze(-1))
+    log_p = clamped(zc - nan_unless_finite(lse).unsqueeze(-1))  # -inf logits: p = 0, finite log p
     p = log_p.exp()
-    g = p.mul_(log_p.add_(h.unsqueeze(-1))).mul_(-grad_h.unsqueeze(-1).to(zc.dtype))
+    # p (log p + H) before any scaling: at a -inf logit that is 0 * (lowest + H) = 0, before a
+    # factor |grad_h| > 1 could round lowest to -inf (and 0 * inf = NaN).
+    lse_term = None if grad_lse is None else p * grad_lse.to(zc.dtype).unsqueeze(-1)
+    if grad_h is not None:
+        gh = -grad_h.to(zc.dtype).unsqueeze(-1)
+        if fast:
+            g = p.mul_(log_p.add_(h.unsqueeze(-1))).mul_(gh)
+        else:
+            g = p * (log_p + h.unsqueeze(-1)) * gh
+        if lse_term is not None:
+            g = g + lse_term
+    else:
+        g = lse_term if lse_term is not None else torch.zeros_like(zc)
     return g.to(z.dtype)
 
 
-class EntropyFunction(torch.autograd.Function):
-    """H(softmax(z)) along the last dim of z; backward dH/dz = -p (log p + H)."""
+class _Entropy(torch.autograd.Function):
+    """(H, lse) of the rows of z (classes last) as one autograd unit, on either backend; the
+    backward is ``entropy_vjp`` (or the Triton backward kernel when no graph is being built)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, backend: str):
+    def forward(z, backend):
         if backend == "triton":
-            h, lse = kernels("entropy").entropy_fwd(rows_2d(z))
-            h, lse = h.view(z.shape[:-1]), lse.view(z.shape[:-1])
-        else:
-            h, lse = entropy_torch(z)
-        check_rows_finite(lse, "logits")
-        ctx.backend = backend
-        ctx.save_for_backward(z, h, lse)
-        return h.to(z.dtype)
+            h, lse = torch.ops.entmath.entropy_triton(rows_2d(z))
+            return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
+        return entropy_torch(z)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_h):
-        z, h, lse = ctx.saved_tensors
-        if ctx.backend == "triton":
-            z2d = rows_2d(z)
-            g = kernels("entropy").entropy_bwd(z2d, grad_h.reshape(-1), h.reshape(-1), lse.reshape(-1))
-            return g.view(z.shape), None
-        return entropy_backward_torch(z, grad_h, h, lse), None
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.backend = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_lse):
+        return _backward(ctx, grad_h, grad_lse, kernel=ctx.backend == "triton"), None
+
+
+# ---- the Triton path, registered as operators (see _library.py) -----------------------------
+@triton_kernel_op("entropy_triton")
+def entropy_triton(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, lse) of the rows of z (rows, n), in the accumulation dtype."""
+    return kernels("entropy").entropy_fwd(rows_2d(z))
+
+
+@entropy_triton.register_fake
+def _(z):
+    h = z.new_empty(z.shape[:1], dtype=acc_dtype(z))
+    return h, torch.empty_like(h)
+
+
+@triton_kernel_op("entropy_backward_triton")
+def entropy_backward_triton(z: torch.Tensor, h: torch.Tensor, lse: torch.Tensor,
+                            grad_h: torch.Tensor) -> torch.Tensor:
+    """dH/dz for the rows of z given dL/dH (rows,): one read of z, one write of the gradient."""
+    return kernels("entropy").entropy_bwd(rows_2d(z), grad_h, h, lse)
+
+
+@entropy_backward_triton.register_fake
+def _(z, h, lse, grad_h):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inputs[0], *output)
+
+
+def _backward(ctx, grad_h, grad_lse, kernel=True):
+    z, h, lse = ctx.saved_tensors
+    if not kernel or torch.is_grad_enabled() or grad_lse is not None or grad_h is None:
+        return entropy_vjp(z, h, lse, grad_h, grad_lse)  # a graph is wanted: differentiable torch
+    z2d = rows_2d(z)
+    g = torch.ops.entmath.entropy_backward_triton(z2d, h.reshape(-1), lse.reshape(-1), grad_h.reshape(-1))
+    return g.view(z.shape)
+
+
+# Direct callers of torch.ops.entmath.entropy_triton get the same autograd.
+entropy_triton.register_autograd(_backward, setup_context=_setup)
+register_row_vmap(entropy_triton, (1,))
+register_row_vmap(entropy_backward_triton, (1, 0, 0, 0))
 
 
 def entropy(logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
@@ -77,16 +143,24 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> to
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
 
     Returns:
-        The entropy, shape ``logits.shape`` without ``dim``, dtype of ``logits``.  fp16/bf16
-        inputs are accumulated in fp32.  Differentiable; the backward is
-        ``dH/dz_k = -p_k (log p_k + H)``.
+        The entropy, shape ``logits.shape`` without ``dim``, dtype of ``logits`` (float32 under
+        ``torch.autocast``, as torch's own reductions).  fp16/bf16 inputs are accumulated in fp32.
+        Differentiable, twice: the backward is ``dH/dz_k = -p_k (log p_k + H)``.
 
     Raises:
         TypeError: ``logits`` is not a floating-point tensor.
         ValueError: ``dim`` is out of range or the class dimension is empty; a row contains NaN
             or +inf; a row is entirely ``-inf`` (no distribution).  The message names the rows.
+            With validation off (``entmath.set_validation(False)``) such rows give NaN instead.
+
+    Example:
+        >>> entmath.entropy(torch.zeros(2, 4))  # uniform over 4 classes: log 4
+        tensor([1.3863, 1.3863])
     """
     check_float_tensor(logits, "logits")
     dim = normalize_dim(logits, dim, "logits")
     backend = resolve_backend(backend, logits)
-    return EntropyFunction.apply(logits.movedim(dim, -1), backend)
+    h, lse = _Entropy.apply(logits.movedim(dim, -1), backend)
+    check_rows_finite(lse, "logits")
+    h = torch.where(torch.isfinite(lse), h, float("nan"))  # a bad row is NaN, not a stray number
+    return h.to(output_dtype(logits))

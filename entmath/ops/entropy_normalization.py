@@ -69,13 +69,15 @@ import contextlib
 import math
 import numbers
 import warnings
+from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
-from .._validate import check_float_tensor, check_rows_finite, coded_lse, compute_dtype, normalize_dim
+from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compute_dtype, normalize_dim,
+                         value_checks_active)
 from ..kernels.cpu import entropy_normalization as fused_cpu
+from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, rows_2d
 
 __all__ = ["entropy_normalize", "solve_gamma", "sample"]
@@ -444,17 +446,27 @@ def _gamma_in(gamma, acc):
     return gamma.to(acc)
 
 
-def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):
-    """Implicit-function backward.  All (rows, n) / (rows,) with classes last.
+def entropy_normalize_vjp(z2d, p, gamma, grad_p, grad_gamma, zbar=None):
+    """Implicit-function backward, in torch ops (differentiable again, for double backward).
 
-    Returns (grad_z in z's dtype, grad_t in the accumulation dtype).
+    z2d (rows, n), p (rows, n), gamma (rows,), grad_p (rows, n) or None, grad_gamma (rows,) or
+    None.  ``zbar = E_p[z]`` is recomputed from p and z unless given.  Returns (grad_z in z's
+    dtype, grad_t in the accumulation dtype); the edge rows (gamma = 0 or +inf) get 0.
     """
     acc = gamma.dtype
     pa = p.to(acc)
-    # dz = z - zbar on the support, 0 where z = -inf (p = 0 there, and 0 * inf must not occur).
-    dz = torch.sub(z2d.to(acc), zbar.unsqueeze(-1)).nan_to_num_(neginf=0.0)
+    zc = z2d.to(acc)
+    live = zc > float("-inf")
+    z_live = torch.where(live, zc, 0.0)  # -inf logits have p = 0: keep infinities out of every product
+    if zbar is None:
+        zbar = (pa * z_live).sum(-1)
+    dz = torch.where(live, z_live - zbar.unsqueeze(-1), 0.0)
     k2 = (pa * dz * dz).sum(-1)
     interior = torch.isfinite(gamma) & (gamma > 0) & (k2 > 0)
+    # Safe stand-ins on the edge rows, so that no branch of a where() holds an inf or a NaN that a
+    # second derivative would multiply by 0.
+    gamma_s = torch.where(interior, gamma, 1.0)
+    k2_s = torch.where(interior, k2, 1.0)
     g_gamma = torch.zeros_like(gamma) if grad_gamma is None else grad_gamma.to(acc)
     gz = torch.zeros_like(pa)
     if grad_p is not None:
@@ -462,19 +474,21 @@ def entropy_normalize_backward_torch(z2d, p, gamma, zbar, grad_p, grad_gamma):
         gbar = (pa * gp).sum(-1, keepdim=True)
         gx = pa * (gp - gbar)  # gradient w.r.t. x = gamma z through softmax
         g_gamma = g_gamma + (gx * dz).sum(-1)  # = <gx, z> because sum(gx) = 0
-        gz = gx * torch.where(torch.isfinite(gamma), gamma, 0.0).unsqueeze(-1)
-    k2_safe = torch.where(interior, k2, 1.0)
-    coef = torch.where(interior, g_gamma * gamma / k2_safe, 0.0)
+        gz = gx * gamma_s.unsqueeze(-1)
+    coef = g_gamma * gamma_s / k2_s
     gz = gz - coef.unsqueeze(-1) * pa * dz
-    gt = torch.where(interior, -g_gamma / (torch.where(interior, gamma, 1.0) * k2_safe), 0.0)
+    gt = -g_gamma / (gamma_s * k2_s)
     # Edge rows (gamma = 0 or inf) are locally constant: their gradient is 0 by definition.
     gz = torch.where(interior.unsqueeze(-1), gz, 0.0)
+    gt = torch.where(interior, gt, 0.0)
     return gz.to(z2d.dtype), gt
 
 
 def _warn_if_capped(evals):
     """Warn (naming the rows) if a row spent all MAX_EVALS evaluations: its |H - target| may
     then exceed the tolerance.  No such row is known; the warning keeps one from passing silently."""
+    if not value_checks_active(evals):
+        return
     capped = (evals >= MAX_EVALS).nonzero().flatten()
     if capped.numel():
         rows = ", ".join(str(i) for i in capped[:5].tolist()) + (", ..." if capped.numel() > 5 else "")
@@ -482,39 +496,120 @@ def _warn_if_capped(evals):
                       "may miss the target by more than the tolerance", RuntimeWarning, stacklevel=4)
 
 
-class EntropyNormalizeFunction(torch.autograd.Function):
-    """(p, gamma) with p = softmax(gamma z) and H(p) = t, rows along the last dim of z."""
+# ---- the solver and the Triton path, registered as operators (see _library.py) -------------
+# The root solve iterates until each row converges, which no compiler can trace: on the torch
+# backend it is an opaque operator (C kernel or eager solver inside), everything around it is
+# traced.
+@torch.library.custom_op("entmath::entropy_normalize_solve", mutates_args=())
+def entropy_normalize_solve(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor, torch.Tensor]:
+    """(p, gamma, zbar, evals) of the rows of z (rows, n) for the targets t (rows,): the torch
+    backend's forward (``entropy_normalize_torch``)."""
+    p, gamma, zbar, evals = entropy_normalize_torch(rows_2d(z), t)
+    # The per-row results may be views of one scratch tensor; an operator's outputs may not alias.
+    return p, gamma.clone(), zbar.clone(), evals.clone()
+
+
+@entropy_normalize_solve.register_fake
+def _(z, t):
+    rows = z.shape[0]
+    acc = acc_dtype(z)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(rows, dtype=acc),
+            z.new_empty(rows, dtype=acc), z.new_empty(rows, dtype=torch.float64))
+
+
+@triton_kernel_op("entropy_normalize_triton")
+def entropy_normalize_triton(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, gamma, zbar) of the rows of z (rows, n) for the targets t (rows,), by the Triton kernel."""
+    return kernels("entropy_normalization").entropy_normalize_fwd(rows_2d(z), t)
+
+
+@entropy_normalize_triton.register_fake
+def _(z, t):
+    acc = acc_dtype(z)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[0], dtype=acc),
+            z.new_empty(z.shape[0], dtype=acc))
+
+
+@triton_kernel_op("entropy_normalize_backward_triton")
+def entropy_normalize_backward_triton(z: torch.Tensor, p: torch.Tensor, gamma: torch.Tensor, zbar: torch.Tensor,
+                                      grad_p: Optional[torch.Tensor],
+                                      grad_gamma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dz, dL/dt) by the implicit function theorem, one Triton kernel."""
+    return kernels("entropy_normalization").entropy_normalize_bwd(rows_2d(z), p, gamma, zbar, grad_p, grad_gamma)
+
+
+@entropy_normalize_backward_triton.register_fake
+def _(z, p, gamma, zbar, grad_p, grad_gamma):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(gamma)
+
+
+def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[2:])  # zbar (and the evaluation count)
+    ctx.save_for_backward(inputs[0], *output[:3])
+
+
+def _backward(ctx, grad_p, grad_gamma, *_, kernel=False):
+    z, p, gamma, zbar = ctx.saved_tensors
+    if kernel and not torch.is_grad_enabled():
+        gz, gt = torch.ops.entmath.entropy_normalize_backward_triton(z, p, gamma, zbar, grad_p, grad_gamma)
+    else:
+        gz, gt = entropy_normalize_vjp(z, p, gamma, grad_p, grad_gamma,
+                                       zbar=None if torch.is_grad_enabled() else zbar)
+    return gz, gt.to(ctx.t_dtype)
+
+
+def _setup_op(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    ctx.t_dtype = inputs[1].dtype
+
+
+# Direct callers of the operators get the same autograd (the torch formula).
+entropy_normalize_solve.register_autograd(_backward, setup_context=_setup_op)
+entropy_normalize_triton.register_autograd(_backward, setup_context=_setup_op)
+register_row_vmap(entropy_normalize_solve, (1, 0))
+register_row_vmap(entropy_normalize_triton, (1, 0))
+
+
+class _EntropyNormalize(torch.autograd.Function):
+    """(p, gamma) with p = softmax(gamma z) and H(p) = t for the rows of z2d (rows, n), as one
+    autograd unit on either backend; also (zbar, evals), which are not differentiable."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, t: torch.Tensor, backend: str):
-        z2d = rows_2d(z)
-        t1 = t.reshape(-1)
+    def forward(z2d, t, backend):
         if backend == "triton":
-            p, gamma, zbar = kernels("entropy_normalization").entropy_normalize_fwd(z2d, t1)
-        else:
-            p, gamma, zbar, evals = entropy_normalize_torch(z2d, t1)
-        # zbar = E_p[z] is finite exactly when the row is valid (no NaN, no +inf, some finite
-        # logit); otherwise it is the row max, NaN / +inf / -inf, which names the fault.
-        check_rows_finite(zbar.view(z.shape[:-1]), "logits")
-        if backend != "triton":
-            _warn_if_capped(evals)
-        ctx.save_for_backward(z2d, p, gamma, zbar)
-        ctx.backend = backend
-        ctx.shape = z.shape
-        ctx.t_dtype = t.dtype
-        return p.view(z.shape), gamma.view(z.shape[:-1]).to(z.dtype)
+            p, gamma, zbar = torch.ops.entmath.entropy_normalize_triton(z2d, t)
+            return p, gamma, zbar, torch.zeros_like(zbar, dtype=torch.float64)
+        return torch.ops.entmath.entropy_normalize_solve(z2d, t)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_p, grad_gamma):
-        z2d, p, gamma, zbar = ctx.saved_tensors
-        gp = None if grad_p is None else rows_2d(grad_p)
-        gg = None if grad_gamma is None else grad_gamma.reshape(-1)
-        if ctx.backend == "triton":
-            gz, gt = kernels("entropy_normalization").entropy_normalize_bwd(z2d, p, gamma, zbar, gp, gg)
-        else:
-            gz, gt = entropy_normalize_backward_torch(z2d, p, gamma, zbar, gp, gg)
-        return gz.view(ctx.shape), gt.view(ctx.shape[:-1]).to(ctx.t_dtype), None
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.t_dtype = inputs[1].dtype
+        ctx.backend = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad_p, grad_gamma, _g_zbar, _g_evals):
+        gz, gt = _backward(ctx, grad_p, grad_gamma, kernel=ctx.backend == "triton")
+        return gz, gt, None
+
+
+def _normalize(z, t, backend):
+    """Shared by entropy_normalize, solve_gamma and sample: (p, gamma) along the last dim of z."""
+    z2d = rows_2d(z)
+    p, gamma, zbar, evals = _EntropyNormalize.apply(z2d, t.reshape(-1), backend)
+    # zbar = E_p[z] is finite exactly when the row is valid (no NaN, no +inf, some finite
+    # logit); otherwise it is the row max, NaN / +inf / -inf, which names the fault.
+    check_rows_finite(zbar.view(z.shape[:-1]), "logits")
+    if backend != "triton":
+        _warn_if_capped(evals)
+    bad = ~torch.isfinite(zbar)
+    p = torch.where(bad.unsqueeze(-1), float("nan"), p)  # a bad row is NaN (validation off)
+    gamma = torch.where(bad, float("nan"), gamma)
+    return p.view(z.shape), gamma.view(z.shape[:-1]).to(z.dtype)
 
 
 def _prepare(logits, target, dim, backend, name="target"):
@@ -548,6 +643,8 @@ def _check_target(target, rows_shape, z, name):
             f"{name} of shape {tuple(t.shape)} does not broadcast to the rows of logits, shape {tuple(rows_shape)}"
         )
     td = t.detach()
+    if not value_checks_active(td):
+        return t.expand(rows_shape)
     if bool(torch.isnan(td).any()):
         raise ValueError(f"{name} contains NaN; an entropy target must be a number >= 0 (nats)")
     if bool((td < 0).any()):
@@ -597,7 +694,7 @@ def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: s
             tolerance; the warning names the rows.
     """
     z, t, dim, backend = _prepare(logits, target, dim, backend)
-    p, _ = EntropyNormalizeFunction.apply(z, t, backend)
+    p, _ = _normalize(z, t, backend)
     return p.movedim(-1, dim)
 
 
@@ -614,7 +711,7 @@ def solve_gamma(logits: torch.Tensor, target, dim: int = -1, keepdim: bool = Fal
     0 or +inf.  Differentiable (implicit function theorem), with gradient 0 at the two edges.
     """
     z, t, dim, backend = _prepare(logits, target, dim, backend)
-    _, gamma = EntropyNormalizeFunction.apply(z, t, backend)
+    _, gamma = _normalize(z, t, backend)
     return gamma.unsqueeze(dim) if keepdim else gamma
 
 
@@ -643,7 +740,7 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     with torch.no_grad():
         z, t, dim, backend = _prepare(logits, target_entropy, dim, backend, name="target_entropy")
-        p, _ = EntropyNormalizeFunction.apply(z, t, backend)
+        p, _ = _normalize(z, t, backend)
         p2d = p.reshape(-1, p.shape[-1]).float()
         if not replacement:
             support = (p2d > 0).sum(-1).min().item() if p2d.shape[0] else num_samples

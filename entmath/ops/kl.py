@@ -6,17 +6,21 @@ with 0 log(0 / q) = 0 and p_i log(p_i / 0) = +inf: the divergence is +inf exactl
 mass where q has none (a finite, b = -inf).  Gibbs' inequality makes it >= 0; values that
 rounding pushes below 0 are returned as 0.
 
-Backward:  dKL/da_k = p_k (log p_k - log q_k - KL),   dKL/db_k = q_k - p_k.
+Backward:  dKL/da_k = p_k (log p_k - log q_k - KL),   dKL/db_k = q_k - p_k  (``kl_vjp``, in torch
+ops, so differentiable again; the Triton path uses its backward kernel when no graph is built).
+
+Paths: ``kl_torch`` (the reference, plain torch) and ``torch.ops.entmath.kl_triton``
+(``entmath/kernels/triton/kl.py``).
 """
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, normalize_dim
-from ._rows import kernels, rows_2d, upcast
-from ._stats import log_softmax_and_lse
+from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ._rows import kernels, output_dtype, rows_2d, upcast
+from ._stats import clamped, log_softmax_and_lse, nan_unless_finite
 
 __all__ = ["kl"]
 
@@ -38,45 +42,108 @@ def kl_torch(a, b):
     return kl.masked_fill_(lost, float("inf")), lse_a, lse_b
 
 
-def kl_backward_torch(a, b, g, kl, lse_a, lse_b):
+def kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b):
+    """Vector-Jacobian product of (KL, lse_a, lse_b) in torch ops:
+
+        dKL/da = p (log p - log q - KL),   dKL/db = q - p,   dlse_a/da = p,   dlse_b/db = q.
+
+    Rows with KL = +inf get 0 w.r.t. a from the KL term (documented).  Any gradient may be None.
+    While autograd records (``create_graph=True``) every op is out of place, so the result is
+    differentiable again; otherwise the ops work in place on the temporaries made here."""
+    fast = not torch.is_grad_enabled()
     ac, bc = upcast(a), upcast(b)
-    log_p = ac - lse_a.unsqueeze(-1)
-    log_q = bc - lse_b.unsqueeze(-1)
+    log_p = clamped(ac - nan_unless_finite(lse_a).unsqueeze(-1))  # -inf logits: p = 0, finite log p
+    log_q = clamped(bc - nan_unless_finite(lse_b).unsqueeze(-1))
     p, q = log_p.exp(), log_q.exp()
-    finite = torch.isfinite(kl).unsqueeze(-1)  # rows with KL = +inf: zero gradient w.r.t. a
-    g = g.to(ac.dtype).unsqueeze(-1)
-    ratio = log_p.sub_(log_q).sub_(torch.where(finite, kl.unsqueeze(-1), 0.0))
-    grad_a = p.mul(ratio).nan_to_num_(nan=0.0).mul_(g).masked_fill_(~finite, 0.0)  # p = 0 terms: 0
-    grad_b = q.sub_(p).mul_(g)
-    return grad_a.to(a.dtype), grad_b.to(b.dtype)
-
-
-class KLFunction(torch.autograd.Function):
-    """KL(softmax(a) || softmax(b)) along the last dim."""
-
-    @staticmethod
-    def forward(ctx, a, b, backend: str):
-        if backend == "triton":
-            a2d, b2d = rows_2d(a), rows_2d(b)
-            kl, lse_a, lse_b = (t.view(a.shape[:-1]) for t in kernels("kl").kl_fwd(a2d, b2d))
+    ga = gb = None
+    if g_lse_a is not None:
+        ga = p * g_lse_a.to(ac.dtype).unsqueeze(-1)
+    if g_lse_b is not None:
+        gb = q * g_lse_b.to(bc.dtype).unsqueeze(-1)
+    if g is not None:
+        gc = g.to(ac.dtype).unsqueeze(-1)
+        finite = torch.isfinite(kl).unsqueeze(-1)
+        kl_f = torch.where(finite, kl.unsqueeze(-1), 0.0)
+        if fast:
+            # p (log p - log q - KL) first: 0 at p = 0, before scaling could overflow it
+            term_a = log_p.sub_(log_q).sub_(kl_f).mul_(p).mul_(gc).masked_fill_(~finite, 0.0)
+            term_b = q.sub_(p).mul_(gc)
         else:
-            kl, lse_a, lse_b = kl_torch(a, b)
-        check_rows_finite(lse_a, "p_logits")
-        check_rows_finite(lse_b, "q_logits")
-        ctx.backend = backend
-        ctx.save_for_backward(a, b, kl, lse_a, lse_b)
-        return kl.to(a.dtype)
+            term_a = torch.where(finite, p * (log_p - log_q - kl_f), 0.0) * gc
+            term_b = (q - p) * gc
+        ga = term_a if ga is None else ga + term_a
+        gb = term_b if gb is None else gb + term_b
+    return (None if ga is None else ga.to(a.dtype)), (None if gb is None else gb.to(b.dtype))
+
+
+class _KL(torch.autograd.Function):
+    """(KL, lse_a, lse_b) of the rows of a and b (classes last) as one autograd unit, on either
+    backend; backward ``kl_vjp`` (or the Triton backward kernel when no graph is being built)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        a, b, kl, lse_a, lse_b = ctx.saved_tensors
-        if ctx.backend == "triton":
-            a2d, b2d = rows_2d(a), rows_2d(b)
-            ga, gb = kernels("kl").kl_bwd(a2d, b2d, g.reshape(-1), kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1))
-            return ga.view(a.shape), gb.view(b.shape), None
-        ga, gb = kl_backward_torch(a, b, g, kl, lse_a, lse_b)
-        return ga, gb, None
+    def forward(a, b, backend):
+        if backend == "triton":
+            out = torch.ops.entmath.kl_triton(rows_2d(a), rows_2d(b))
+            return tuple(t.view(a.shape[:-1]) for t in out)
+        return kl_torch(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.backend = inputs[2]
+
+    @staticmethod
+    def backward(ctx, g, g_lse_a, g_lse_b):
+        return (*_backward(ctx, g, g_lse_a, g_lse_b, kernel=ctx.backend == "triton"), None)
+
+
+# ---- the Triton path, registered as operators (see _library.py) -----------------------------
+@triton_kernel_op("kl_triton")
+def kl_triton(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL, lse_a, lse_b) of the rows of a and b (rows, n), in the accumulation dtype."""
+    return kernels("kl").kl_fwd(rows_2d(a), rows_2d(b))
+
+
+@kl_triton.register_fake
+def _(a, b):
+    kl = a.new_empty(a.shape[:1], dtype=acc_dtype(a))
+    return kl, torch.empty_like(kl), torch.empty_like(kl)
+
+
+@triton_kernel_op("kl_backward_triton")
+def kl_backward_triton(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, lse_a: torch.Tensor,
+                       lse_b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dKL/da, dKL/db) for the rows given dL/dKL (rows,): one read of a and b, one write of each."""
+    return kernels("kl").kl_bwd(rows_2d(a), rows_2d(b), g, kl, lse_a, lse_b)
+
+
+@kl_backward_triton.register_fake
+def _(a, b, kl, lse_a, lse_b, g):
+    return (torch.empty_like(a, memory_format=torch.contiguous_format),
+            torch.empty_like(b, memory_format=torch.contiguous_format))
+
+
+def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inputs[0], inputs[1], *output)
+
+
+def _backward(ctx, g, g_lse_a, g_lse_b, kernel=True):
+    a, b, kl, lse_a, lse_b = ctx.saved_tensors
+    if not kernel or torch.is_grad_enabled() or g is None or g_lse_a is not None or g_lse_b is not None:
+        return kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b)  # differentiable torch
+    a2d, b2d = rows_2d(a), rows_2d(b)
+    ga, gb = torch.ops.entmath.kl_backward_triton(a2d, b2d, kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1),
+                                                  g.reshape(-1))
+    return ga.view(a.shape), gb.view(b.shape)
+
+
+# Direct callers of torch.ops.entmath.kl_triton get the same autograd.
+kl_triton.register_autograd(_backward, setup_context=_setup)
+register_row_vmap(kl_triton, (1, 1))
+register_row_vmap(kl_backward_triton, (1, 1, 0, 0, 0, 0))
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
@@ -94,17 +161,24 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend
         w.r.t. ``q_logits`` is q - p.
 
     Raises:
-        TypeError: non-float inputs or different dtypes.
+        TypeError: non-float inputs.  (Different float dtypes are promoted, as in ``F.kl_div``.)
         ValueError: shape mismatch, bad ``dim``, empty class dimension; NaN, +inf or all
-            ``-inf`` rows (naming ``p_logits`` or ``q_logits``).
+            ``-inf`` rows (naming ``p_logits`` or ``q_logits``).  With validation off
+            (``entmath.set_validation(False)``) such rows give NaN instead.
     """
     check_float_tensor(p_logits, "p_logits")
     check_float_tensor(q_logits, "q_logits")
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"p_logits and q_logits must have the same shape, got {tuple(p_logits.shape)} "
                          f"and {tuple(q_logits.shape)}")
-    if p_logits.dtype != q_logits.dtype:
-        raise TypeError(f"p_logits and q_logits must have the same dtype, got {p_logits.dtype} and {q_logits.dtype}")
     dim = normalize_dim(p_logits, dim, "p_logits")
     backend = resolve_backend(backend, p_logits, q_logits)
-    return KLFunction.apply(p_logits.movedim(dim, -1), q_logits.movedim(dim, -1), backend)
+    a, b = p_logits, q_logits
+    if a.dtype != b.dtype:  # mixed dtypes (e.g. from autocast): promote, as F.kl_div does
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
+    kl, lse_a, lse_b = _KL.apply(a.movedim(dim, -1), b.movedim(dim, -1), backend)
+    check_rows_finite(lse_a, "p_logits")
+    check_rows_finite(lse_b, "q_logits")
+    kl = torch.where(torch.isfinite(lse_a) & torch.isfinite(lse_b), kl, float("nan"))  # bad rows: NaN
+    return kl.to(output_dtype(a))

@@ -25,7 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_float_tensor
+from .._validate import check_float_tensor, value_checks_active
+from ._rows import autocast_on
 
 __all__ = ["logn_scale", "logn_attention", "query_lengths"]
 
@@ -83,14 +84,22 @@ def logn_scale(n, d: int, train_length: int, *, kappa: float | None = None,
     if isinstance(n, torch.Tensor):
         if n.dtype == torch.bool or n.is_complex():
             raise TypeError(f"n must hold integers or floats, got {n.dtype}")
+        check = value_checks_active(n)  # a device tensor: its values are read only when checks are on
         nt = n.to(device=device if device is not None else n.device, dtype=torch.float64)
     else:
         try:
-            nt = torch.as_tensor(n, dtype=torch.float64, device=device)
+            nt = torch.as_tensor(n, dtype=torch.float64)  # checked on the host, then moved
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"n must be an int, a sequence of ints or a tensor, got {type(n).__name__}") from err
-    if nt.numel() and not bool((nt >= 1).all()):  # also catches NaN
+        check = True
+    if check and nt.numel() and not bool((nt >= 1).all()):  # also catches NaN
         raise ValueError(f"n must be >= 1 everywhere (a query attends over at least one key), got min {nt.min().item()}")
+    return _scale_of(nt.to(device) if device is not None else nt, d, train_length, kappa, clamp_min_to_train_length,
+                     dtype)
+
+
+def _scale_of(nt, d, train_length, kappa, clamp_min_to_train_length, dtype):
+    """kappa log(n) / d for key counts nt (float64) that are known to be >= 1: no checks."""
     if clamp_min_to_train_length:
         nt = nt.clamp_min(train_length)
     if kappa is None:
@@ -117,7 +126,7 @@ def _check_qkv(q, k, v):
         check_float_tensor(t, name)
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape (..., length, features), got {tuple(t.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    if (k.dtype != q.dtype or v.dtype != q.dtype) and not autocast_on(q):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -188,9 +197,12 @@ def logn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, train_l
     _check_qkv(q, k, v)
     L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
     offset = check_causal_offset(L, S, is_causal, offset)
-    scale = logn_scale(query_lengths(L, S, is_causal=is_causal, offset=offset, device=q.device), d,
-                       train_length, kappa=kappa, clamp_min_to_train_length=clamp_min_to_train_length,
-                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    _check_int(train_length, "train_length", 2)
+    kappa = _check_kappa(kappa)
+    # The key counts are built here (>= 1 by construction): no value check, no device sync.
+    lengths = query_lengths(L, S, is_causal=is_causal, offset=offset, device=q.device).to(torch.float64)
+    scale = _scale_of(lengths, d, train_length, kappa, clamp_min_to_train_length,
+                      torch.float64 if q.dtype == torch.float64 else torch.float32)
     # The one extra operation: fold each query's own scale into the query (fp32 for half types).
     qs = (q.to(scale.dtype) * scale[:, None]).to(q.dtype)
     if attn_mask is not None:

@@ -32,15 +32,14 @@ G1 = sum_i g_i w_i, G2 = sum_i g_i a_i: two reductions and one map per node, O(n
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._backend import resolve_backend
-from .._validate import check_float_tensor, check_rows_finite, normalize_dim
+from .._validate import check_float_tensor, check_rows_finite, normalize_dim, value_checks_active
+from ._library import register_row_vmap, triton_kernel_op
 from ._rows import kernels, rows_2d, upcast
 
 __all__ = ["noise_softmax", "NOISES", "DEFAULT_NODES", "tanh_sinh_rule", "quadrature", "seed_scheme", "monte_carlo"]
@@ -132,11 +131,17 @@ _FAMILY = {
 # --------------------------------------------------------------------------------------------
 # The node rule
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _rule_fp64(K: int):
-    """(y_k = -log u_k, omega_k) of the K-node tanh-sinh rule on (0, 1), in float64."""
+def tanh_sinh_rule(K: int, dtype=torch.float64, device=None):
+    """The K-node rule used by ``noise_softmax``: ``(y, omega)`` with u_k = exp(-y_k) the nodes in
+    (0, 1) and omega_k > 0 the weights, normalised so that sum_k omega_k = 1.
+
+    Computed in float64 on ``device`` with a handful of K-sized torch ops on every call (no
+    cache): a tracer (fake tensors, ``torch.compile``) then sees ordinary ops, not tensors made
+    outside it."""
+    K = int(K)
     if K == 1:
-        return torch.tensor([math.log(2)], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        y = torch.full((1,), math.log(2), dtype=torch.float64, device=device)
+        return y.to(dtype), torch.ones(1, dtype=dtype, device=device)
     N = K / 2
     # Step of the double-exponential rule for ~2N nodes (Takahasi and Mori): it balances the
     # discretisation error exp(-2 pi d / h) against the truncation at |s| = (K - 1) h / 2.
@@ -145,19 +150,12 @@ def _rule_fp64(K: int):
     # beyond, the nodes add nothing at the 1e-6 level and would strain fp32.  For heavy tails the
     # finer h this gives at large K matters more than the outermost nodes (Chapter 4).
     h = min(h, 2 * _S_MAX / (K - 1))
-    s = (torch.arange(K, dtype=torch.float64) - (K - 1) / 2) * h
+    s = (torch.arange(K, dtype=torch.float64, device=device) - (K - 1) / 2) * h
     a = math.pi * torch.sinh(s)
     y = torch.nn.functional.softplus(-a)  # -log u with u = 1 / (1 + e^{-a}), exact for u -> 1
     log_w = torch.log(torch.cosh(s)) - torch.nn.functional.softplus(-a) - torch.nn.functional.softplus(a)
     w = torch.exp(log_w - log_w.max())
-    return y, w / w.sum()
-
-
-def tanh_sinh_rule(K: int, dtype=torch.float64, device=None):
-    """The K-node rule used by ``noise_softmax``: ``(y, omega)`` with u_k = exp(-y_k) the nodes in
-    (0, 1) and omega_k > 0 the weights, normalised so that sum_k omega_k = 1."""
-    y, w = _rule_fp64(int(K))
-    return y.to(dtype=dtype, device=device), w.to(dtype=dtype, device=device)
+    return y.to(dtype), (w / w.sum()).to(dtype)
 
 
 def brackets(noise: str, n: int, y: torch.Tensor):
@@ -169,8 +167,8 @@ def brackets(noise: str, n: int, y: torch.Tensor):
 
 def node_brackets(noise: str, n: int, K: int, dtype, device):
     """(y, omega, x_lo, x_hi): the K-node rule and the per-node brackets, in dtype on device."""
-    y, w = tanh_sinh_rule(K)
-    return tuple(v.to(dtype=dtype, device=device) for v in (y, w, *brackets(noise, n, y)))
+    y, w = tanh_sinh_rule(K, device=device)
+    return tuple(v.to(dtype=dtype) for v in (y, w, *brackets(noise, n, y)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,28 +239,41 @@ def noise_softmax_torch(z2d, m, y, w, x_lo, x_hi, noise):
     return p, t, log_s
 
 
-def noise_softmax_backward_torch(z2d, grad_p, t, log_s, w_k, noise):
-    """Reference backward: the vector-Jacobian product of the module docstring, from the saved
-    nodes t and log S (rows, K) and the weights w_k; O(nK) per row."""
+def noise_softmax_vjp(z2d, t, w_k, noise, grad_p, grad_t, log_s=None):
+    """Vector-Jacobian product of (p, t) w.r.t. the logits, in torch ops (differentiable again).
+
+    From the nodes t (rows, K) and the weights w_k: the derived backward of the module docstring
+    for p, plus the nodes' own derivative dt_k/dmu_m = w_m(t_k) for ``grad_t``.  ``log_s`` is
+    recomputed from (z, t) unless given (it depends on both: a second derivative needs that).
+    O(nK) per row, in row chunks of about ``_CHUNK`` (rows, K, n) entries.
+    """
     K = w_k.numel()
-    _, n = z2d.shape
+    rows, n = z2d.shape
     both, dlog_rh, _ = _FAMILY[noise]
-    g = grad_p.to(z2d.dtype)
-    out = torch.empty_like(z2d)
-    step = max(1, _CHUNK // (K * n))
-    for r0 in range(0, z2d.shape[0], step):
+    live = (z2d > float("-inf")).unsqueeze(-2)
+    step = max(1, _CHUNK // (K * max(n, 1)))
+    out = []
+    for r0 in range(0, rows, step):
         sl = slice(r0, r0 + step)
-        x = t[sl].unsqueeze(-1) - z2d[sl].unsqueeze(-2)
-        lr = both(x)[1]
-        w = torch.exp(lr - log_s[sl].unsqueeze(-1))
-        # a = w c with c = d log r / dx; classes with w = 0 (mu = -inf) contribute 0, not 0 * inf.
-        a = torch.where(w > 0, w * dlog_rh(x, torch.exp(lr)), torch.zeros_like(w))
-        gs = g[sl].unsqueeze(-2)
-        g1 = (gs * w).sum(-1, keepdim=True)
-        g2 = (gs * a).sum(-1, keepdim=True)
-        big_a = a.sum(-1, keepdim=True)
-        out[sl] = torch.einsum("k,bkn->bn", w_k, a * (g1 - gs) + w * (g2 - big_a * g1))
-    return out
+        # -inf logits: x = +inf, r = 0, weight 0; x is set to 0 there so that no product in this
+        # graph (or its derivative) meets an infinity.
+        x = torch.where(live[sl], t[sl].unsqueeze(-1) - torch.where(live[sl], z2d[sl].unsqueeze(-2), 0.0), 0.0)
+        lr = torch.where(live[sl], both(x)[1], float("-inf"))
+        ls = torch.logsumexp(lr, -1) if log_s is None else log_s[sl]
+        w = torch.exp(lr - ls.unsqueeze(-1))
+        gz = torch.zeros_like(z2d[sl])
+        if grad_p is not None:
+            # a = w c with c = d log r / dx; classes with w = 0 (mu = -inf) contribute 0, not 0 * inf.
+            a = torch.where(live[sl], w * dlog_rh(x, torch.exp(lr)), 0.0)
+            gs = grad_p[sl].to(z2d.dtype).unsqueeze(-2)
+            g1 = (gs * w).sum(-1, keepdim=True)
+            g2 = (gs * a).sum(-1, keepdim=True)
+            big_a = a.sum(-1, keepdim=True)
+            gz = gz + torch.einsum("k,bkn->bn", w_k, a * (g1 - gs) + w * (g2 - big_a * g1))
+        if grad_t is not None:
+            gz = gz + torch.einsum("bk,bkn->bn", grad_t[sl].to(z2d.dtype), w)
+        out.append(gz)
+    return torch.cat(out) if len(out) != 1 else out[0]
 
 
 def quadrature(mu: torch.Tensor, noise: str, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -276,39 +287,99 @@ def quadrature(mu: torch.Tensor, noise: str, y: torch.Tensor, w: torch.Tensor) -
     return p.view(mu.shape)
 
 
-class NoiseSoftmaxFunction(torch.autograd.Function):
-    """p_i = P[argmax(z + eps) = i] along the last dim of z, by the shared-node quadrature;
-    backward by the implicit function theorem through the nodes (see the module docstring)."""
+# ---- the solvers, registered as operators (see _library.py) ---------------------------------
+# The nodes are found by an iteration that runs until every node converges, which no compiler can
+# trace: on both backends the forward is an opaque operator; the backward is torch code.
+@torch.library.custom_op("entmath::noise_softmax_solve", mutates_args=())
+def noise_softmax_solve(z: torch.Tensor, noise: str, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, nodes t, log S at the nodes) of the rows of z (rows, n); t and log S are (rows, K)."""
+    z = rows_2d(z)
+    y, w, x_lo, x_hi = node_brackets(noise, z.shape[1], K, z.dtype, z.device)
+    return noise_softmax_torch(z, z.amax(-1, keepdim=True), y, w, x_lo, x_hi, noise)
+
+
+@triton_kernel_op("noise_softmax_triton")
+def noise_softmax_triton(z: torch.Tensor, noise: str, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same by the Triton kernel."""
+    z2d = rows_2d(z)
+    y, w, x_lo, x_hi = node_brackets(noise, z2d.shape[1], K, z2d.dtype, z2d.device)
+    p, t, log_s = kernels("noise_softmax").noise_softmax_fwd(
+        z2d, z2d.amax(-1, keepdim=True), y, w, x_lo, x_hi, noise, _NEWTON_MAX, _NEWTON_FREE,
+        *newton_tolerances(z2d.dtype))
+    return p, t[:, :K].contiguous(), log_s[:, :K].contiguous()  # the kernel pads K to a power of two
+
+
+@triton_kernel_op("noise_softmax_backward_triton")
+def noise_softmax_backward_triton(z: torch.Tensor, grad_p: torch.Tensor, t: torch.Tensor, log_s: torch.Tensor,
+                                  noise: str) -> torch.Tensor:
+    """dL/dmu from dL/dp and the forward's nodes (rows, K), by the Triton kernel (two passes)."""
+    z2d, K = rows_2d(z), t.shape[-1]
+    _, w = tanh_sinh_rule(K, dtype=z2d.dtype, device=z2d.device)
+    pad = kernels("noise_softmax")._shape(z2d.shape[1], K)[0] - K
+    t_p, ls_p = (torch.nn.functional.pad(v, (0, pad)) for v in (t, log_s))
+    return kernels("noise_softmax").noise_softmax_bwd(z2d, rows_2d(grad_p), t_p, ls_p, w, noise)
+
+
+def _fake_solve(z, noise, K):
+    t = z.new_empty(z.shape[0], K)
+    return torch.empty_like(z, memory_format=torch.contiguous_format), t, torch.empty_like(t)
+
+
+noise_softmax_solve.register_fake(_fake_solve)
+noise_softmax_triton.register_fake(_fake_solve)
+noise_softmax_backward_triton.register_fake(lambda z, grad_p, t, log_s, noise: torch.empty_like(
+    z, memory_format=torch.contiguous_format))
+
+
+def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[2])  # log S: a by-product, recomputed when differentiated
+    ctx.save_for_backward(inputs[0], output[1], output[2])
+    ctx.noise, ctx.K = inputs[1], inputs[2]
+
+
+def _backward(ctx, grad_p, grad_t, _grad_log_s, kernel=False):
+    z, t, log_s = ctx.saved_tensors
+    if kernel and grad_t is None and grad_p is not None and not torch.is_grad_enabled():
+        return torch.ops.entmath.noise_softmax_backward_triton(z, grad_p, t, log_s, ctx.noise), None, None
+    _, w = tanh_sinh_rule(ctx.K, dtype=z.dtype, device=z.device)
+    graph = torch.is_grad_enabled()
+    return noise_softmax_vjp(z, t, w, ctx.noise, grad_p, grad_t, log_s=None if graph else log_s), None, None
+
+
+noise_softmax_solve.register_autograd(_backward, setup_context=_setup)
+noise_softmax_triton.register_autograd(_backward, setup_context=_setup)
+register_row_vmap(noise_softmax_solve, (1, None, None))
+register_row_vmap(noise_softmax_triton, (1, None, None))
+
+
+class _NoiseSoftmax(torch.autograd.Function):
+    """(p, t, log S) for the rows of z2d (rows, n): p_i = P[argmax(z + eps) = i] by the shared-node
+    quadrature, the nodes t (differentiable: dt_k/dz_m = w_m(t_k)) and log S (not)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, noise: str, K: int, backend: str):
-        z2d = rows_2d(z)
-        m = z2d.amax(-1, keepdim=True)
-        y, w, x_lo, x_hi = node_brackets(noise, z2d.shape[1], K, z2d.dtype, z2d.device)
+    def forward(z2d, noise, K, backend):
         if backend == "triton":
-            p, t, log_s = kernels("noise_softmax").noise_softmax_fwd(
-                z2d, m, y, w, x_lo, x_hi, noise, _NEWTON_MAX, _NEWTON_FREE, *newton_tolerances(z2d.dtype))
-        else:
-            p, t, log_s = noise_softmax_torch(z2d, m, y, w, x_lo, x_hi, noise)
-        ctx.noise, ctx.backend = noise, backend
-        ctx.save_for_backward(z, t, log_s, w)
-        return p.view(z.shape)
+            return torch.ops.entmath.noise_softmax_triton(z2d, noise, K)
+        return torch.ops.entmath.noise_softmax_solve(z2d, noise, K)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_p):
-        z, t, log_s, w = ctx.saved_tensors
-        z2d, g2d = rows_2d(z), rows_2d(grad_p)
-        if ctx.backend == "triton":
-            g = kernels("noise_softmax").noise_softmax_bwd(z2d, g2d, t, log_s, w, ctx.noise)
-        else:
-            g = noise_softmax_backward_torch(z2d, g2d, t, log_s, w, ctx.noise)
-        return g.view(z.shape), None, None, None
+    def setup_context(ctx, inputs, output):
+        _setup(ctx, inputs, output)
+        ctx.backend = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad_p, grad_t, grad_log_s):
+        return (*_backward(ctx, grad_p, grad_t, grad_log_s, kernel=ctx.backend == "triton"), None)
 
 
 def _check_scale(scale):
     if isinstance(scale, torch.Tensor):
         check_float_tensor(scale, "scale")
+        if not value_checks_active(scale):
+            return
         bad = ~(torch.isfinite(scale) & (scale > 0))
         if bool(bad.any()):
             raise ValueError("scale must be positive and finite everywhere (the noise scale)")
@@ -381,7 +452,8 @@ def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes:
     if noise == "gumbel":
         p = torch.softmax(z, -1)  # exact: the Gumbel-max trick (Chapter 4)
     else:
-        p = NoiseSoftmaxFunction.apply(z, noise, K, backend)
+        z2d = rows_2d(z)
+        p = _NoiseSoftmax.apply(z2d, noise, K, backend)[0].view(z.shape)
     return p.movedim(-1, dim).to(mu.dtype)
 
 

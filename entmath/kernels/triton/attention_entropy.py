@@ -23,6 +23,7 @@ The backward uses the chunked torch path (entmath/ops/attention_entropy.py), see
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .softmax_stats import log_normaliser, update_stats
 
@@ -91,7 +92,7 @@ def attention_entropy_fwd(q3: torch.Tensor, k3: torch.Tensor, scale2: torch.Tens
         return h, lse
     bm, bn, bd = _block(L, block_m), _block(S, block_n), _block(D, 1 << 30)
     grid = (triton.cdiv(L, bm), bh)
-    attention_entropy_fwd_kernel[grid](
+    wrap_triton(attention_entropy_fwd_kernel)[grid](
         q3, k3, scale2, h, lse, L, S, D, offset, q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
         CAUSAL=bool(is_causal), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4)

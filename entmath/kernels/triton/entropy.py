@@ -9,6 +9,7 @@ Backward: dH/dz_k = -p_k (log p_k + H), an elementwise map once lse and H are kn
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import block_size, num_warps
 from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
@@ -41,6 +42,7 @@ def entropy_bwd_kernel(z_ptr, gz_ptr, gh_ptr, h_ptr, lse_ptr, n_cols, stride_row
     gh = tl.load(gh_ptr + row).to(ACC)
     h = tl.load(h_ptr + row)
     lse = tl.load(lse_ptr + row)
+    lse = tl.where(tl.abs(lse) < float("inf"), lse, float("nan"))  # a bad row: NaN everywhere, as in torch
     cols = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
@@ -64,7 +66,7 @@ def entropy_fwd(z2d: torch.Tensor):
     lse = torch.empty_like(h)
     if rows:
         blk = block_size(n)
-        entropy_fwd_kernel[(rows,)](z2d, h, lse, n, z2d.stride(0), BLOCK=blk, ACC=_acc(z2d.dtype),
+        wrap_triton(entropy_fwd_kernel)[(rows,)](z2d, h, lse, n, z2d.stride(0), BLOCK=blk, ACC=_acc(z2d.dtype),
                                     num_warps=num_warps(blk))
     return h, lse
 
@@ -74,6 +76,6 @@ def entropy_bwd(z2d: torch.Tensor, grad_h: torch.Tensor, h: torch.Tensor, lse: t
     gz = torch.empty_like(z2d)
     if rows:
         blk = block_size(n)
-        entropy_bwd_kernel[(rows,)](z2d, gz, grad_h.contiguous(), h, lse, n, z2d.stride(0), gz.stride(0),
+        wrap_triton(entropy_bwd_kernel)[(rows,)](z2d, gz, grad_h.contiguous(), h, lse, n, z2d.stride(0), gz.stride(0),
                                     BLOCK=blk, ACC=_acc(z2d.dtype), num_warps=num_warps(blk))
     return gz

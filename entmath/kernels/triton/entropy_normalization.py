@@ -36,6 +36,7 @@ elementwise gradient: z, p and g are read twice, grad z written once.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import block_size, num_warps
 from .softmax_stats import load_row_chunk, log1p
@@ -420,8 +421,9 @@ def entropy_normalize_fwd(z2d: torch.Tensor, t: torch.Tensor, one_tile_max: int 
         one_tile = n <= one_tile_max
         blk = block or (triton.next_power_of_2(max(n, 1)) if one_tile else block_size(n))
         fi = torch.finfo(acc)
-        ev = evals_out if evals_out is not None else gamma  # a placeholder pointer when unused
-        entropy_normalize_fwd_kernel[(rows,)](
+        # (without evals_out, a scratch of its own: the kernel stores to it only if WRITE_EVALS)
+        ev = evals_out if evals_out is not None else torch.empty(1, device=z2d.device, dtype=torch.int32)
+        wrap_triton(entropy_normalize_fwd_kernel)[(rows,)](
             z2d, t.to(torch.float64).contiguous(), p, gamma, zbar, ev, n, z2d.stride(0), p.stride(0), fi.eps,
             BLOCK=blk, ONE_TILE=one_tile and blk >= n, ACC=_acc(z2d.dtype), BIG=fi.max, MAX_EVALS=MAX_EVALS,
             FTOL_ULPS=FTOL_ULPS, PREDICT_STEP=PREDICT_STEP, WRITE_EVALS=evals_out is not None,
@@ -441,7 +443,7 @@ def entropy_normalize_bwd(z2d, p, gamma, zbar, grad_p, grad_gamma, block: int = 
     if rows:
         one_tile = n <= one_tile_max
         blk = block or (triton.next_power_of_2(max(n, 1)) if one_tile else block_size(n))
-        entropy_normalize_bwd_kernel[(rows,)](z2d, p, gp, gg, gamma, zbar, gz, gt, n, z2d.stride(0), p.stride(0),
-                                              gp.stride(0), gz.stride(0), BLOCK=blk, ONE_TILE=one_tile and blk >= n,
-                                              ACC=_acc(z2d.dtype), num_warps=num_warps(blk))
+        wrap_triton(entropy_normalize_bwd_kernel)[(rows,)](
+            z2d, p, gp, gg, gamma, zbar, gz, gt, n, z2d.stride(0), p.stride(0), gp.stride(0), gz.stride(0),
+            BLOCK=blk, ONE_TILE=one_tile and blk >= n, ACC=_acc(z2d.dtype), num_warps=num_warps(blk))
     return gz, gt

@@ -12,6 +12,7 @@ Backward: dKL/da_k = p_k (log p_k - log q_k - KL),  dKL/db_k = q_k - p_k.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import block_size, num_warps
 from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
@@ -69,6 +70,9 @@ def kl_bwd_kernel(a_ptr, b_ptr, g_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, ga_ptr, gb_
     kl = tl.load(kl_ptr + row)
     lse_a = tl.load(lse_a_ptr + row)
     lse_b = tl.load(lse_b_ptr + row)
+    # A bad row (coded lse NaN / +inf / -inf): NaN everywhere, as in torch.
+    lse_a = tl.where(tl.abs(lse_a) < float("inf"), lse_a, float("nan"))
+    lse_b = tl.where(tl.abs(lse_b) < float("inf"), lse_b, float("nan"))
     finite = kl < float("inf")  # rows with KL = +inf get a zero gradient w.r.t. a (documented)
     cols = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
@@ -95,7 +99,7 @@ def kl_fwd(a2d, b2d):
     lse_a, lse_b = torch.empty_like(kl), torch.empty_like(kl)
     if rows:
         blk = block_size(n)
-        kl_fwd_kernel[(rows,)](a2d, b2d, kl, lse_a, lse_b, n, a2d.stride(0), b2d.stride(0),
+        wrap_triton(kl_fwd_kernel)[(rows,)](a2d, b2d, kl, lse_a, lse_b, n, a2d.stride(0), b2d.stride(0),
                                BLOCK=blk, ACC=_acc(a2d.dtype), num_warps=num_warps(blk))
     return kl, lse_a, lse_b
 
@@ -105,6 +109,6 @@ def kl_bwd(a2d, b2d, g, kl, lse_a, lse_b):
     ga, gb = torch.empty_like(a2d), torch.empty_like(b2d)
     if rows:
         blk = block_size(n)
-        kl_bwd_kernel[(rows,)](a2d, b2d, g.contiguous(), kl, lse_a, lse_b, ga, gb, n, a2d.stride(0), b2d.stride(0),
+        wrap_triton(kl_bwd_kernel)[(rows,)](a2d, b2d, g.contiguous(), kl, lse_a, lse_b, ga, gb, n, a2d.stride(0), b2d.stride(0),
                                ga.stride(0), gb.stride(0), BLOCK=blk, ACC=_acc(a2d.dtype), num_warps=num_warps(blk))
     return ga, gb

@@ -23,6 +23,7 @@ polynomial in s^2 on [0, tan(pi/12)] after the reduction atan(s) = pi/6 + atan((
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .softmax_stats import log1p
 
@@ -278,7 +279,7 @@ def noise_softmax_fwd(z2d, m, y, w, x_lo, x_hi, noise: str, max_iter: int, n_fre
     t = torch.empty(rows, kp, dtype=z2d.dtype, device=z2d.device)
     log_s = torch.empty_like(t)
     if rows:
-        noise_softmax_fwd_kernel[(rows,)](
+        wrap_triton(noise_softmax_fwd_kernel)[(rows,)](
             z2d, p, t, log_s, m.contiguous(), y, w, x_lo, x_hi, n, z2d.stride(0), p.stride(0), K, max_iter,
             n_free, tol_step, tol_stall, FAMILY=FAMILY_ID[noise], KP=kp, BLOCK=block, ACC=_acc(z2d.dtype), num_warps=4)
     return p, t, log_s
@@ -291,7 +292,7 @@ def noise_softmax_bwd(z2d, g2d, t, log_s, w, noise: str):
     kp, block = _shape(n, K)
     gz = torch.empty_like(z2d)
     if rows:
-        noise_softmax_bwd_kernel[(rows,)](
+        wrap_triton(noise_softmax_bwd_kernel)[(rows,)](
             z2d, g2d, gz, t, log_s, w, n, z2d.stride(0), g2d.stride(0), gz.stride(0), K,
             FAMILY=FAMILY_ID[noise], KP=kp, BLOCK=block, ACC=_acc(z2d.dtype), num_warps=4)
     return gz
@@ -302,6 +303,6 @@ def family_values(x: torch.Tensor, noise: str) -> torch.Tensor:
     x = x.contiguous().view(-1)
     out = torch.empty(3, x.numel(), dtype=x.dtype, device=x.device)
     block = 1024
-    family_values_kernel[(triton.cdiv(x.numel(), block),)](x, out.view(-1), x.numel(), FAMILY=FAMILY_ID[noise],
+    wrap_triton(family_values_kernel)[(triton.cdiv(x.numel(), block),)](x, out.view(-1), x.numel(), FAMILY=FAMILY_ID[noise],
                                                             BLOCK=block)
     return out
