@@ -13,6 +13,7 @@ from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.kl import kl
 from .ops.logn_attention import logn_attention, logn_scale, query_lengths
 from .ops.noise_softmax import noise_softmax
+from . import nn  # the modules: entmath.nn.CrossEntropyLoss, ...  (import entmath.nn also works)
 
 __version__ = "0.1.0"
 __all__ = [
