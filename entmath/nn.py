@@ -24,7 +24,7 @@ import torch
 
 from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
-from .ops.entropy_normalization import entropy_normalize
+from .ops.entropy_normalization import _prepare_sampling, _sampling_probabilities, entropy_normalize
 from .ops.logn_attention import _check_int, _check_kappa, logn_attention
 
 __all__ = ["CrossEntropyLoss", "Entropy", "EntropyNormalize", "LogNAttention", "EntropyTargetLogitsProcessor"]
@@ -54,10 +54,10 @@ class CrossEntropyLoss(torch.nn.Module):
         weight: optional class weights, a 1-D float tensor with one entry per class, registered
             as a buffer (it follows ``.to(device)`` and is saved in the ``state_dict``), exactly as
             ``torch.nn.CrossEntropyLoss`` registers its ``weight``.
-        dim, ignore_index, reduction, label_smoothing, z_loss, return_entropy, inplace_backward,
-        softcap, backend: the options of ``entmath.cross_entropy``, with its defaults, passed
-            on at every call (they are checked there).
 
+    The keyword arguments (``dim``, ``ignore_index``, ``reduction``, ``label_smoothing``,
+    ``z_loss``, ``return_entropy``, ``inplace_backward``, ``softcap``, ``backend``) are the options
+    of ``entmath.cross_entropy``, with its defaults, passed on at every call and checked there.
     ``forward(input, target)`` returns ``entmath.cross_entropy(input, target, weight, ...)``: the
     loss, or ``(loss, entropy)`` with ``return_entropy=True``.
     """
@@ -208,7 +208,13 @@ class EntropyTargetLogitsProcessor:
         target = self.target_entropy
         if isinstance(target, torch.Tensor):
             target = target.to(scores.device)
-        return torch.log(entropy_normalize(scores, target, self.dim, backend=self.backend))
+        if torch.is_grad_enabled() and scores.requires_grad:  # (generate never differentiates)
+            return torch.log(entropy_normalize(scores, target, self.dim, backend=self.backend))
+        # sample's path: one row per sequence, once per token, where the operator and autograd
+        # layers and the eager solver's Python steps would cost more than the solve.
+        z, t, dim, backend = _prepare_sampling(scores, target, self.dim, self.backend)
+        p, _ = _sampling_probabilities(z, t, backend)
+        return torch.log(p).movedim(-1, dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_entropy={self.target_entropy}, dim={self.dim})"

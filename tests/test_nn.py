@@ -212,6 +212,12 @@ def test_logits_processor_gives_log_probabilities_of_the_target_entropy():
     # a target above log |support| gives the uniform distribution on the support
     out = enn.EntropyTargetLogitsProcessor(10.0)(None, scores)
     torch.testing.assert_close(out[1, 10:].double(), torch.full((40,), -math.log(40), dtype=f64), atol=1e-6, rtol=0)
+    # the same values on the differentiable path (scores that require grad), and a gradient
+    leaf = scores.detach().clone().requires_grad_()
+    graded = enn.EntropyTargetLogitsProcessor(1.5)(None, leaf)
+    torch.testing.assert_close(graded.detach(), proc(None, scores), atol=2e-6, rtol=0)
+    graded[0, :5].sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
     with pytest.raises(ValueError, match="target_entropy must be a number >= 0"):
         enn.EntropyTargetLogitsProcessor(-0.1)
     with pytest.raises(ValueError, match="target_entropy must be a number >= 0"):

@@ -770,9 +770,9 @@ def _prepare_sampling(logits, target, dim, backend):
 
 def _one_draw_per_row(p2d: torch.Tensor, generator) -> torch.Tensor:
     """One index per row of a valid p2d (rows, n), any n: the exponential race, argmax_i p_i / E_i
-    with E_i ~ Exp(1) (P[i wins] = p_i).  It is what torch.multinomial(p, 1) computes, draw for
-    draw from the same generator state, without the validity checks (reductions and a host read)
-    it runs first: p is a distribution by construction here."""
+    with E_i ~ Exp(1) (P[i wins] = p_i).  It is the algorithm of torch.multinomial(p, 1) (on the
+    CPU the same draws for the same generator state: tests/test_sample.py), without the validity
+    checks (reductions and a host read) it runs first: p is a distribution by construction here."""
     e = torch.empty_like(p2d).exponential_(generator=generator)
     return torch.div(p2d, e, out=e).argmax(-1, keepdim=True)
 
@@ -812,9 +812,10 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
 
     Returns:
         int64 indices with the shape of ``logits`` where ``dim`` now has size ``num_samples``.
-        Not differentiable.  The draws are ``torch.multinomial``'s for the same generator state
-        (one draw per row: its exponential race, run without its checks); beyond the 2^24
-        classes it accepts, several draws with replacement invert the CDF in float64.
+        Not differentiable.  The draws are those of ``torch.multinomial`` (one draw per row: its
+        exponential race, run without its checks; on the CPU the same draws for the same
+        generator state); beyond the 2^24 classes it accepts, several draws with replacement
+        invert the CDF in float64.
 
     Cost.  On the CPU a call costs a small multiple of ``torch.softmax`` + ``torch.multinomial``
     on the same logits: eager float32 calls solve every row with the C kernel, whatever its size
