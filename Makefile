@@ -39,15 +39,16 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going --all
 	@test -f _build/html/index.html
 
+# Both use every core (pytest-xdist): a notebook's cells stay together in one worker (loadfile).
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n auto
 
 nbval: $(STAMP)
 	rm -rf $(NBDIR) && mkdir -p $(NBDIR)
 	for ch in $(CHAPTERS); do \
 	  $(BIN)/jupytext --quiet --to ipynb -o $(NBDIR)/$$(basename $${ch%.md}).ipynb $$ch || exit 1; \
 	done
-	$(BIN)/python -m pytest --nbval-lax -q -p no:cacheprovider --nbval-cell-timeout=600 $(NBDIR)
+	$(BIN)/python -m pytest --nbval-lax -q -p no:cacheprovider --nbval-cell-timeout=600 -n auto --dist loadfile $(NBDIR)
 
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 && fc-list :lang=zh 2>/dev/null | grep -q . || { \
