@@ -178,6 +178,12 @@ class LogNAttention(torch.nn.Module):
                 f"clamp_min_to_train_length={self.clamp_min_to_train_length}, dropout={self.dropout}")
 
 
+def _log(p: torch.Tensor) -> torch.Tensor:
+    """log p, -inf where p = 0 with a zero gradient there (log's own would be 0 * inf = NaN)."""
+    live = p > 0
+    return torch.where(live, torch.where(live, p, 1.0).log(), float("-inf"))
+
+
 class EntropyTargetLogitsProcessor:
     """Entropy-targeted sampling inside ``transformers``' ``generate`` (Chapter 2).
 
@@ -209,12 +215,12 @@ class EntropyTargetLogitsProcessor:
         if isinstance(target, torch.Tensor):
             target = target.to(scores.device)
         if torch.is_grad_enabled() and scores.requires_grad:  # (generate never differentiates)
-            return torch.log(entropy_normalize(scores, target, self.dim, backend=self.backend))
+            return _log(entropy_normalize(scores, target, self.dim, backend=self.backend))
         # sample's path: one row per sequence, once per token, where the operator and autograd
         # layers and the eager solver's Python steps would cost more than the solve.
         z, t, dim, backend = _prepare_sampling(scores, target, self.dim, self.backend)
         p, _ = _sampling_probabilities(z, t, backend)
-        return torch.log(p).movedim(-1, dim)
+        return _log(p).movedim(-1, dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_entropy={self.target_entropy}, dim={self.dim})"

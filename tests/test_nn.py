@@ -218,6 +218,11 @@ def test_logits_processor_gives_log_probabilities_of_the_target_entropy():
     torch.testing.assert_close(graded.detach(), proc(None, scores), atol=2e-6, rtol=0)
     graded[0, :5].sum().backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    small = _g(2, 5) * 2
+    small[1, 3] = -math.inf
+    finite = torch.isfinite(small)
+    assert torch.autograd.gradcheck(lambda x: enn.EntropyTargetLogitsProcessor(0.9)(None, x)[finite],
+                                    (small.requires_grad_(),))
     with pytest.raises(ValueError, match="target_entropy must be a number >= 0"):
         enn.EntropyTargetLogitsProcessor(-0.1)
     with pytest.raises(ValueError, match="target_entropy must be a number >= 0"):
