@@ -11,8 +11,9 @@ from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
 from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.kl import kl
-from .ops.logn_attention import logn_attention, logn_scale
+from .ops.logn_attention import logn_attention, logn_scale, query_lengths
 from .ops.noise_softmax import noise_softmax
+from . import nn  # the modules: entmath.nn.CrossEntropyLoss, ...  (import entmath.nn also works)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
     # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention
-    "logn_scale", "logn_attention", "attention_entropy",
+    "logn_scale", "query_lengths", "logn_attention", "attention_entropy",
     # Chapter 4: noise-argmax distributions (Gumbel gives softmax; normal, logistic, Cauchy by quadrature)
     "noise_softmax",
     # Value checks on or off (off: no device-to-host sync; bad rows give NaN, as in torch)

@@ -220,6 +220,13 @@ def test_empty_inputs():
     (dict(is_causal=True, offset=-1), ValueError, "offset must be >= 0"),
     (dict(is_causal=1), TypeError, "is_causal must be a bool"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(train_length=1), ValueError, "train_length must be >= 2"),
+    (dict(train_length=8.0), TypeError, "train_length must be an int"),
+    (dict(kappa=1.0), ValueError, "give train_length too"),
+    (dict(clamp_min_to_train_length=True), ValueError, "give train_length too"),
+    (dict(train_length=8, kappa=1.0, scale=0.5), ValueError, "give scale or kappa, not both"),
+    (dict(train_length=8, kappa=-1.0), ValueError, "kappa must be finite and > 0"),
+    (dict(train_length=8, clamp_min_to_train_length=1), TypeError, "clamp_min_to_train_length must be a bool"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
     args = dict(q=torch.ones(2, 3), k=torch.ones(4, 3))
@@ -249,3 +256,45 @@ def test_bad_values_raise_and_name_the_input(backend):
         attention_entropy(q * 1e20, k * 1e20, backend=backend)
     with pytest.raises(ValueError, match="may overflow"):
         attention_entropy(q, k, scale=1e38, backend=backend)
+
+
+# ---------------------------------------------------------------------------- log-n attention
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,offset,kw", [(False, 0, {}), (True, 0, {}), (True, 5, {}),
+                                              (True, 5, {"scale": 0.4}), (True, 5, {"kappa": 0.9}),
+                                              (True, 5, {"clamp_min_to_train_length": True}),
+                                              (False, 0, {"scale": "tensor"})])
+def test_train_length_gives_the_entropy_of_logn_attention(backend, causal, offset, kw):
+    """attention_entropy(q, k, train_length=n0, ...) is the entropy of the rows logn_attention
+    attends with (same scale, causal offset, kappa, clamp): checked against the rows themselves,
+    recovered from logn_attention with v = identity (each output row is then p_i)."""
+    g = torch.Generator().manual_seed(21)
+    L, S, d = 6, 11, 4
+    q, k = torch.randn(2, L, d, generator=g, dtype=torch.float64) * 2, torch.randn(2, S, d, generator=g, dtype=torch.float64)
+    kw = dict(kw)
+    if kw.get("scale") == "tensor":
+        kw["scale"] = torch.rand(2, L, generator=g, dtype=torch.float64) + 0.2
+        # a per-query base scale: the rows of logn_attention with each query scaled by scale_i
+        probs = torch.stack([entmath.logn_attention(q[b:b + 1] * kw["scale"][b, :, None], k[b:b + 1],
+                                                    torch.eye(S, dtype=torch.float64)[None], train_length=8,
+                                                    scale=1.0)[0] for b in range(2)])
+    else:
+        probs = entmath.logn_attention(q, k, torch.eye(S, dtype=torch.float64).expand(2, S, S), train_length=8,
+                                       is_causal=causal, offset=offset, **kw)
+    want = -torch.where(probs > 0, probs * probs.log(), 0.0).sum(-1)
+    got = attention_entropy(q, k, train_length=8, is_causal=causal, offset=offset, backend=backend, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if "scale" not in kw and "kappa" not in kw:  # the same as the scales built by hand
+        lam = logn_scale(query_lengths(L, S, is_causal=causal, offset=offset), d, 8, dtype=torch.float64,
+                         clamp_min_to_train_length=kw.get("clamp_min_to_train_length", False))
+        torch.testing.assert_close(got, attention_entropy(q, k, scale=lam, is_causal=causal, offset=offset,
+                                                          backend=backend), rtol=1e-14, atol=1e-14)
+
+
+def test_train_length_scale_gets_gradients():
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(1, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(1, 4, generator=g, dtype=torch.float64).add(0.3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_entropy(a, b, scale=c, train_length=5, is_causal=True,
+                                                                      offset=2), (q, k, s))

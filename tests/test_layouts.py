@@ -60,6 +60,12 @@ def _cases(backend):
         "attention_entropy": (lambda qq, kk, s: entmath.attention_entropy(qq, kk, scale=s, **b),
                               [q, k, torch.rand(2, 4, dtype=torch.float64) + 0.2]),
         "logn_attention": (lambda qq, kk, vv: entmath.logn_attention(qq, kk, vv, train_length=4), [q, k, v]),
+        "logn_attention-gqa-mask": (lambda qq, kk, vv, m: entmath.logn_attention(qq, kk, vv, m, enable_gqa=True,
+                                                                                 train_length=4),
+                                    [_g(1, 4, 3, 3, seed=6), _g(1, 2, 5, 3, seed=7), _g(1, 2, 5, 3, seed=8),
+                                     torch.rand(1, 4, 3, 5, generator=torch.Generator().manual_seed(9)) > 0.2]),
+        "attention_entropy-logn": (lambda qq, kk: entmath.attention_entropy(qq, kk, train_length=3, is_causal=True,
+                                                                            offset=1, **b), [q, k]),
     }
 
 

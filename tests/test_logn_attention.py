@@ -222,9 +222,134 @@ def test_entropy_of_logn_rows_is_attention_entropy_with_logn_scale():
     (dict(attn_mask=torch.ones(2, 4, dtype=torch.int64)), TypeError, "attn_mask must be boolean or floating point"),
     (dict(attn_mask=[[True]]), TypeError, "attn_mask must be a torch.Tensor or None"),
     (dict(kappa=0.0), ValueError, "kappa must be finite and > 0"),
+    # SDPA's arguments
+    (dict(scale=0.0), ValueError, "scale must be finite and > 0"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite and > 0"),
+    (dict(scale=torch.tensor(0.5)), TypeError, "scale must be a float or None"),
+    (dict(scale=0.5, kappa=1.0), ValueError, "give scale or kappa, not both"),
+    (dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
+    (dict(dropout_p=float("nan")), ValueError, r"dropout_p must be in \[0, 1\]"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(enable_gqa=1), TypeError, "enable_gqa must be a bool"),
+    (dict(clamp_min_to_train_length=1), TypeError, "clamp_min_to_train_length must be a bool"),
+    # a mask that broadcasts *with* the weights (2, 3, 4) but not *to* them: SDPA fails inside
+    (dict(q=torch.ones(2, 3, 3), k=torch.ones(2, 4, 3), v=torch.ones(2, 4, 2),
+          attn_mask=torch.ones(5, 1, 3, 4, dtype=torch.bool)), ValueError,
+     r"attn_mask of shape \(5, 1, 3, 4\) does not broadcast to the attention weights \(2, 3, 4\)"),
+    (dict(q=torch.ones(2, 3, 3), k=torch.ones(2, 4, 3), v=torch.ones(2, 4, 2),
+          attn_mask=torch.ones(4, 3, 4, dtype=torch.bool)), ValueError, "does not broadcast to the attention weights"),
+    # grouped-query heads
+    (dict(q=torch.ones(1, 4, 3, 3), k=torch.ones(1, 2, 4, 3), v=torch.ones(1, 2, 4, 2)), ValueError,
+     "pass enable_gqa=True"),
+    (dict(q=torch.ones(1, 3, 3, 3), k=torch.ones(1, 2, 4, 3), v=torch.ones(1, 2, 4, 2), enable_gqa=True), ValueError,
+     r"number of query heads \(3\) must be a multiple of the number of key/value heads \(2\)"),
+    (dict(q=torch.ones(2, 4, 3, 3), k=torch.ones(1, 2, 4, 3), v=torch.ones(1, 2, 4, 2), enable_gqa=True), ValueError,
+     "must share the dimensions before the heads"),
+    (dict(q=torch.ones(1, 4, 3, 3), k=torch.ones(1, 2, 4, 3), v=torch.ones(1, 4, 4, 2), enable_gqa=True), ValueError,
+     "k and v must share their leading"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, exc, match):
     args = dict(q=torch.ones(2, 3), k=torch.ones(4, 3), v=torch.ones(4, 2), train_length=8)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         logn_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+# ---------------------------------------------------------------------------- SDPA's arguments
+def test_positional_arguments_are_sdpas():
+    """logn_attention(q, k, v, attn_mask, dropout_p, is_causal, *, scale, enable_gqa): the
+    signature of F.scaled_dot_product_attention, so a call can be swapped for the other (plus
+    train_length)."""
+    q, k, v = qkv(5, 5, seed=11)
+    keep = torch.rand(5, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[:, 0] = True
+    for args, kw in [((), {}), ((keep,), {}), ((None, 0.0, True), {}), ((None, 0.0, False), {"scale": 0.3}),
+                     ((keep, 0.0), {"is_causal": False, "scale": 0.3, "enable_gqa": False})]:
+        want = F.scaled_dot_product_attention(q, k, v, *args, **kw)
+        # (clamped: every query, causal ones too, then has the training length's scale, SDPA's)
+        got = logn_attention(q, k, v, *args, **kw, train_length=5, clamp_min_to_train_length=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal,offset", [(False, 0), (True, 0), (True, 4)])
+def test_scale_is_sdpas_scale_at_the_training_length(causal, offset):
+    """scale replaces 1/sqrt(d): lambda(n) = scale * log(n) / log(n0), equal to scale at n0."""
+    q, k, v = qkv(5, 9, seed=12)
+    s = 0.37
+    kappa = s * q.shape[-1] / math.log(6)  # the same calibration written through kappa
+    got = logn_attention(q, k, v, None, 0.0, causal, scale=s, train_length=6, offset=offset)
+    torch.testing.assert_close(got, explicit(q, k, v, 6, causal, offset, kappa=kappa), rtol=0, atol=1e-14)
+    q, k, v = qkv(6, 6, seed=13)
+    torch.testing.assert_close(logn_attention(q, k, v, scale=s, train_length=6),
+                               F.scaled_dot_product_attention(q, k, v, scale=s), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal,offset,masked", [(False, 0, False), (True, 0, False), (True, 2, False),
+                                                  (False, 0, True), (True, 2, True)])
+def test_grouped_query_heads_equal_expanded_keys(causal, offset, masked):
+    """enable_gqa: 6 query heads over 2 key/value heads give what the keys repeated per group give."""
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(2, 6, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, 5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 4, 7, generator=g) > 0.3) if masked else None
+    if masked:
+        mask[..., 0] = True
+    got = logn_attention(q, k, v, mask, is_causal=causal, enable_gqa=True, train_length=5, offset=offset)
+    ke, ve = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    torch.testing.assert_close(got, explicit(q, ke, ve, 5, causal, offset, mask), rtol=0, atol=1e-14)
+    # gradients reach the shared heads
+    kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+    logn_attention(q, kk, vv, enable_gqa=True, train_length=5).sum().backward()
+    ke2, ve2 = k.clone().requires_grad_(), v.clone().requires_grad_()
+    explicit(q, ke2.repeat_interleave(3, dim=1), ve2.repeat_interleave(3, dim=1), 5).sum().backward()
+    torch.testing.assert_close(kk.grad, ke2.grad, rtol=0, atol=1e-13)
+    torch.testing.assert_close(vv.grad, ve2.grad, rtol=0, atol=1e-13)
+
+
+def test_dropout_is_sdpas():
+    """dropout_p reaches SDPA: with the same RNG state the op equals SDPA on the scaled queries;
+    at 1.0 every weight is dropped; 0 is deterministic."""
+    q, k, v = qkv(6, 6, seed=15)
+    torch.manual_seed(3)
+    got = logn_attention(q, k, v, dropout_p=0.4, train_length=6)
+    torch.manual_seed(3)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    assert not torch.allclose(got, logn_attention(q, k, v, train_length=6))
+    assert logn_attention(q, k, v, dropout_p=1.0, train_length=6).eq(0).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7), (1, 3, 1, 7), (3, 1, 1), (1, 7), (7,), (), (2, 3, 4, 7)])
+def test_masks_that_broadcast_to_the_weights_are_accepted(shape):
+    q, k, v = qkv(4, 7, seed=16)  # weights (2, 3, 4, 7)
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.3
+    if keep.dim():
+        keep[..., 0] = True
+    else:
+        keep = torch.tensor(True)
+    got = logn_attention(q, k, v, keep, train_length=5)
+    torch.testing.assert_close(got, explicit(q, k, v, 5, mask=keep.expand(2, 3, 4, 7)), rtol=0, atol=1e-14)
+
+
+def test_larger_batch_mask_is_a_clear_error_not_a_torch_failure():
+    """The reproducer: a mask with a larger batch broadcast *with* the weights, passed the check,
+    and failed inside SDPA with a RuntimeError."""
+    q, k, v = qkv(4, 7, seed=17)  # weights (2, 3, 4, 7)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 3, 4, 7, dtype=torch.bool))
+    for causal in (False, True):
+        with pytest.raises(ValueError, match=r"attn_mask of shape \(4, 3, 4, 7\) does not broadcast to the "
+                                             r"attention weights \(2, 3, 4, 7\)"):
+            logn_attention(q, k, v, torch.ones(4, 3, 4, 7, dtype=torch.bool), is_causal=causal, train_length=5)
+
+
+def test_query_lengths_checks_its_arguments():
+    with pytest.raises(ValueError, match="offset=1 only applies"):
+        query_lengths(2, 5, offset=1)
+    with pytest.raises(ValueError, match="needs at least offset"):
+        query_lengths(4, 5, is_causal=True, offset=2)
+    with pytest.raises(TypeError, match="L must be an int"):
+        query_lengths(2.0, 5)
+    with pytest.raises(ValueError, match="S must be >= 1"):
+        query_lengths(2, 0)

@@ -41,6 +41,13 @@ def _ops(backend):
         z = (q * s[..., None]) @ k.transpose(-1, -2)
         return ent_ref(z)
 
+    keep = torch.rand(3, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+    keep[:, 0] = True
+
+    def logn_ref(q, k, v):  # 5 keys, n0 = 3: scale log(5) / (log(3) sqrt(4)); heads 0-1 share kv head 0
+        z = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * (math.log(5) / (math.log(3) * 2.0))
+        return torch.softmax(z.masked_fill(~keep, float("-inf")), -1) @ v.repeat_interleave(2, dim=1)
+
     return {
         "entropy": (lambda z: entmath.entropy(z, **b), [_g(3, 5)], ent_ref),
         "kl": (lambda x, y: entmath.kl(x, y, **b), [_g(3, 5), _g(3, 5, seed=1)], kl_ref),
@@ -62,6 +69,13 @@ def _ops(backend):
                               [_g(2, 3, 4), _g(2, 5, 4, seed=1), torch.rand(2, 3, dtype=f64) + 0.3], att_ref),
         "attention_entropy_causal": (lambda q, k: entmath.attention_entropy(q, k, is_causal=True, **b),
                                      [_g(2, 4, 4), _g(2, 4, 4, seed=1)], None),
+        "attention_entropy_logn": (lambda q, k: entmath.attention_entropy(q, k, train_length=3, is_causal=True,
+                                                                          offset=1, **b),
+                                   [_g(2, 4, 4), _g(2, 5, 4, seed=1)], None),
+        # logn_attention has no kernel (SDPA does the work): the same on both "backends"
+        "logn_attention_gqa_masked": (lambda q, k, v: entmath.logn_attention(q, k, v, keep, enable_gqa=True,
+                                                                             train_length=3),
+                                      [_g(1, 4, 3, 4), _g(1, 2, 5, 4, seed=1), _g(1, 2, 5, 3, seed=2)], logn_ref),
     }
 
 
@@ -359,6 +373,53 @@ def test_small_transformer_compiles_to_one_graph():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+class _ModulesLM(torch.nn.Module):
+    """A one-block causal LM written with entmath.nn modules only: grouped-query log-n attention,
+    an entropy bonus, an entropy-normalised auxiliary distribution and the loss module."""
+
+    def __init__(self, vocab=40, d=16, heads=4, kv_heads=2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.q = torch.nn.Linear(d, d)
+        self.kv = torch.nn.Linear(d, 2 * d * kv_heads // heads)
+        self.attn = entmath.nn.LogNAttention(8, dropout=0.0)
+        self.head = torch.nn.Linear(d, vocab)
+        self.loss = entmath.nn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3)
+        self.entropy = entmath.nn.Entropy()
+        self.flat = entmath.nn.EntropyNormalize(torch.tensor(2.0))
+        self.heads, self.kv_heads = heads, kv_heads
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        B, L, d = x.shape
+        q = self.q(x).view(B, L, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x).view(B, L, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + self.attn(q, k, v, None, None, True, enable_gqa=True).transpose(1, 2).reshape(B, L, d)
+        logits = self.head(x)
+        aux = (self.flat(logits.detach()) * logits).sum(-1).mean()
+        return self.loss(logits.view(-1, logits.shape[-1]), targets.view(-1)) - 0.01 * self.entropy(logits).mean() \
+            - 1e-3 * aux
+
+
+def test_a_model_of_entmath_nn_modules_compiles_to_one_graph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _ModulesLM()
+    idx, tgt = torch.randint(0, 40, (2, 10)), torch.randint(0, 40, (2, 10))
+    explanation = torch._dynamo.explain(model)(idx, tgt)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(idx, tgt)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(idx, tgt)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_export_a_module_using_entropy_kl_and_cross_entropy():
     class M(torch.nn.Module):
         def forward(self, a, b, t):
@@ -382,7 +443,8 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the targets in the closures stay real
         fake = fn(*[mode.from_tensor(a) for a in real])
     assert fake.shape == want.shape and fake.dtype == want.dtype
-    if backend == "torch" and op not in ("cross_entropy", "cross_entropy_entropy"):  # (targets are captured)
+    if backend == "torch" and op not in ("cross_entropy", "cross_entropy_entropy",
+                                         "logn_attention_gqa_masked"):  # (targets, masks are captured)
         meta = fn(*[a.float().to("meta") for a in args])
         assert meta.shape == want.shape and meta.dtype == want.dtype and meta.is_meta
 

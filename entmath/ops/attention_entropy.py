@@ -37,7 +37,7 @@ from .._validate import check_float_tensor, compute_dtype, lowest, value_checks_
 from ._library import register_row_vmap, triton_kernel_op
 from ._rows import kernels, no_autocast, output_dtype
 from .entropy import entropy_vjp
-from .logn_attention import check_causal_offset
+from .logn_attention import _check_int, _check_kappa, _scale_of, check_causal_offset, query_lengths
 
 __all__ = ["attention_entropy"]
 
@@ -260,9 +260,34 @@ def _check_scale(scale, q: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(scale), dtype=acc, device=q.device)
 
 
+def _logn_scales(scale, scale_t, q, S, is_causal, offset, train_length, kappa, clamp):
+    """Per-query scales of log-n attention, (L,) or broadcast with a tensor ``scale``: the base
+    scale (SDPA's, at n = train_length) times log(n_i) / log(train_length), or kappa log(n_i) / d."""
+    _check_int(train_length, "train_length", 2)
+    kappa = _check_kappa(kappa)
+    if not isinstance(clamp, bool):
+        raise TypeError(f"clamp_min_to_train_length must be a bool, got {type(clamp).__name__}")
+    if kappa is not None and scale is not None:
+        raise ValueError("give scale or kappa, not both: each fixes the scale at the training length "
+                         "(scale = kappa log(train_length) / d)")
+    L, d = q.shape[-2], q.shape[-1]
+    lengths = query_lengths(L, S, is_causal=is_causal, offset=offset, device=q.device).to(torch.float64)
+    if kappa is not None:
+        return _scale_of(lengths, d, train_length, kappa, clamp, scale_t.dtype)
+    # log_{n0}(n_i) times the base scale (1/sqrt(d) by default, as _check_scale returned it)
+    return scale_t * _scale_of(lengths, d, train_length, None, clamp, scale_t.dtype, base=1.0)
+
+
 def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal: bool = False, offset: int = 0,
-                      chunk_size: int | None = None, backend: str = "auto") -> torch.Tensor:
+                      train_length: int | None = None, kappa: float | None = None,
+                      clamp_min_to_train_length: bool = False, chunk_size: int | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """Entropy, in nats, of every attention row ``softmax_j(scale_i * dot(q_i, k_j))`` (Chapter 3).
+
+    With ``train_length`` it is the entropy of the rows of ``entmath.logn_attention`` called with
+    the same ``scale``, ``is_causal``, ``offset``, ``train_length``, ``kappa`` and
+    ``clamp_min_to_train_length``: query i gets ``scale_i * log(n_i) / log(train_length)``, n_i
+    the number of keys it sees.
 
     Never materialises the L x S attention matrix: the torch path reads the keys in chunks of
     ``chunk_size`` and keeps O(L * chunk_size) logits at a time (at most
@@ -273,13 +298,17 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
     Args:
         q: (..., L, d) queries; k: (..., S, d) keys (same dtype, device and leading shape).
         scale: ``None`` (``1/sqrt(d)``), a finite float, or a finite float tensor broadcastable
-            to ``q.shape[:-1]`` giving each query its own scale (e.g. ``entmath.logn_scale`` of
-            the query lengths, which gives the entropy of log-n attention).  A tensor scale that
-            requires grad receives a gradient.
+            to ``q.shape[:-1]`` giving each query its own scale.  A tensor scale that requires
+            grad receives a gradient.  With ``train_length`` it is the scale at
+            ``n = train_length`` (SDPA's scale, as for ``logn_attention``).
         is_causal: query i sees keys ``0 .. i + offset`` only.  Other masks are not supported
             (masking is by index, so no L x S mask is ever read); for an arbitrary mask, form the
             logits and call ``entmath.entropy``.
         offset: KV-cache length (>= 0, only with ``is_causal``; ``offset + L <= S``).
+        train_length: ``None``, or the calibration length n0 >= 2 of log-n attention: the scales
+            become ``scale * log(n_i) / log(n0)`` (see ``logn_attention``).
+        kappa, clamp_min_to_train_length: as for ``logn_attention``, only with ``train_length``
+            (``kappa`` is exclusive with ``scale``).
         chunk_size: keys per chunk of the torch path (>= 1).  ``None``: at least 512, widened
             while one chunk of logits (all queries x chunk keys) stays within 2**22 entries.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
@@ -293,7 +322,9 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
         TypeError: q or k not a float tensor, dtype mismatch, bad ``scale``/``is_causal``/
             ``offset``/``chunk_size`` types.
         ValueError: shape or device mismatch, no keys, empty head dimension, ``offset`` without
-            ``is_causal`` or ``offset + L > S``, non-finite ``scale``, NaN/inf in q or k, or
+            ``is_causal`` or ``offset + L > S``, non-finite ``scale``, ``train_length < 2``,
+            ``kappa`` or ``clamp_min_to_train_length`` without ``train_length``, ``kappa`` with
+            ``scale``, NaN/inf in q or k, or
             inputs whose logits could overflow the accumulation dtype (checked conservatively
             with ``abs(scale_i) * norm(q_i) * norm(k_j)``, which needs entries of order 1e19 in
             fp32 to trip).
@@ -321,6 +352,11 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale_t = _check_scale(scale, q)
+    if train_length is not None:
+        scale_t = _logn_scales(scale, scale_t, q, k.shape[-2], is_causal, offset, train_length, kappa,
+                               clamp_min_to_train_length)
+    elif kappa is not None or clamp_min_to_train_length is not False:
+        raise ValueError("kappa and clamp_min_to_train_length apply to log-n attention: give train_length too")
     backend = resolve_backend(backend, q, k)
     acc = compute_dtype(q)
     _check_values(q, k, scale_t, acc)

@@ -44,8 +44,9 @@ leaves the thread count to the caller (``torch.set_num_threads``) rather than ch
 process-wide state.  float32, fp16 and bf16 inputs on the CPU of at least
 ``kernels.cpu.entropy_normalization.MIN_ELEMS`` logits take the C kernel of
 ``entmath/kernels/cpu/entropy_normalization.c`` instead: the same iteration, one row at a time in
-cache, each evaluation one vectorised float32 loop with the scalars in double (compiled on first
-use, about a second per process; ``ENTMATH_COMPILE=0`` turns it off).  The rows it declines (a
+cache, each evaluation one vectorised float32 loop with the scalars in double (compiled once per
+machine into a per-user cache, which later processes load in milliseconds;
+``ENTMATH_COMPILE=0`` turns it off).  The rows it declines (a
 root outside float32's range, logits spanning more than FLT_MAX / 4, steering sums that find no
 scale) are solved by the eager path.
 
@@ -679,9 +680,9 @@ def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: s
     The op never changes torch's process-wide settings (thread count included); to run it
     single-threaded on a busy CPU, call ``torch.set_num_threads(1)`` yourself.  On the CPU,
     float32 inputs of at least 2^16 logits run a C kernel that solves each row in cache, on
-    ``torch.get_num_threads()`` threads: the first such call in a process compiles it with the
-    machine's C compiler (about a second); it is about twice as fast as the eager path or
-    more.  Set ``ENTMATH_COMPILE=0`` to keep to the eager path; without a C compiler the op warns
+    ``torch.get_num_threads()`` threads: the first such call on a machine compiles it with the
+    machine's C compiler (seconds) into a per-user cache, from which later processes load it in
+    about 0.05 s (README); it is about twice as fast as the eager path or more.  Set ``ENTMATH_COMPILE=0`` to keep to the eager path; without a C compiler the op warns
     once and keeps to it.
 
     Raises:
@@ -715,6 +716,85 @@ def solve_gamma(logits: torch.Tensor, target, dim: int = -1, keepdim: bool = Fal
     return gamma.unsqueeze(dim) if keepdim else gamma
 
 
+#: torch.multinomial draws from at most this many classes; beyond, ``sample`` inverts the CDF.
+MULTINOMIAL_MAX_CLASSES = 1 << 24
+
+
+def _eager(z: torch.Tensor) -> bool:
+    """True when nothing traces or fakes ``z``: the solver may then be called directly, without
+    the operator and autograd layers that a traced or differentiated call needs."""
+    return (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+            and not z.is_meta and not isinstance(z, torch._subclasses.FakeTensor))
+
+
+def _sampling_probabilities(z: torch.Tensor, t: torch.Tensor, backend: str):
+    """(p, valid) with p of ``_normalize``, for sampling (no gradient); ``valid`` says that every
+    row is known to be a distribution (checked, or no bad row could have passed the checks).
+
+    In eager mode on the torch backend, float32 CPU rows of any size go straight to the C kernel,
+    which solves a short row in microseconds where the eager iteration's Python steps cost a
+    millisecond; a sampler called once per generated token cannot afford the operator and
+    autograd layers either.  Only when every row came back finished and valid is its p used as
+    it is; otherwise (a bad row, a row the kernel declined or did not finish) the full path runs,
+    with its errors, warnings and float64 re-solves."""
+    z2d = rows_2d(z)
+    if backend == "torch" and _eager(z) and fused_cpu.enabled(z2d, min_elems=1):
+        out = fused_cpu.solve(z2d, t.reshape(-1), MAX_EVALS, FTOL_ULPS)
+        if out is not None:
+            p, _, _, evals, m = out
+            if z2d.shape[0] <= 64:  # a few rows (decoding): Python reads them faster than 5 ops
+                ok = all(0 <= e < MAX_EVALS for e in evals.tolist()) and all(map(math.isfinite, m.tolist()))
+            else:
+                ok = bool(((evals >= 0) & (evals < MAX_EVALS) & torch.isfinite(m)).all())
+            if ok:
+                return p.view(z.shape), True
+    # With value checks active a bad row raises in _normalize; without, it comes back NaN.
+    return _normalize(z, t, backend)[0], value_checks_active(z)
+
+
+def _prepare_sampling(logits, target, dim, backend):
+    """``_prepare`` for ``sample``; a Python number as the target is checked in Python (a sampler
+    runs once per token, and the tensor checks cost as much as the solve of a short row)."""
+    if not (isinstance(target, numbers.Real) and not isinstance(target, bool)):
+        return _prepare(logits, target, dim, backend, name="target_entropy")
+    check_float_tensor(logits, "logits")
+    dim = normalize_dim(logits, dim, "logits")
+    backend = resolve_backend(backend, logits)
+    try:
+        value = float(target)
+    except OverflowError:  # an int beyond float64 (10**400): as flat as possible
+        value = math.inf if target > 0 else -math.inf
+    if math.isnan(value):
+        raise ValueError("target_entropy contains NaN; an entropy target must be a number >= 0 (nats)")
+    if value < 0:
+        raise ValueError(f"target_entropy must be >= 0 (an entropy in nats), got a minimum of {value}")
+    z = logits.movedim(dim, -1)
+    return z, torch.full(z.shape[:-1], value, dtype=torch.float64, device=z.device), dim, backend
+
+
+def _one_draw_per_row(p2d: torch.Tensor, generator) -> torch.Tensor:
+    """One index per row of a valid p2d (rows, n), any n: the exponential race, argmax_i p_i / E_i
+    with E_i ~ Exp(1) (P[i wins] = p_i).  It is the algorithm of torch.multinomial(p, 1) (on the
+    CPU the same draws for the same generator state: tests/test_sample.py), without the validity
+    checks (reductions and a host read) it runs first: p is a distribution by construction here."""
+    e = torch.empty_like(p2d).exponential_(generator=generator)
+    return torch.div(p2d, e, out=e).argmax(-1, keepdim=True)
+
+
+def _inverse_cdf_draws(p2d: torch.Tensor, num_samples: int, replacement: bool, generator) -> torch.Tensor:
+    """Class indices drawn from the rows of p2d (rows, n) for any n, where torch.multinomial stops
+    at 2^24 classes: with replacement, uniform draws located in the float64 cumulative sums (a
+    class of probability 0 has an empty interval and is never drawn); without, the exponential
+    race (the k largest p_i / E_i, E_i ~ Exp(1), which is sampling without replacement)."""
+    if replacement:
+        cdf = p2d.double().cumsum(-1)
+        u = torch.rand(p2d.shape[0], num_samples, dtype=torch.float64, device=p2d.device,
+                       generator=generator) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_max_(p2d.shape[1] - 1)
+    e = torch.empty(p2d.shape, dtype=torch.float64, device=p2d.device).exponential_(generator=generator)
+    return (p2d.double() / e).topk(num_samples, dim=-1).indices
+
+
 def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator: torch.Generator | None = None,
            dim: int = -1, *, replacement: bool = True, backend: str = "auto") -> torch.Tensor:
     """Draw class indices from ``entropy_normalize(logits, target_entropy, dim)`` (Chapter 2).
@@ -722,15 +802,34 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
     Entropy-targeted sampling: every row is sharpened or flattened to the same entropy before it
     is sampled, an alternative to top-k / top-p truncation.
 
+    Args:
+        logits: floating-point tensor, any leading shape, classes along ``dim`` (as for
+            :func:`entropy_normalize`; ``-inf`` entries are never drawn).
+        target_entropy: the entropy in nats of the distribution each row is sampled from: a
+            number >= 0 or a tensor that broadcasts to the rows.
+        num_samples: draws per row, >= 1.
+        generator: an optional ``torch.Generator`` for the draws (as for ``torch.multinomial``).
+        dim: the class dimension.
+        replacement: draw with replacement (the default) or without (then ``num_samples`` may
+            not exceed the number of classes a row can draw).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
+
     Returns:
         int64 indices with the shape of ``logits`` where ``dim`` now has size ``num_samples``.
-        Not differentiable.
+        Not differentiable.  The draws are those of ``torch.multinomial`` (one draw per row: its
+        exponential race, run without its checks; on the CPU the same draws for the same
+        generator state); beyond the 2^24 classes it accepts, several draws with replacement
+        invert the CDF in float64.
+
+    Cost.  On the CPU a call costs a small multiple of ``torch.softmax`` + ``torch.multinomial``
+    on the same logits: eager float32 calls solve every row with the C kernel, whatever its size
+    (``benchmarks/bench_sample.py`` measures the ratio).
 
     Raises:
         TypeError: ``num_samples`` is not an int, ``generator`` is not a ``torch.Generator``, and
             the errors of :func:`entropy_normalize`.
         ValueError: ``num_samples < 1``, or ``num_samples`` exceeds a row's support when
-            ``replacement=False``.
+            ``replacement=False``, and the errors of :func:`entropy_normalize`.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
@@ -738,10 +837,17 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(replacement, bool):
+        raise TypeError(f"replacement must be a bool, got {type(replacement).__name__}")
+    num_samples = int(num_samples)
     with torch.no_grad():
-        z, t, dim, backend = _prepare(logits, target_entropy, dim, backend, name="target_entropy")
-        p, _ = _normalize(z, t, backend)
-        p2d = p.reshape(-1, p.shape[-1]).float()
+        z, t, dim, backend = _prepare_sampling(logits, target_entropy, dim, backend)
+        p, valid = _sampling_probabilities(z, t, backend)
+        p2d = p.reshape(-1, p.shape[-1])
+        if p2d.dtype in (torch.float16, torch.bfloat16):
+            p2d = p2d.float()
+        if valid and replacement and num_samples == 1:
+            return _one_draw_per_row(p2d, generator).view(*p.shape[:-1], 1).movedim(-1, dim)
         if not replacement:
             support = (p2d > 0).sum(-1).min().item() if p2d.shape[0] else num_samples
             if num_samples > support:
@@ -749,5 +855,8 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
                     f"num_samples={num_samples} exceeds the support ({support} classes) of a row; "
                     "use replacement=True"
                 )
-        idx = torch.multinomial(p2d, int(num_samples), replacement=replacement, generator=generator)
-        return idx.view(*p.shape[:-1], int(num_samples)).movedim(-1, dim)
+        if p2d.shape[-1] > MULTINOMIAL_MAX_CLASSES:
+            idx = _inverse_cdf_draws(p2d, num_samples, replacement, generator)
+        else:
+            idx = torch.multinomial(p2d, num_samples, replacement=replacement, generator=generator)
+        return idx.view(*p.shape[:-1], num_samples).movedim(-1, dim)

@@ -375,9 +375,23 @@ class _NoiseSoftmax(torch.autograd.Function):
         return (*_backward(ctx, grad_p, grad_t, grad_log_s, kernel=ctx.backend == "triton"), None)
 
 
-def _check_scale(scale):
+def _check_scale(scale, mu: torch.Tensor, dim: int):
+    """Structural checks of ``scale`` (always) and its values (when value checks are active)."""
     if isinstance(scale, torch.Tensor):
         check_float_tensor(scale, "scale")
+        if scale.device != mu.device and scale.dim() > 0:
+            raise ValueError(f"scale must be on the device of mu ({mu.device}), got {scale.device}")
+        try:
+            shape = torch.broadcast_shapes(scale.shape, mu.shape)
+        except RuntimeError:
+            shape = None
+        if shape != mu.shape:
+            raise ValueError(f"scale of shape {tuple(scale.shape)} does not broadcast to the shape of mu "
+                             f"{tuple(mu.shape)} (the result has mu's shape)")
+        if scale.dim() >= mu.dim() - dim and scale.shape[dim - mu.dim()] != 1:
+            raise ValueError(f"scale must have size 1 along dim={dim} (one noise scale per row), got shape "
+                             f"{tuple(scale.shape)}: with a scale per class, argmax(mu + scale * eps) is not "
+                             "the distribution of mu / scale")
         if not value_checks_active(scale):
             return
         bad = ~(torch.isfinite(scale) & (scale > 0))
@@ -388,6 +402,27 @@ def _check_scale(scale):
         raise TypeError(f"scale must be a positive real number or a float tensor, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite (the noise scale), got {scale!r}")
+
+
+def _centred(mu: torch.Tensor, scale, dim: int, centre: bool = True) -> torch.Tensor:
+    """(mu - max mu) / scale with the class dim last, in the accumulation dtype (without the
+    shift if not ``centre``: Gumbel noise is torch's softmax, which centres on its own).
+
+    p is invariant to a shift of mu, and only differences mu_j - mu_max enter it: subtracting the
+    row max first keeps every later quantity (the nodes t, the arguments t - mu_j) of the size of
+    the spread of the row, not of its offset, so the result is that of the rounded inputs
+    whatever the offset.  The max is a constant to autograd (p does not depend on it).  On a row
+    without a distribution (NaN, +inf, no finite entry) the max is not finite and the whole row
+    becomes NaN.  -inf entries stay -inf, and a tensor scale meets them only through a where(),
+    so that d/dscale of (-inf) / scale (an infinite derivative times a zero gradient) never
+    makes a NaN."""
+    z = upcast(mu).movedim(dim, -1)
+    d = z - z.detach().amax(-1, keepdim=True) if centre else z
+    if isinstance(scale, torch.Tensor):
+        s = scale.expand(mu.shape).movedim(dim, -1).to(d.dtype)
+        dead = z == float("-inf")
+        return torch.where(dead, float("-inf"), torch.where(dead, 0.0, d) / s)
+    return d / scale if scale != 1 else d
 
 
 def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes: int | None = None,
@@ -410,8 +445,9 @@ def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes:
             ``DEFAULT_NODES[noise]`` (24 normal, 32 logistic, 256 Cauchy): max abs error <= 1e-6
             in fp64 for n <= 1000 classes and mu in [-10, 10] (measured: below 1e-8).
             Ignored for ``"gumbel"``.
-        scale: the noise scale (> 0): a number, or a float tensor broadcastable against ``mu``
-            (e.g. one temperature per row; gradients flow to it).  Equivalent to using mu / scale.
+        scale: the noise scale (> 0): a number, or a float tensor that broadcasts to the shape
+            of ``mu`` with size 1 along ``dim`` (one temperature per row; gradients flow to it).
+            Equivalent to using mu / scale.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``); Gumbel noise
             always takes torch's softmax.
 
@@ -421,11 +457,19 @@ def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes:
         renormalised).  Cost O(n K) per row.  Differentiable (backward by the implicit function
         theorem, also O(n K)).
 
+        Accuracy: p depends only on the differences mu_i - max mu, which are formed first, so the
+        result is that of the given (rounded) values whatever their offset (1e4, 1e30, up to the
+        dtype's max).  Against the exact distribution of those values, the error is the
+        quadrature's (above) plus rounding: at most 2e-6 absolute per entry in fp32 with the
+        default nodes, for n <= 1000 classes whose finite spread is at most 20 / scale (the
+        property tests, both backends; a far-behind class, -1e30 or -inf, only lowers it).
+
     Raises:
         TypeError: ``mu`` is not a floating-point tensor; ``noise`` is not a string; ``nodes`` is
             not an int; ``scale`` is not a real number or float tensor.
         ValueError: unknown ``noise``; ``nodes`` outside [1, MAX_NODES]; ``scale`` <= 0, NaN or
-            infinite; ``dim`` out of range or empty class dimension; a row of ``mu`` contains NaN
+            infinite, on another device, not broadcasting to ``mu``'s shape or varying along
+            ``dim``; ``dim`` out of range or empty class dimension; a row of ``mu`` contains NaN
             or +inf, or is entirely ``-inf``.  The message names the argument (and the rows).
     """
     check_float_tensor(mu, "mu")
@@ -441,14 +485,13 @@ def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes:
         raise ValueError(f"nodes must be in [1, {MAX_NODES}], got {nodes}")
     else:
         K = int(nodes)
-    _check_scale(scale)
     dim = normalize_dim(mu, dim, "mu")
+    _check_scale(scale, mu, dim)
     backend = resolve_backend(backend, mu)
-    z = upcast(mu)
-    z = (z / scale if isinstance(scale, torch.Tensor) or scale != 1 else z).movedim(dim, -1)
     # The row max is already "coded" for validation: NaN (torch's max propagates it), +inf, or -inf
     # for a row with no finite entry; finite otherwise.  One cheap reduction, no second look at mu.
-    check_rows_finite(z.detach().amax(-1), "mu")
+    check_rows_finite(mu.detach().movedim(dim, -1).amax(-1), "mu")
+    z = _centred(mu, scale, dim, centre=noise != "gumbel")
     if noise == "gumbel":
         p = torch.softmax(z, -1)  # exact: the Gumbel-max trick (Chapter 4)
     else:

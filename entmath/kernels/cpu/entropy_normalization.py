@@ -8,9 +8,10 @@ it while it sits in L2, and p is written back once.  Its comments explain the th
 top (a start from a sketch of the row, update sweeps and a predicted normalisation).
 
 Building.  The first call compiles the C file with the machine's C compiler (``$CC``, else
-``cc``, ``gcc`` or ``clang``), for the host's instruction set (``-march=native``), into a
-temporary directory that lives as long as the process, and loads it with ctypes.  That takes
-about a second, once per process; there is no cache to go stale.  The rows are split over
+``cc``, ``gcc`` or ``clang``), for the host's instruction set (``-march=native``), and loads it
+with ctypes, through the shared per-user cache of ``loader.py`` (keyed by the source, compiler,
+flags and CPU): the first build on a machine takes seconds, later processes load it in
+milliseconds.  The rows are split over
 ``torch.get_num_threads()`` threads: torch's own OpenMP threads where the build can share them
 (GCC on Linux, see ``_shares_torch_openmp``), else Python threads (ctypes releases the GIL).
 
@@ -23,20 +24,18 @@ working compiler the op warns once and stays on the eager path.
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
 import os
 import platform
-import shlex
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from . import loader
 
 __all__ = ["enabled", "solve", "build", "kernel_exp", "halley_steps"]
 
@@ -93,7 +92,8 @@ def _attempts(cc: list):
 
 
 def build():
-    """Compile and load the kernel (once per process); returns the ctypes library.
+    """Compile and load the kernel, or load it from the per-user cache (once per process; see
+    ``loader``); returns the ctypes library.
 
     Raises RuntimeError with the compiler's message if no flag set builds.
     """
@@ -101,34 +101,19 @@ def build():
     with _lock:
         if _lib is not None:
             return _lib
-        found = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
-        if found is None:
-            raise RuntimeError("no C compiler found (set CC)")
-        cc = shlex.split(found)  # CC may carry a wrapper or flags ("ccache gcc")
-        workdir = tempfile.mkdtemp(prefix="entmath-")
-        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-        errors = []
-        for i, flags in enumerate(_attempts(cc)):
-            target = os.path.join(workdir, f"entropy_normalization_{i}.so")
-            try:
-                run = subprocess.run([*cc, *flags, "-o", target, str(SOURCE), "-lm"], capture_output=True, text=True)
-            except OSError as exc:  # the compiler itself is missing or not executable
-                raise RuntimeError(f"cannot run {found}: {exc}") from exc
-            if run.returncode == 0:
-                lib = ctypes.CDLL(target)
-                lib.entmath_entropy_normalize_rows.restype = None
-                lib.entmath_entropy_normalize_rows.argtypes = (
-                    [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
-                    + [ctypes.c_int64, ctypes.c_double, ctypes.c_int64])
-                lib.entmath_openmp.restype = ctypes.c_int
-                lib.entmath_exp_kernels.restype = None
-                lib.entmath_exp_kernels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                lib.entmath_halley_steps.restype = None
-                lib.entmath_halley_steps.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-                _lib = lib
-                return lib
-            errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"])
-        raise RuntimeError(f"{found} could not build {SOURCE.name}: {errors[-1][0]}")
+        cc = loader.find_compiler()
+        lib = loader.load(SOURCE, _attempts(cc), libs=["-lm"], cc=cc).lib
+        lib.entmath_entropy_normalize_rows.restype = None
+        lib.entmath_entropy_normalize_rows.argtypes = (
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+            + [ctypes.c_int64, ctypes.c_double, ctypes.c_int64])
+        lib.entmath_openmp.restype = ctypes.c_int
+        lib.entmath_exp_kernels.restype = None
+        lib.entmath_exp_kernels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+        lib.entmath_halley_steps.restype = None
+        lib.entmath_halley_steps.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+        _lib = lib
+        return lib
 
 
 def enabled(z2d: torch.Tensor, min_elems: int | None = None) -> bool:
