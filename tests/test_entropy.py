@@ -152,3 +152,17 @@ def test_spans_beyond_the_max_in_the_shared_statistics(backend):
     long = torch.full((1, 5000), -M)
     long[0, 4500:] = M
     assert entmath.entropy(long, backend=backend).item() == pytest.approx(math.log(500), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keepdim(backend):
+    z = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for dim in (0, 1, -1):
+        got = entmath.entropy(z, dim, keepdim=True, backend=backend)
+        p = torch.softmax(z, dim)
+        want = -(p * p.log()).sum(dim, keepdim=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+    assert entmath.entropy(z, keepdim=False, backend=backend).shape == (3, 4)
+    with pytest.raises(TypeError, match="keepdim must be a bool"):
+        entmath.entropy(z, keepdim=1)
