@@ -152,3 +152,35 @@ def test_long_rows_keep_relative_accuracy(n, backend):
     got = entmath.kl(a, b, backend=backend).double()
     want = entmath.kl(a.double(), b.double(), backend="torch")
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+# ---- Issue 20: reductions as F.kl_div defines them -----------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_reductions_match_f_kl_div(reduction, backend):
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    for dim in (-1, 1, 0):
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        got = entmath.kl(aa, bb, dim, reduction=reduction, backend=backend)
+        a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        want = F.kl_div(F.log_softmax(b2, dim), F.log_softmax(a2, dim), reduction=reduction, log_target=True)
+        if reduction == "none":
+            want = want.sum(dim)
+        torch.testing.assert_close(got, want)
+        weights = torch.linspace(0.5, 1.5, got.numel(), dtype=got.dtype).view(got.shape)
+        ga = torch.autograd.grad((got * weights).sum(), (aa, bb))
+        gw = torch.autograd.grad((want * weights).sum(), (a2, b2))
+        for g, w in zip(ga, gw):
+            torch.testing.assert_close(g, w)
+
+
+def test_reduction_is_checked_and_empty_inputs_follow_f_kl_div():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        entmath.kl(z, z, reduction="avg")
+    e = torch.zeros(0, 3)
+    for r in ("mean", "batchmean"):  # 0 / 0, as F.kl_div
+        assert torch.isnan(entmath.kl(e, e, reduction=r)) and torch.isnan(F.kl_div(e, e, reduction=r, log_target=True))
+    assert entmath.kl(e, e, reduction="sum").item() == 0.0

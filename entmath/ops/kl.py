@@ -151,17 +151,30 @@ register_row_vmap(kl_triton, (1, 1))
 register_row_vmap(kl_backward_triton, (1, 1, 0, 0, 0, 0))
 
 
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, reduction: str = "none",
+       backend: str = "auto") -> torch.Tensor:
     """KL(softmax(p_logits) || softmax(q_logits)) along ``dim``, in nats.
+
+    With ``reduction`` it equals ``F.kl_div(log_softmax(q_logits, dim), log_softmax(p_logits,
+    dim), reduction=reduction, log_target=True)`` (note the order: ``F.kl_div`` takes the model
+    q first and the target p second).
 
     Args:
         p_logits, q_logits: floating-point tensors of the same shape and dtype; ``-inf`` marks
             impossible classes.
         dim: the class dimension.
+        reduction: as ``F.kl_div`` defines it: ``"none"`` (per row, the default), ``"sum"``,
+            ``"batchmean"`` (the sum divided by ``p_logits.shape[0]``) or ``"mean"`` (the sum
+            divided by ``p_logits.numel()``, classes included; ``F.kl_div`` warns that this is
+            not the mean divergence, which ``"batchmean"`` is for 2-D inputs).  Reduced in the
+            accumulation dtype.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        Shape of the inputs without ``dim``, their dtype.  **Documented value:** ``+inf`` in rows
+        Shape of the inputs without ``dim`` (a scalar if reduced), their dtype.  **Documented value:** ``+inf`` in rows
         where p has mass that q lacks; the gradient w.r.t. ``p_logits`` of such a row is 0 and
         w.r.t. ``q_logits`` is q - p.  **Accuracy:** for any finite or ``-inf`` logits, up to the
         dtype's max (spans up to twice the max included), the result is within
@@ -175,8 +188,8 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend
 
     Raises:
         TypeError: non-float inputs.  (Different float dtypes are promoted, as in ``F.kl_div``.)
-        ValueError: shape mismatch, bad ``dim``, empty class dimension; NaN, +inf or all
-            ``-inf`` rows (naming ``p_logits`` or ``q_logits``).  With validation off
+        ValueError: shape mismatch, bad ``dim``, empty class dimension, unknown ``reduction``;
+            NaN, +inf or all ``-inf`` rows (naming ``p_logits`` or ``q_logits``).  With validation off
             (``entmath.set_validation(False)``) such rows give NaN instead.
     """
     check_float_tensor(p_logits, "p_logits")
@@ -185,6 +198,8 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend
         raise ValueError(f"p_logits and q_logits must have the same shape, got {tuple(p_logits.shape)} "
                          f"and {tuple(q_logits.shape)}")
     dim = normalize_dim(p_logits, dim, "p_logits")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     backend = resolve_backend(backend, p_logits, q_logits)
     a, b = p_logits, q_logits
     if a.dtype != b.dtype:  # mixed dtypes (e.g. from autocast): promote, as F.kl_div does
@@ -194,4 +209,10 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, backend
     check_rows_finite(lse_a, "p_logits")
     check_rows_finite(lse_b, "q_logits")
     kl = torch.where(torch.isfinite(lse_a) & torch.isfinite(lse_b), kl, float("nan"))  # bad rows: NaN
+    if reduction != "none":
+        kl = kl.sum()
+        if reduction == "batchmean":
+            kl = kl / p_logits.shape[0]
+        elif reduction == "mean":
+            kl = kl / p_logits.numel()
     return kl.to(output_dtype(a))
