@@ -65,7 +65,7 @@ def psi(s: torch.Tensor) -> torch.Tensor:
     |t| <= 1; direct beyond."""
     t = torch.log1p(s)
     c, small = chi(t)
-    near = c.mul_(t - 1.0).addcmul_(t, t)
+    near = c.mul_(t - 1.0).add_(t * t)
     far = torch.where(s > -1.0, (1.0 + s) * t, 0.0).sub_(s)
     return torch.where(small, near, far)
 
