@@ -10,6 +10,7 @@ from .ops.attention_entropy import attention_entropy
 from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
 from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
+from .ops.jsd import jsd
 from .ops.kl import kl
 from .ops.logn_attention import logn_attention, logn_scale, query_lengths
 from .ops.noise_softmax import noise_softmax
@@ -17,8 +18,8 @@ from . import nn  # the modules: entmath.nn.CrossEntropyLoss, ...  (import entma
 
 __version__ = "0.1.0"
 __all__ = [
-    # Chapter 1: entropy, cross-entropy, KL (cross_entropy's fused gradient: Chapter 5)
-    "entropy", "cross_entropy", "kl",
+    # Chapter 1: entropy, cross-entropy, KL, Jensen-Shannon (cross_entropy's fused gradient: Chapter 5)
+    "entropy", "cross_entropy", "kl", "jsd",
     # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention

@@ -135,3 +135,34 @@ def test_mpmath_reference_is_not_trivial():
     # guards the reference itself: the biased-coin example (0.99, 0.01) in bits
     z = [math.log(0.99), math.log(0.01)]
     assert float(ref.entropy(z) / mp.log(2)) == pytest.approx(0.0808, abs=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spans_beyond_the_max_in_the_shared_statistics(backend):
+    """[M, -M, 0] spans 2M: x - max overflowed to -inf in softmax_stats.update_stats and
+    e * d = 0 * inf gave NaN in every kernel built on it (entropy, kl, cross_entropy's entropy)."""
+    M = torch.finfo(torch.float32).max
+    x = torch.tensor([[M, -M, 0.0], [-M, 0.0, M], [M, M, -M]])
+    want = torch.tensor([0.0, 0.0, math.log(2.0)])
+    assert torch.equal(entmath.entropy(x, backend=backend), want)
+    _, ent = entmath.cross_entropy(x, torch.tensor([0, 2, 1]), return_entropy=True, reduction="none",
+                                   backend=backend)
+    assert torch.equal(ent, want)
+    # the maximum jumping by more than the max between two chunks of a long row (Triton's rescaling)
+    long = torch.full((1, 5000), -M)
+    long[0, 4500:] = M
+    assert entmath.entropy(long, backend=backend).item() == pytest.approx(math.log(500), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keepdim(backend):
+    z = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for dim in (0, 1, -1):
+        got = entmath.entropy(z, dim, keepdim=True, backend=backend)
+        p = torch.softmax(z, dim)
+        want = -(p * p.log()).sum(dim, keepdim=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+    assert entmath.entropy(z, keepdim=False, backend=backend).shape == (3, 4)
+    with pytest.raises(TypeError, match="keepdim must be a bool"):
+        entmath.entropy(z, keepdim=1)

@@ -50,6 +50,7 @@ def _cases(backend):
     return {
         "entropy": (lambda x: entmath.entropy(x, **b), [z]),
         "kl": (lambda x, y: entmath.kl(x, y, **b), [z, _g(4, 6, seed=5)]),
+        "jsd": (lambda x, y, t: entmath.jsd(x, y, 0.3, labels=t, ignore_index=5, **b), [z, _g(4, 6, seed=5), idx]),
         "cross_entropy-index": (lambda x, t: entmath.cross_entropy(x, t, reduction="none", **b), [z, idx]),
         "cross_entropy-probs": (lambda x, y: entmath.cross_entropy(x, y, reduction="none", label_smoothing=0.1,
                                                                    **b), [z, probs]),

@@ -37,6 +37,13 @@ def _ops(backend):
     def kl_ref(a, c):
         return (torch.softmax(a, -1) * (torch.log_softmax(a, -1) - torch.log_softmax(c, -1))).sum(-1)
 
+    def jsd_ref(a, c, beta=0.3):
+        lp, lq = torch.log_softmax(a, -1), torch.log_softmax(c, -1)
+        lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        return (beta * lp.exp() * (lp - lm) + (1 - beta) * lq.exp() * (lq - lm)).sum(-1)
+
+    rows_kept = torch.tensor([1, -100, 4])
+
     def att_ref(q, k, s):
         z = (q * s[..., None]) @ k.transpose(-1, -2)
         return ent_ref(z)
@@ -51,6 +58,13 @@ def _ops(backend):
     return {
         "entropy": (lambda z: entmath.entropy(z, **b), [_g(3, 5)], ent_ref),
         "kl": (lambda x, y: entmath.kl(x, y, **b), [_g(3, 5), _g(3, 5, seed=1)], kl_ref),
+        "kl_batchmean": (lambda x, y: entmath.kl(x, y, 0, reduction="batchmean", **b), [_g(5, 3), _g(5, 3, seed=1)],
+                         lambda x, y: kl_ref(x.T, y.T).sum() / 5),
+        "entropy_keepdim": (lambda z: entmath.entropy(z, 0, keepdim=True, **b), [_g(5, 3)],
+                            lambda z: ent_ref(z.T).unsqueeze(0)),
+        "jsd": (lambda x, y: entmath.jsd(x, y, 0.3, **b), [_g(3, 5), _g(3, 5, seed=1)], jsd_ref),
+        "jsd_labels": (lambda x, y: entmath.jsd(x, y, 0.3, labels=rows_kept, reduction="mean", **b),
+                       [_g(3, 5), _g(3, 5, seed=1)], lambda x, y: jsd_ref(x[[0, 2]], y[[0, 2]]).mean()),
         "cross_entropy": (lambda z: entmath.cross_entropy(z, idx, label_smoothing=0.1, z_loss=0.01, **b),
                           [_g(3, 5)],
                           lambda z: F.cross_entropy(z, idx, label_smoothing=0.1)
@@ -264,6 +278,7 @@ def _opcheck_cases():
     return [
         ("entropy_triton", (z,)), ("entropy_triton", (zp,)),
         ("kl_triton", (z, zp)),
+        ("jsd_triton", (z, zp, 0.3)), ("jsd_triton", (zp, z, 0.9)),
         ("cross_entropy_triton", (z, t, None, 0.1, -100, 0.01, True)),
         ("cross_entropy_triton", (zp, None, y, 0.0, -100, 0.0, False)),
         ("entropy_normalize_triton", (z, tt.float())), ("entropy_normalize_triton", (zp, tt.float())),
@@ -290,6 +305,8 @@ def test_backward_operators_opcheck():
     w = _g(3, 6, seed=1, dtype=torch.float32)
     kl, la, lb = torch.ops.entmath.kl_triton(z, w)
     torch.library.opcheck(torch.ops.entmath.kl_backward_triton, (z, w, kl, la, lb, torch.ones(3)))
+    _, kp, kq, la, lb = torch.ops.entmath.jsd_triton(z, w, 0.3)
+    torch.library.opcheck(torch.ops.entmath.jsd_backward_triton, (z, w, kp, kq, la, lb, torch.ones(3), 0.3))
     t = torch.tensor([0, 5, 2])
     loss, lse, ent = torch.ops.entmath.cross_entropy_triton(z, t, None, 0.1, -100, 0.0, True)
     torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_triton,
@@ -443,7 +460,7 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the targets in the closures stay real
         fake = fn(*[mode.from_tensor(a) for a in real])
     assert fake.shape == want.shape and fake.dtype == want.dtype
-    if backend == "torch" and op not in ("cross_entropy", "cross_entropy_entropy",
+    if backend == "torch" and op not in ("cross_entropy", "cross_entropy_entropy", "jsd_labels",
                                          "logn_attention_gqa_masked"):  # (targets, masks are captured)
         meta = fn(*[a.float().to("meta") for a in args])
         assert meta.shape == want.shape and meta.dtype == want.dtype and meta.is_meta
@@ -452,7 +469,7 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
 # ---------------------------------------------------------------------------------------------
 # torch.func
 # ---------------------------------------------------------------------------------------------
-FUNC_OPS = ["entropy", "kl", "cross_entropy", "entropy_normalize", "noise_softmax"]
+FUNC_OPS = ["entropy", "kl", "jsd", "cross_entropy", "entropy_normalize", "noise_softmax"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -133,19 +133,29 @@ register_row_vmap(entropy_triton, (1,))
 register_row_vmap(entropy_backward_triton, (1, 0, 0, 0))
 
 
-def entropy(logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+def entropy(logits: torch.Tensor, dim: int = -1, *, keepdim: bool = False, backend: str = "auto") -> torch.Tensor:
     """Shannon entropy, in nats, of ``softmax(logits)`` along ``dim``.
 
     Args:
         logits: floating-point tensor (fp16, bf16, fp32 or fp64), any leading shape.  Entries may
             be ``-inf`` (impossible classes); they contribute 0 to the entropy.
         dim: the class dimension.
+        keepdim: keep ``dim`` as a dimension of size 1 (as torch's reductions).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``entmath._backend``).
 
     Returns:
-        The entropy, shape ``logits.shape`` without ``dim``, dtype of ``logits`` (float32 under
-        ``torch.autocast``, as torch's own reductions).  fp16/bf16 inputs are accumulated in fp32.
-        Differentiable, twice: the backward is ``dH/dz_k = -p_k (log p_k + H)``.
+        The entropy, shape ``logits.shape`` without ``dim`` (with it, of size 1, if ``keepdim``),
+        dtype of ``logits`` (float32 under ``torch.autocast``, as torch's own reductions).
+        fp16/bf16 inputs are accumulated in fp32.  Differentiable, twice: the backward is
+        ``dH/dz_k = -p_k (log p_k + H)``.  **Accuracy:** for any finite or ``-inf`` logits, up to
+        the dtype's max (spans up to twice the max included), the result is within
+        (32 + Delta + log2 n) u of the exact entropy of the given values, relatively, plus
+        1024 n sigma absolutely, and the final rounding to a half dtype: u and sigma are the unit
+        roundoff and smallest subnormal of the accumulation dtype, n the number of classes,
+        Delta the largest gap max z - z_i of an entry whose e^{z_i - max z} is a normal number
+        (the relative error of e^{d} when d is rounded; below 87 in float32).  Never NaN, or 0
+        where the exact value is representable.  The property tests measure at most 14 u
+        (tests/test_extremes.py).
 
     Raises:
         TypeError: ``logits`` is not a floating-point tensor.
@@ -159,8 +169,11 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> to
     """
     check_float_tensor(logits, "logits")
     dim = normalize_dim(logits, dim, "logits")
+    if not isinstance(keepdim, bool):
+        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
     backend = resolve_backend(backend, logits)
     h, lse = _Entropy.apply(logits.movedim(dim, -1), backend)
     check_rows_finite(lse, "logits")
     h = torch.where(torch.isfinite(lse), h, float("nan"))  # a bad row is NaN, not a stray number
-    return h.to(output_dtype(logits))
+    h = h.to(output_dtype(logits))
+    return h.unsqueeze(dim) if keepdim else h

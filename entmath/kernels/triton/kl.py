@@ -1,60 +1,44 @@
 """Triton kernels for ``entmath.kl``: KL(softmax(a) || softmax(b)) per row and its gradient.
 
-Forward, one read of both rows: online statistics give lse_a and lse_b, and alongside them
+Forward, two reads of each row pair (HBM: 4n elements read, three scalars written; the second
+read of a row of up to BLOCK elements is of the same addresses, usually from L2): pass 1 folds
+a and b into the online statistics of ``softmax_stats`` (max and log S of each row, NaN counts);
+pass 2 sums the non-negative terms of Chapter 1's cancellation-free form (``divergence.py``,
+twin of ``ops/_divergence.kl_rows``)
 
-    B = sum_i e^{a_i - m_a} (a_i - b_i)      (rescaled by e^{m_old - m_new} when m_a grows)
+    K = sum_{p_i > 0} p_i chi(y_i),  Z = sum_{p_i > 0} p_i (e^{y_i} - 1),  y = log q - log p + eta,
+    KL = K - chi(log1p Z) - log1p(-q_out)    (or -sum p y when q_out > 1/2),
 
-so that KL = B / S_a - lse_a + lse_b.  Entries with a_i = -inf add 0; entries with finite a_i
-and b_i = -inf add +inf, which is the answer (p has mass that q lacks).
+none of whose terms is of the size of the logits (the old one-pass form B / S_a - lse_a + lse_b
+subtracted lse-sized numbers: 0.0 for logits at -1e38, errors of 1e-3 at an offset of 1e4).
+Entries with a_i = -inf add nothing; a finite a_i with b_i = -inf makes the row +inf (p has mass
+that q lacks).
 
-Backward: dKL/da_k = p_k (log p_k - log q_k - KL),  dKL/db_k = q_k - p_k.
+Backward, one read of both rows and one write of both gradients:
+dKL/da_k = p_k (log p_k - log q_k - KL),  dKL/db_k = q_k - p_k.
 """
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ...ops._divergence import series_terms
 from . import block_size, num_warps
-from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
+from .divergence import chi, kl_sums, pair_stats
+from .softmax_stats import coded_lse, log1p
 
 
 @triton.jit
 def kl_fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, n_cols, stride_a, stride_b,
-                  BLOCK: tl.constexpr, ACC: tl.constexpr):
+                  BLOCK: tl.constexpr, ACC: tl.constexpr, TERMS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ma = tl.full([], float("-inf"), ACC)
-    ca = tl.zeros([], ACC)
-    Ta = tl.zeros([], ACC)
-    Aa = tl.zeros([], ACC)
-    mb = tl.full([], float("-inf"), ACC)
-    cb = tl.zeros([], ACC)
-    Tb = tl.zeros([], ACC)
-    Ab = tl.zeros([], ACC)
-    B = tl.zeros([], ACC)
-    nan_a = tl.zeros([], tl.int32)
-    nan_b = tl.zeros([], tl.int32)
-    n_lost = tl.zeros([], tl.int32)
-    for start in range(0, n_cols, BLOCK):
-        a, ka = load_row_chunk(a_ptr + row * stride_a + start, cols, n_cols - start, ACC)
-        b, kb = load_row_chunk(b_ptr + row * stride_b + start, cols, n_cols - start, ACC)
-        nan_a += ka
-        nan_b += kb
-        m_old = ma
-        ma, ca, Ta, Aa = update_stats(ma, ca, Ta, Aa, a)
-        mb, cb, Tb, Ab = update_stats(mb, cb, Tb, Ab, b)
-        # Rescale B to the new max of a (B = 0 until a has a finite entry, so no -inf - -inf).
-        B *= tl.exp(tl.where(m_old > float("-inf"), m_old, ma) - ma)
-        live = a > float("-inf")
-        both = live & (b > float("-inf"))
-        # p has mass where q has none: KL = +inf, however small that mass (even if e^{a-m} underflows).
-        n_lost += tl.sum((live & (b == float("-inf"))).to(tl.int32), axis=0)
-        w = tl.exp(a - tl.where(ma > float("-inf"), ma, 0.0))
-        B += tl.sum(w * (tl.where(both, a, 0.0) - tl.where(both, b, 0.0)), axis=0)
-    log_sa = log_normaliser(ca, Ta)
-    log_sb = log_normaliser(cb, Tb)
-    kl = B / tl.exp(log_sa) - (ma + log_sa) + (mb + log_sb)
-    kl = tl.where(kl < 0.0, 0.0, kl)  # Gibbs: KL >= 0; only rounding makes it negative
+    a_row = a_ptr + row * stride_a
+    b_row = b_ptr + row * stride_b
+    ma, log_sa, nan_a, mb, log_sb, nan_b = pair_stats(a_row, b_row, n_cols, BLOCK, ACC)
+    K, Z, s_yh, q_out, n_lost = kl_sums(a_row, b_row, n_cols, ma, mb, log_sa, log_sb, log_sb - log_sa, BLOCK, ACC,
+                                        TERMS)
+    kl = tl.where(q_out <= 0.5, K - chi(log1p(Z), TERMS) - log1p(-q_out), -2.0 * s_yh)
+    kl = tl.where(kl < 0.0, 0.0, kl)  # Gibbs: KL >= 0
     kl = tl.where(n_lost > 0, float("inf"), kl)
     # Each argument gets its own coded lse, so validation can name the argument at fault.
     tl.store(kl_ptr + row, kl)
@@ -100,7 +84,8 @@ def kl_fwd(a2d, b2d):
     if rows:
         blk = block_size(n)
         wrap_triton(kl_fwd_kernel)[(rows,)](a2d, b2d, kl, lse_a, lse_b, n, a2d.stride(0), b2d.stride(0),
-                               BLOCK=blk, ACC=_acc(a2d.dtype), num_warps=num_warps(blk))
+                                            BLOCK=blk, ACC=_acc(a2d.dtype), TERMS=series_terms(a2d.dtype),
+                                            num_warps=num_warps(blk))
     return kl, lse_a, lse_b
 
 

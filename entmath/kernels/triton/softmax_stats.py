@@ -13,6 +13,10 @@ row is nearly one-hot (T << 1): a plain sum would round 1 + T to 1 and lose the 
 import triton
 import triton.language as tl
 
+# A logit offset below which e^d is 0 in every accumulation dtype (fp64 underflows below -745);
+# offsets beyond it are clamped there, so that e^d * d is 0 and never 0 * (-inf).
+DEEP: tl.constexpr = -1.0e4
+
 
 @triton.jit
 def load_row_chunk(ptr, cols, n_cols, ACC: tl.constexpr):
@@ -32,17 +36,20 @@ def update_stats(m, c, T, A, x):
     m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
     # Rescale the old statistics to the new maximum: old maxima become "below" mass.
     old_mass = T + c
-    # delta = m - m_new <= 0 is -inf while the row has had no finite logit (then old_mass = 0).
-    delta = tl.where(grow & (old_mass > 0), m - m_ref, 0.0)
+    # delta = m - m_new <= 0 is -inf while the row has had no finite logit (then old_mass = 0),
+    # and overflows to -inf when the maximum jumps by more than the dtype's max: clamped at
+    # DEEP, where e^delta is already 0, so that e^delta * delta * old_mass is 0, not 0 * (-inf).
+    delta = tl.maximum(tl.where(grow & (old_mass > 0), m - m_ref, 0.0), DEEP)
     alpha = tl.exp(delta)
     T = tl.where(grow, alpha * old_mass, T)
     A = tl.where(grow, alpha * (A + delta * old_mass), A)
     c = tl.where(grow, 0.0, c)
     # This chunk's contributions.  -inf logits (and padding) have e = 0 and d is zeroed with
-    # them, so they add exactly nothing: never 0 * (-inf) = NaN.
+    # them, so they add exactly nothing: never 0 * (-inf) = NaN.  A finite logit more than the
+    # dtype's max below the maximum ([M, -M] spans 2M) overflows x - m to -inf: clamped at DEEP.
     at_max = (x == m_new) & (x > float("-inf"))
     below = (x < m_new) & (x > float("-inf"))
-    d = tl.where(below, x - m_ref, 0.0)
+    d = tl.where(below, tl.maximum(x - m_ref, DEEP), 0.0)
     e = tl.where(below, tl.exp(d), 0.0)
     c += tl.sum(at_max.to(c.dtype), axis=0)
     T += tl.sum(e, axis=0)

@@ -1,0 +1,173 @@
+"""entropy, kl and jsd at the extremes of the floating-point range, on both backends.
+
+The standard (issue 19): for any finite inputs (and -inf masks) the result is within the bound
+stated in the op's docstring of the exact result for those same input values (mpmath on the
+rounded inputs, ``tests/reference.py``), whatever the offset, spread or mask, up to the dtype's
+max; never NaN, 0 or inf where the exact value is finite and representable.  The rows come from
+``tests/strategies.py`` (shifts by 1e2..1e30 and near the max, spans up to twice the max, finite
+masks from -1e4 to -max mixed with -inf, subnormal spreads, fp16/bf16 near their max), plus
+nearly one-hot rows (one entry raised by a gap of 20..700).
+
+The bound shared by the three docstrings, for a result v of a row pair with n classes:
+
+    |computed - v| <= (32 + Delta + log2 n) u |v| + 64 (1 + log2 n)^2 u^3 + 1024 n sigma
+                      + u_out |v| + sigma_out / 2,
+
+u and sigma the unit roundoff and smallest subnormal of the accumulation dtype (float32 for half
+inputs), u_out and sigma_out those of the output dtype (its final rounding), Delta the largest
+gap max z - z_i over entries whose e^{z_i - max z} is a normal number of the accumulation dtype.
+The u^3 term is kl's: the rounding eta ~ u log n of log S_b - log S_a adds eta^2 / 2 to the sum
+of its terms, which is then taken out again (to within u eta^2).
+``python tests/test_extremes.py [examples]`` prints the worst errors measured, in units of u.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import mpmath as mp
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import entmath
+from tests import reference as ref
+from tests.strategies import NEG_INF, extreme_row_pairs, extreme_rows, round_to
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+C_BOUND = 32
+
+
+@st.composite
+def rows_for(draw, dtype):
+    """An extreme row, or one made nearly one-hot by raising an entry by a gap of 20..700."""
+    row = draw(extreme_rows(dtype))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(row) - 1))
+        if row[i] != NEG_INF:
+            row[i] = round_to([row[i] + draw(st.sampled_from([20.0, 60.0, 100.0, 700.0]))], dtype)[0]
+    return row
+
+
+@st.composite
+def pairs_for(draw, dtype, lost=True):
+    a, b = draw(extreme_row_pairs(dtype, lost=lost))
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(a) - 1))
+        if a[i] != NEG_INF:
+            gap = draw(st.sampled_from([20.0, 60.0, 100.0]))
+            a[i] = round_to([a[i] + gap], dtype)[0]
+            if b[i] != NEG_INF and draw(st.booleans()):
+                b[i] = round_to([b[i] + gap], dtype)[0]
+    return a, b
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gap(*rows, dtype):
+    """Delta: the largest max z - z_i of an entry whose e^{z_i - max z} is normal (0 if none)."""
+    floor = math.log(torch.finfo(_acc(dtype)).smallest_normal)
+    gap = 0.0
+    for row in rows:
+        live = [mp.mpf(v) for v in row if v != NEG_INF]
+        m = max(live)
+        gap = max([gap] + [float(m - v) for v in live if -(m - v) >= floor])
+    return gap
+
+
+def excess(got: float, want, rows, dtype) -> float:
+    """How far |got - want| is beyond the stated bound without its relative term, in units of
+    u |want| (so the bound holds when this is <= 32 + Delta + log2 n).  inf for a NaN, for an inf
+    where the exact value is finite and representable, or a 0 where it is representable."""
+    acc, out = torch.finfo(_acc(dtype)), torch.finfo(dtype)
+    sigma, sigma_out = acc.smallest_normal * acc.eps, out.smallest_normal * out.eps
+    if math.isnan(got):
+        return math.inf
+    if want == mp.inf or abs(want) > out.max:  # +inf exactly, or beyond the output dtype
+        return 0.0 if got == math.inf else math.inf
+    if math.isinf(got) or (got == 0 and abs(want) > mp.mpf(sigma_out) / 2):
+        return math.inf
+    n = len(rows[0])
+    u = mp.mpf(acc.eps) / 2
+    floor = 64 * (1 + math.log2(n)) ** 2 * u ** 3 + 1024 * n * mp.mpf(sigma) + mp.mpf(sigma_out) / 2
+    err = abs(mp.mpf(got) - want) - out.eps / 2 * abs(want) - floor
+    if err <= 0:
+        return 0.0
+    return float(err / abs(want)) / (acc.eps / 2) if want != 0 else math.inf
+
+
+def _allowed(rows, dtype):
+    return C_BOUND + _gap(*rows, dtype=dtype) + math.log2(len(rows[0]))
+
+
+def _entropy(row, dtype, backend):
+    got = entmath.entropy(torch.tensor([row], dtype=dtype), backend=backend).double().item()
+    return got, ref.entropy_exact(row), (row,)
+
+
+def _kl(pair, dtype, backend):
+    a, b = pair
+    got = entmath.kl(torch.tensor([a], dtype=dtype), torch.tensor([b], dtype=dtype), backend=backend)
+    return got.double().item(), ref.kl_exact(a, b), (a, b)
+
+
+def _jsd(case, dtype, backend):
+    (a, b), beta = case
+    got = entmath.jsd(torch.tensor([a], dtype=dtype), torch.tensor([b], dtype=dtype), beta, backend=backend)
+    return got.double().item(), ref.jsd_exact(a, b, beta), (a, b)
+
+
+BETAS = st.sampled_from([0.5, 0.5, 0.1, 0.9, 1e-3, 0.999]) | st.floats(0.01, 0.99)
+CASES = {
+    "entropy": (_entropy, rows_for),
+    "kl": (_kl, pairs_for),
+    "jsd": (_jsd, lambda dtype: st.tuples(pairs_for(dtype), BETAS)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(CASES))
+@given(data=st.data())
+def test_within_the_stated_bound_of_the_exact_result(op, backend, dtype, data):
+    run, strategy = CASES[op]
+    case = data.draw(strategy(dtype))
+    got, want, rows = run(case, dtype, backend)
+    assert excess(got, want, rows, dtype) <= _allowed(rows, dtype), (got, float(want), case)
+
+
+def measure(examples: int) -> None:
+    """Print the worst error per op, backend and dtype, in units of u (beyond the absolute terms
+    of the bound), over ``examples`` cases of the test's distribution."""
+    from hypothesis import HealthCheck, settings
+
+    for op, (run, strategy) in CASES.items():
+        for backend in BACKENDS:
+            for dtype in DTYPES:
+                worst = [0.0, 0.0, None]  # excess, its allowance, case
+
+                @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=list(HealthCheck))
+                @given(case=strategy(dtype))
+                def one(case):
+                    got, want, rows = run(case, dtype, backend)
+                    e = excess(got, want, rows, dtype)
+                    if e > worst[0]:
+                        worst[:] = [e, _allowed(rows, dtype), case]
+
+                one()
+                print(f"{op:8} {backend:7} {str(dtype)[6:]:9} worst {worst[0]:8.3g} u  "
+                      f"(allowed there {worst[1]:.0f} u)", flush=True)
+
+
+if __name__ == "__main__":
+    import os
+    import warnings
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    warnings.filterwarnings("ignore")
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
