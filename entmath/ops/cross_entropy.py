@@ -286,9 +286,10 @@ cross_entropy_triton.register_autograd(_backward, setup_context=_setup)
 register_row_vmap(cross_entropy_triton, (1, 0, 1, None, None, None, None))
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, label_smoothing: float = 0.0,
-                  ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
-                  return_entropy: bool = False, inplace_backward: bool = False, *, backend: str = "auto"):
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
+                  dim: int = -1, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, softcap: Optional[float] = None, return_entropy: bool = False,
+                  inplace_backward: bool = False, backend: str = "auto"):
     """Softmax cross-entropy between ``logits`` and ``target`` along ``dim``, fused with its gradient.
 
     Matches ``torch.nn.functional.cross_entropy(logits.movedim(dim, 1), target, ...)`` for the
@@ -300,7 +301,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, lab
             probabilities (floating dtype, the shape of ``logits``; rows need not sum to 1; a
             target of 0 contributes 0 even against a ``-inf`` logit).  Probability targets are
             differentiable.
-        dim: the class dimension.
+        weight: class weights, a 1-D tensor of C entries, as in ``torch.nn.functional.cross_entropy``.
+        dim: the class dimension (keyword-only: the third positional argument is ``weight``, as in
+            ``torch.nn.functional.cross_entropy``).
         label_smoothing: eps in [0, 1]; the target becomes (1 - eps) y + eps / C.
         ignore_index: class-index targets equal to it contribute 0 loss, 0 gradient, 0 entropy.
         reduction: ``"none"`` (per-row losses), ``"sum"``, or ``"mean"`` (over non-ignored rows
@@ -308,6 +311,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, lab
             over zero non-ignored rows is 0.0 with zero gradient (``torch`` returns NaN).
         z_loss: weight of the auxiliary ``z_loss * lse**2`` per row (PaLM's z-loss), included in
             the returned loss and its gradient ``2 z_loss lse p``.
+        softcap: logit soft-capping, ``softcap * tanh(logits / softcap)`` before the softmax; None: off.
         return_entropy: also return the per-row entropy of softmax(logits) (shape of ``logits``
             without ``dim``; 0 for ignored rows), from the same pass, differentiable (an entropy
             bonus ``loss - beta * entropy.mean()`` backpropagates through it).
@@ -338,6 +342,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, dim: int = -1, lab
             rows whose class index is out of range, give NaN.
     """
     check_float_tensor(logits, "logits")
+    if weight is not None or softcap is not None:  # the signature first; the options follow
+        raise NotImplementedError("cross_entropy: weight and softcap are not implemented yet")
     dim = normalize_dim(logits, dim, "logits")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
