@@ -54,3 +54,93 @@ def cross_entropy_probs(z, y, eps=0.0):
         if w != 0:
             total += w * (lse - mp.mpf(zi))
     return total
+
+
+# ---- References that stay exact at the extremes (issue 19) -------------------------------------
+# The functions above evaluate the definitions at 50 digits, which is enough for ordinary rows.
+# At the extremes it is not: 1 + R rounds to 1 at 50 digits once R < 1e-50 (a gap above ~115),
+# and a divergence of size eps^2 between rows that differ by eps is a sum of terms of size eps.
+# These work in log space from the exact offsets d_i = z_i - max z (log p_i = d_i - log1p(R), no
+# 1 + R formed), and with enough digits for the cancellation in the divergences.
+
+def log_softmax_exact(z):
+    """log softmax(z) as mpf (-inf for -inf logits), accurate however peaked the row is."""
+    live = [i for i, v in enumerate(z) if v != NEG_INF]
+    m = max(mp.mpf(z[i]) for i in live)
+    k = next(i for i in live if mp.mpf(z[i]) == m)
+    d = {i: mp.mpf(z[i]) - m for i in live}
+    log_s = mp.log1p(mp.fsum(mp.exp(d[i]) for i in live if i != k))
+    return [d[i] - log_s if i in d else mp.ninf for i in range(len(z))]
+
+
+def entropy_exact(z, dps=60):
+    """H(softmax(z)) = -sum p log p, with each log p accurate (see log_softmax_exact)."""
+    with mp.workdps(dps):
+        return +mp.fsum(-mp.exp(lp) * lp for lp in log_softmax_exact(z) if lp != mp.ninf)
+
+
+def kl_exact(a, b, dps=120):
+    """KL(softmax(a) || softmax(b)); +inf where p has mass q lacks.  120 digits: rows that differ
+    by eps give a divergence of size eps^2 from terms of size eps."""
+    with mp.workdps(dps):
+        lp, lq = log_softmax_exact(a), log_softmax_exact(b)
+        if any(x != mp.ninf and y == mp.ninf for x, y in zip(lp, lq)):
+            return mp.inf
+        return +mp.fsum(mp.exp(x) * (x - y) for x, y in zip(lp, lq) if x != mp.ninf)
+
+
+def jsd_exact(a, b, beta, dps=120):
+    """Generalised Jensen-Shannon divergence beta KL(p || m) + (1 - beta) KL(q || m),
+    m = beta p + (1 - beta) q; KL(p || q) at beta = 0 and KL(q || p) at beta = 1 (as Liger-Kernel
+    defines beta)."""
+    if beta == 0:
+        return kl_exact(a, b, dps)
+    if beta == 1:
+        return kl_exact(b, a, dps)
+    with mp.workdps(dps):
+        beta = mp.mpf(beta)
+        w = 1 - beta
+        lp, lq = log_softmax_exact(a), log_softmax_exact(b)
+        total = mp.mpf(0)
+        for x, y in zip(lp, lq):
+            if x == mp.ninf and y == mp.ninf:
+                continue
+            # log m from the larger of the two, without forming 1 + tiny
+            if y == mp.ninf or (x != mp.ninf and x >= y):
+                lm = x + (mp.log(beta) if y == mp.ninf else mp.log1p(w * mp.expm1(y - x)))
+            else:
+                lm = y + (mp.log(w) if x == mp.ninf else mp.log1p(beta * mp.expm1(x - y)))
+            if x != mp.ninf:
+                total += beta * mp.exp(x) * (x - lm)
+            if y != mp.ninf:
+                total += w * mp.exp(y) * (y - lm)
+        return +total
+
+
+def soft_capped(z, softcap):
+    """c tanh(z / c) for every logit (as mpf; -inf -> -c, +inf -> c)."""
+    c = mp.mpf(softcap)
+    return [-c if v == NEG_INF else c if v == -NEG_INF else c * mp.tanh(mp.mpf(v) / c) for v in z]
+
+
+def cross_entropy_exact(z, target, eps=0.0, weight=None, softcap=None):
+    """One row's cross-entropy -sum_j u_j log p_j as torch.nn.functional.cross_entropy defines it:
+    ``target`` an int (class index: u = (1 - eps) w_t e_t + eps w / C) or a list of probabilities
+    (u = w ((1 - eps) y + eps / C)); class weights w (1 if None); ``softcap`` c replaces every z
+    by c tanh(z / c) first.  Terms with u_j = 0 are 0, even at z_j = -inf (then +inf otherwise).
+    Exact at any offset: log p from ``log_softmax_exact``."""
+    n = len(z)
+    zz = soft_capped(z, softcap) if softcap is not None else z
+    w = [mp.mpf(1)] * n if weight is None else [mp.mpf(v) for v in weight]
+    e = mp.mpf(eps)
+    if isinstance(target, int):
+        u = [w[j] * (e / n + ((1 - e) if j == target else 0)) for j in range(n)]
+    else:
+        u = [w[j] * ((1 - e) * mp.mpf(target[j]) + e / n) for j in range(n)]
+    return mp.fsum(-uj * lp for uj, lp in zip(u, log_softmax_exact(zz)) if uj != 0)
+
+
+def softmax_exact(z, softcap=None):
+    """softmax(z) (of c tanh(z / c) with ``softcap``), each entry accurate at any offset."""
+    zz = soft_capped(z, softcap) if softcap is not None else z
+    return [mp.mpf(0) if lp == mp.ninf else mp.exp(lp) for lp in log_softmax_exact(zz)]
