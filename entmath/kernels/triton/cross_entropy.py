@@ -1,5 +1,11 @@
 """Triton kernels for ``entmath.cross_entropy``: per-row loss, lse and entropy, and the gradient.
 
+HBM traffic.  Forward: n logits read once (and n targets for probabilities; the n class
+weights are shared by all rows and stay in L2), four numbers per row written.  Backward: n
+logits (and targets) read once, n gradients (and n target gradients) written; the per-row sums
+of the target mass it needs are formed by the launcher (a rows-sized vector for class weights,
+one more read of the targets for probabilities).
+
 Forward, one program per row, one read of the row (and of the target row for probabilities):
 BLOCK-wide chunks fold into the online statistics of ``softmax_stats`` (max m, count at the max
 c, mass below T, moment A) and into what the target needs.  With u_j the smoothed, weighted
