@@ -115,3 +115,32 @@ def jsd_exact(a, b, beta, dps=120):
             if y != mp.ninf:
                 total += w * mp.exp(y) * (y - lm)
         return +total
+
+
+def soft_capped(z, softcap):
+    """c tanh(z / c) for every logit (as mpf; -inf -> -c, +inf -> c)."""
+    c = mp.mpf(softcap)
+    return [-c if v == NEG_INF else c if v == -NEG_INF else c * mp.tanh(mp.mpf(v) / c) for v in z]
+
+
+def cross_entropy_exact(z, target, eps=0.0, weight=None, softcap=None):
+    """One row's cross-entropy -sum_j u_j log p_j as torch.nn.functional.cross_entropy defines it:
+    ``target`` an int (class index: u = (1 - eps) w_t e_t + eps w / C) or a list of probabilities
+    (u = w ((1 - eps) y + eps / C)); class weights w (1 if None); ``softcap`` c replaces every z
+    by c tanh(z / c) first.  Terms with u_j = 0 are 0, even at z_j = -inf (then +inf otherwise).
+    Exact at any offset: log p from ``log_softmax_exact``."""
+    n = len(z)
+    zz = soft_capped(z, softcap) if softcap is not None else z
+    w = [mp.mpf(1)] * n if weight is None else [mp.mpf(v) for v in weight]
+    e = mp.mpf(eps)
+    if isinstance(target, int):
+        u = [w[j] * (e / n + ((1 - e) if j == target else 0)) for j in range(n)]
+    else:
+        u = [w[j] * ((1 - e) * mp.mpf(target[j]) + e / n) for j in range(n)]
+    return mp.fsum(-uj * lp for uj, lp in zip(u, log_softmax_exact(zz)) if uj != 0)
+
+
+def softmax_exact(z, softcap=None):
+    """softmax(z) (of c tanh(z / c) with ``softcap``), each entry accurate at any offset."""
+    zz = soft_capped(z, softcap) if softcap is not None else z
+    return [mp.mpf(0) if lp == mp.ninf else mp.exp(lp) for lp in log_softmax_exact(zz)]

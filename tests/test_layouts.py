@@ -46,6 +46,7 @@ def _cases(backend):
     z = _g(4, 6)
     probs = torch.softmax(_g(4, 6, seed=1), -1)
     idx = torch.tensor([1, 0, 5, 2])
+    cw = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0, 1.5], dtype=torch.float64)
     q, k, v = _g(2, 4, 3, seed=2), _g(2, 5, 3, seed=3), _g(2, 5, 3, seed=4)
     return {
         "entropy": (lambda x: entmath.entropy(x, **b), [z]),
@@ -54,6 +55,12 @@ def _cases(backend):
         "cross_entropy-index": (lambda x, t: entmath.cross_entropy(x, t, reduction="none", **b), [z, idx]),
         "cross_entropy-probs": (lambda x, y: entmath.cross_entropy(x, y, reduction="none", label_smoothing=0.1,
                                                                    **b), [z, probs]),
+        # (class weights are not differentiable: detached inside, in the layout they were given)
+        "cross_entropy-index-weight": (lambda x, t, w: entmath.cross_entropy(x, t, w.detach(), reduction="none",
+                                                                             label_smoothing=0.1, softcap=3.0, **b),
+                                       [z, idx, cw]),
+        "cross_entropy-probs-weight": (lambda x, y, w: entmath.cross_entropy(x, y, w.detach(), label_smoothing=0.1,
+                                                                             **b), [z, probs, cw]),
         "entropy_normalize": (lambda x, t: entmath.entropy_normalize(x, t, **b), [z, torch.full((4,), 0.7)]),
         "solve_gamma": (lambda x, t: entmath.solve_gamma(x, t, **b), [z, torch.tensor([0.3, 0.7, 1.0, 1.5])]),
         "noise_softmax": (lambda x, s: entmath.noise_softmax(x, "normal", nodes=8, scale=s, **b),

@@ -30,6 +30,7 @@ def _ops(backend):
     b = {"backend": backend}
     idx = torch.tensor([2, 0, 4])
     probs = torch.softmax(_g(3, 5, seed=9), -1)
+    cw = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0], dtype=f64)  # class weights
 
     def ent_ref(z):
         return -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
@@ -74,6 +75,22 @@ def _ops(backend):
         "cross_entropy_entropy": (lambda z: sum(entmath.cross_entropy(z, idx, return_entropy=True,
                                                                        reduction="none", **b)),
                                   [_g(3, 5)], lambda z: F.cross_entropy(z, idx, reduction="none") + ent_ref(z)),
+        "cross_entropy_weight": (lambda z: entmath.cross_entropy(z, idx, cw, label_smoothing=0.1, z_loss=0.01, **b),
+                                 [_g(3, 5)],
+                                 lambda z: F.cross_entropy(z, idx, cw, label_smoothing=0.1)
+                                 + 0.01 * torch.logsumexp(z, -1).square().mean()),
+        "cross_entropy_soft_weight": (lambda z, y: entmath.cross_entropy(z, y, cw, label_smoothing=0.2, **b),
+                                      [_g(3, 5), probs], lambda z, y: F.cross_entropy(z, y, cw, label_smoothing=0.2)),
+        "cross_entropy_softcap": (lambda z: entmath.cross_entropy(z, idx, softcap=1.5, label_smoothing=0.1,
+                                                                  reduction="sum", **b),
+                                  [_g(3, 5, scale=2.0)],
+                                  lambda z: F.cross_entropy(1.5 * torch.tanh(z / 1.5), idx, label_smoothing=0.1,
+                                                            reduction="sum")),
+        "cross_entropy_softcap_entropy": (lambda z: sum(entmath.cross_entropy(z, idx, softcap=2.0, return_entropy=True,
+                                                                               reduction="none", **b)),
+                                          [_g(3, 5, scale=2.0)],
+                                          lambda z: F.cross_entropy(2.0 * torch.tanh(z / 2.0), idx, reduction="none")
+                                          + ent_ref(2.0 * torch.tanh(z / 2.0))),
         "entropy_normalize": (lambda z, t: entmath.entropy_normalize(z, t, **b),
                               [_g(3, 5), torch.tensor([0.5, 0.9, 1.2], dtype=f64)], None),
         "solve_gamma": (lambda z, t: entmath.solve_gamma(z, t, **b),
@@ -275,12 +292,15 @@ def _opcheck_cases():
     tt = torch.tensor([0.5, 1.0, 1.5], dtype=f64)
     q, k = _g(2, 3, 4, dtype=torch.float32), _g(2, 5, 4, seed=1, dtype=torch.float32)
     sc = torch.rand(2, 3) + 0.2
+    cw = torch.linspace(0.5, 2.0, 6)  # class weights
     return [
         ("entropy_triton", (z,)), ("entropy_triton", (zp,)),
         ("kl_triton", (z, zp)),
         ("jsd_triton", (z, zp, 0.3)), ("jsd_triton", (zp, z, 0.9)),
-        ("cross_entropy_triton", (z, t, None, 0.1, -100, 0.01, True)),
-        ("cross_entropy_triton", (zp, None, y, 0.0, -100, 0.0, False)),
+        ("cross_entropy_triton", (z, t, None, None, 0.1, -100, 0.0, True)),
+        ("cross_entropy_triton", (zp, None, y, None, 0.0, -100, 0.0, False)),
+        ("cross_entropy_triton", (z, t, None, cw, 0.1, -100, 2.5, True)),
+        ("cross_entropy_triton", (zp, None, y, cw, 0.2, -100, 4.0, False)),
         ("entropy_normalize_triton", (z, tt.float())), ("entropy_normalize_triton", (zp, tt.float())),
         ("entropy_normalize_solve", (z, tt)), ("entropy_normalize_solve", (zp, tt)),
         ("noise_softmax_triton", (z, "normal", 8)), ("noise_softmax_solve", (zp, "logistic", 8)),
@@ -308,10 +328,19 @@ def test_backward_operators_opcheck():
     _, kp, kq, la, lb = torch.ops.entmath.jsd_triton(z, w, 0.3)
     torch.library.opcheck(torch.ops.entmath.jsd_backward_triton, (z, w, kp, kq, la, lb, torch.ones(3), 0.3))
     t = torch.tensor([0, 5, 2])
-    loss, lse, ent = torch.ops.entmath.cross_entropy_triton(z, t, None, 0.1, -100, 0.0, True)
+    loss, lse, res, ent = torch.ops.entmath.cross_entropy_triton(z, t, None, None, 0.1, -100, 0.0, True)
     torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_triton,
-                          (torch.empty_like(z), z, t, None, lse, ent, torch.ones(3), torch.ones(3), 0.1, -100, 0.0,
-                           False))
+                          (torch.empty_like(z), z, t, None, None, lse, res, ent, torch.ones(3), None, torch.ones(3),
+                           0.1, -100, 0.0, False))
+    y, cw = torch.softmax(w, -1), torch.linspace(0.5, 2.0, 6)
+    loss, lse, res, ent = torch.ops.entmath.cross_entropy_triton(z, None, y, cw, 0.2, -100, 3.0, False)
+    torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_triton,
+                          (torch.empty_like(z), z, None, y, cw, lse, res, ent, torch.ones(3), torch.rand(3), None,
+                           0.2, -100, 3.0, True))
+    loss, lse, res, ent = torch.ops.entmath.cross_entropy_triton(z, t, None, cw, 0.0, 2, 0.0, False)
+    torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_triton,
+                          (torch.empty_like(z), z, t, None, cw, lse, res, ent, torch.ones(3), torch.rand(3), None,
+                           0.0, 2, 0.0, False))
     tt = torch.tensor([0.5, 1.0, 1.5])
     p, gamma, zbar = torch.ops.entmath.entropy_normalize_triton(z, tt)
     torch.library.opcheck(torch.ops.entmath.entropy_normalize_backward_triton,
@@ -460,8 +489,9 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the targets in the closures stay real
         fake = fn(*[mode.from_tensor(a) for a in real])
     assert fake.shape == want.shape and fake.dtype == want.dtype
-    if backend == "torch" and op not in ("cross_entropy", "cross_entropy_entropy", "jsd_labels",
-                                         "logn_attention_gqa_masked"):  # (targets, masks are captured)
+    captured = (op.startswith("cross_entropy") and op != "cross_entropy_soft") or op in (
+        "jsd_labels", "logn_attention_gqa_masked")  # (targets, weights, labels, masks are captured)
+    if backend == "torch" and not captured:
         meta = fn(*[a.float().to("meta") for a in args])
         assert meta.shape == want.shape and meta.dtype == want.dtype and meta.is_meta
 
@@ -469,7 +499,8 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
 # ---------------------------------------------------------------------------------------------
 # torch.func
 # ---------------------------------------------------------------------------------------------
-FUNC_OPS = ["entropy", "kl", "jsd", "cross_entropy", "entropy_normalize", "noise_softmax"]
+FUNC_OPS = ["entropy", "kl", "jsd", "cross_entropy", "cross_entropy_weight", "cross_entropy_softcap",
+            "entropy_normalize", "noise_softmax"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
