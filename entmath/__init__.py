@@ -11,6 +11,7 @@ from .ops.cross_entropy import cross_entropy
 from .ops.entropy import entropy
 from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.kl import kl
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.logn_attention import logn_attention, logn_scale
 from .ops.noise_softmax import noise_softmax
 
@@ -18,6 +19,9 @@ __version__ = "0.1.0"
 __all__ = [
     # Chapter 1: entropy, cross-entropy, KL (cross_entropy's fused gradient: Chapter 5)
     "entropy", "cross_entropy", "kl",
+    # Chapter 6: cross-entropy and entropy of a linear head without its logits; entmath.distributed
+    # (the same over a vocabulary split across ranks) is a submodule
+    "linear_cross_entropy",
     # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention
