@@ -14,6 +14,7 @@ from .ops.kl import kl
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.logn_attention import logn_attention, logn_scale
 from .ops.noise_softmax import noise_softmax
+from . import distributed  # noqa: E402  (the ops over a vocabulary split across ranks; Chapter 6)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["combine_summaries", "combine_kl", "stacked"]
+from .._validate import compute_dtype
+from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ._rows import kernels, rows_2d
+from ._stats import chunk_summary
+from .cross_entropy import CHUNK_BYTES
+
+__all__ = ["combine_summaries", "combine_kl", "stacked", "logits_summary"]
 
 
 def stacked(dim: int = 0):
@@ -94,3 +100,52 @@ def combine_kl(kl_k, lse_a_k, lse_b_k, reduce_max, reduce_sum):
     lse_a = torch.where(nan, float("nan"), torch.where(torch.isfinite(Ma), Ma + log_sa, Ma))
     lse_b = torch.where(nan, float("nan"), torch.where(torch.isfinite(Mb), Mb + log_sb, Mb))
     return kl, lse_a, lse_b
+
+
+# ---- the summary of one shard of rows already in memory -------------------------------------
+def logits_summary_torch(z2d: torch.Tensor, t_rel: torch.Tensor, want_sum_z: bool, want_moment: bool = True):
+    """Per-row (m, R, A, z_t, sum z) of the rows of z2d (rows, n) in the accumulation dtype, in row
+    chunks (a copy of one chunk at a time; the input is not modified).  ``t_rel``: each row's
+    target column, any value outside [0, n) for none (z_t = 0).  Rows that are entirely -inf
+    (a shard the row has no mass in) give m = -inf, which ``combine_summaries`` weighs by 0."""
+    rows, n = z2d.shape
+    acc = compute_dtype(z2d)
+    step = rows if torch.compiler.is_compiling() else max(1, CHUNK_BYTES // (4 * max(n, 1)))
+    pieces = []
+    for r0 in range(0, rows, step):
+        rs = slice(r0, min(rows, r0 + step))
+        z = z2d[rs].to(acc, copy=True)
+        col = t_rel[rs]
+        inside = (col >= 0) & (col < n)
+        z_t = torch.where(inside, z.gather(1, col.clamp(0, n - 1).unsqueeze(1)).squeeze(1), 0.0)
+        sum_z = z.sum(-1) if want_sum_z else torch.zeros_like(z_t)
+        pieces.append((*chunk_summary(z, masked=True, moment=want_moment), z_t, sum_z))
+    if not pieces:
+        empty = z2d.new_empty(0, dtype=acc)
+        return (empty,) * 5
+    if len(pieces) == 1:
+        return pieces[0]
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+@triton_kernel_op("logits_summary_triton")
+def logits_summary_triton(z: torch.Tensor, t_rel: torch.Tensor, want_sum_z: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (m, R, A, z_t, sum z) of the rows of z (rows, n): one read of each row."""
+    return tuple(kernels("linear_cross_entropy").logits_summary_fwd(rows_2d(z), t_rel.contiguous(), want_sum_z))
+
+
+@logits_summary_triton.register_fake
+def _(z, t_rel, want_sum_z):
+    m = z.new_empty(z.shape[:1], dtype=acc_dtype(z))
+    return tuple(torch.empty_like(m) for _ in range(5))
+
+
+register_row_vmap(logits_summary_triton, (1, 0, None))
+
+
+def logits_summary(z2d, t_rel, want_sum_z: bool, want_moment: bool, backend: str):
+    """The shard summary on either backend (the kernel always computes the moment)."""
+    if backend == "triton":
+        return torch.ops.entmath.logits_summary_triton(z2d, t_rel, want_sum_z)
+    return logits_summary_torch(z2d, t_rel, want_sum_z, want_moment)

@@ -59,22 +59,23 @@ def clamped(x: torch.Tensor) -> torch.Tensor:
 # out of R so that log S = log1p(R) stays accurate) and A = sum_i e^{z_i - m} (z_i - m).  Then
 # lse = m + log1p(R) and H = log1p(R) - A / (1 + R): Chapter 3 (eq-ln-rescale), Chapter 6.
 
-def chunk_summary(z: torch.Tensor, masked: bool):
+def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True):
     """(m, R, A) of each row of one block of logits z (rows x columns), overwriting z.
 
     The statistics of ``softmax_stats`` (max, e^{z-m} with the first maximal entry left out,
     first moment), computed in place: on CPU each pass over a block costs about as much as the
     matmul that made it, so the two temporaries softmax_stats allocates matter.  ``masked``: the
     block may hold -inf logits (they then contribute exactly 0); the row maximum must be finite.
+    ``moment=False``: A is not needed (no entropy); it is returned as zeros, two passes sooner.
     """
     m, idx = z.max(-1, keepdim=True)
     d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
-    if masked:
+    if masked and moment:
         d.clamp_min_(lowest(d.dtype))  # -inf -> lowest finite: e = 0 and e * d = 0, not NaN
     e = d.exp()
     e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
     r = e.sum(-1)
-    a = e.mul_(d).sum(-1)  # sum e d; the maximal entries have d = 0 anyway
+    a = e.mul_(d).sum(-1) if moment else torch.zeros_like(r)  # sum e d; the maxima have d = 0 anyway
     return m.squeeze(-1), r, a
 
 

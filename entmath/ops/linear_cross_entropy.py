@@ -80,11 +80,12 @@ def _tile_logits(h_r, w_c, b_c, inv_t: float):
 
 
 # ---- forward --------------------------------------------------------------------------------
-def linear_summary_torch(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool):
+def linear_summary_torch(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool, want_moment: bool = True):
     """Per-row summary (m, R, A, z_t, sum z) of the logits (h2d W^T + b) / T, tile by tile.
 
     ``t_rel`` (N,) int64: each row's target column counted from W's first row; z_t is 0 for rows
-    whose target lies outside [0, V) (another shard's, or ignored).  Eager: O(tile) memory."""
+    whose target lies outside [0, V) (another shard's, or ignored); A is 0 unless ``want_moment``
+    (the entropy needs it, the loss does not).  Eager: O(tile) memory."""
     n_rows, n_vocab = h2d.shape[0], w.shape[0]
     acc = acc_dtype_of(h2d, w, b)
     row_step, col_step = _tiles(n_rows, n_vocab)
@@ -104,7 +105,7 @@ def linear_summary_torch(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool):
             if want_sum_z:
                 sum_z = sum_z + z.sum(-1)
             # masked: a logit can reach -inf only by overflow; it then contributes exactly 0.
-            new = chunk_summary(z, masked=True)
+            new = chunk_summary(z, masked=True, moment=want_moment)
             run = new if run is None else merge_summaries(run, new)
         pieces.append((*run, z_t, sum_z if want_sum_z else z_t.new_zeros(z_t.shape)))
     if not pieces:
@@ -147,7 +148,7 @@ def summary_to_rows(m, r, a, z_t, sum_z, t, n_vocab, eps, ignore_index, z_loss, 
 
 def linear_cross_entropy_torch(h2d, w, b, t, eps, ignore_index, z_loss, inv_t, want_entropy):
     """Reference forward: per-row (loss, coded lse, entropy or empty) in the accumulation dtype."""
-    m, r, a, z_t, sum_z = linear_summary_torch(h2d, w, b, t, inv_t, eps > 0)
+    m, r, a, z_t, sum_z = linear_summary_torch(h2d, w, b, t, inv_t, eps > 0, want_entropy)
     return summary_to_rows(m, r, a, z_t, sum_z, t, w.shape[0], eps, ignore_index, z_loss, want_entropy)
 
 
@@ -161,15 +162,17 @@ def row_coefficients(t, lse, n_vocab: int, eps: float, ignore_index: int, z_loss
         c_t = g_loss (1 - eps) / T,  c_s = g_loss eps / (V T).
 
     Ignored rows get 0 (their loss and entropy are constants), rows with a class index outside
-    [0, V) get NaN.  Any incoming gradient may be None; returns (c_p, c_e or None, c_t, c_s)."""
+    [0, V) get NaN.  Any incoming gradient may be None; returns (c_p, c_e, c_t, c_s), with c_e
+    None without an entropy gradient and c_s None without label smoothing."""
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= n_vocab))
-    zeros = torch.zeros_like(lse)
-    c_p = c_t = c_s = zeros
+    c_p = c_t = torch.zeros_like(lse)
+    c_s = None
     if g_loss is not None:
         gl = torch.where(valid, g_loss.to(lse.dtype), 0.0)
         c_p = gl * (1.0 + 2.0 * z_loss * nan_unless_finite(lse)) if z_loss else gl
-        c_t, c_s = gl * ((1.0 - eps) * inv_t), gl * (eps * inv_t / n_vocab)
+        c_t = gl * ((1.0 - eps) * inv_t)
+        c_s = gl * (eps * inv_t / n_vocab) if eps > 0 else None
     if g_lse is not None:
         c_p = c_p + g_lse.to(lse.dtype)
     c_p = torch.where(bad, float("nan"), c_p * inv_t)
@@ -190,8 +193,10 @@ def logits_grad(z, col, lse, ent, c_p, c_e, c_t, c_s):
     idx = col.clamp(0, n - 1).unsqueeze(-1)
     minus_t = torch.where(inside, -c_t, 0.0).unsqueeze(-1)
     if fast:
-        return gz.scatter_add_(-1, idx, minus_t).sub_(c_s.unsqueeze(-1))
-    return gz.scatter_add(-1, idx, minus_t) - c_s.unsqueeze(-1)
+        gz = gz.scatter_add_(-1, idx, minus_t)
+        return gz if c_s is None else gz.sub_(c_s.unsqueeze(-1))
+    gz = gz.scatter_add(-1, idx, minus_t)
+    return gz if c_s is None else gz - c_s.unsqueeze(-1)
 
 
 def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(True, True, True)):
@@ -220,7 +225,7 @@ def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(Tru
             w_c = w[c0:c1].to(acc)
             z = _tile_logits(h_r, w_c, None if b is None else b[c0:c1].to(acc), inv_t)
             g = logits_grad(z, t_rel[rs] - c0, lse[rs], None if c_e is None else ent[rs], c_p[rs],
-                            None if c_e is None else c_e[rs], c_t[rs], c_s[rs])
+                            None if c_e is None else c_e[rs], c_t[rs], None if c_s is None else c_s[rs])
             if need_h:
                 dh_r = g @ w_c if dh_r is None else (dh_r.addmm_(g, w_c) if fast else dh_r + g @ w_c)
             if fast:
@@ -287,7 +292,7 @@ def triton_summary(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool, splits=None
     m, r, a, z_t, sum_z = kernels("linear_cross_entropy").linear_summary_fwd(
         h2d, w, b, t_rel.contiguous(), inv_t, want_sum_z, splits=splits)
     M, R, A, sums = combine_summaries(m, r, a, [z_t, sum_z], *stacked(0))
-    return M, R, A, sums[..., 0], sums[..., 1]
+    return M, R, A, sums[..., 0].clone(), sums[..., 1].clone()  # outputs of an operator: no shared storage
 
 
 @triton_kernel_op("linear_cross_entropy_triton")
@@ -325,7 +330,7 @@ def _(h, w, b, t_rel, inv_temperature, want_sum_z):
 def linear_cross_entropy_backward_triton(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
                                          t_rel: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
                                          c_p: torch.Tensor, c_e: Optional[torch.Tensor], c_t: torch.Tensor,
-                                         c_s: torch.Tensor, inv_temperature: float, need_h: bool, need_w: bool,
+                                         c_s: Optional[torch.Tensor], inv_temperature: float, need_h: bool, need_w: bool,
                                          need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW, db) in the dtypes of h, w, b (empty where not needed) from the per-row
     coefficients of ``row_coefficients``: the kernel writes dL/du for a sixteenth of the rows at a
@@ -335,7 +340,8 @@ def linear_cross_entropy_backward_triton(h: torch.Tensor, w: torch.Tensor, b: Op
     acc = acc_dtype_of(h, w, b)
     n_rows, n_vocab = h2d.shape[0], wk.shape[0]
     lse = nan_unless_finite(lse).contiguous()
-    c_p, c_t, c_s = c_p.contiguous(), c_t.contiguous(), c_s.contiguous()
+    c_p, c_t = c_p.contiguous(), c_t.contiguous()
+    c_s = torch.zeros_like(c_t) if c_s is None else c_s.contiguous()
     c_e = None if c_e is None else c_e.contiguous()
     ent = ent.contiguous() if c_e is not None else None
     t_rel = t_rel.contiguous()
