@@ -60,6 +60,9 @@ def _cases(backend):
         "attention_entropy": (lambda qq, kk, s: entmath.attention_entropy(qq, kk, scale=s, **b),
                               [q, k, torch.rand(2, 4, dtype=torch.float64) + 0.2]),
         "logn_attention": (lambda qq, kk, vv: entmath.logn_attention(qq, kk, vv, train_length=4), [q, k, v]),
+        "linear_cross_entropy": (lambda hh, ww, bb, tt: entmath.linear_cross_entropy(
+                                     hh, ww, tt, bb, reduction="none", label_smoothing=0.1, **b),
+                                 [_g(4, 3, seed=6), _g(6, 3, seed=7), _g(6, seed=8), idx]),
     }
 
 

@@ -206,7 +206,9 @@ def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(Tru
     otherwise; db is None without a bias).  While autograd records (``create_graph``) every op is
     out of place, so the result is differentiable again (the graph then holds every tile: double
     backward costs O(N V) memory); otherwise the gradients accumulate in place."""
-    fast = not torch.is_grad_enabled()
+    # In place only when nothing records and no torch.func transform batches some operands (an
+    # unbatched accumulator cannot take a batched tile in place).
+    fast = not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
     c_p, c_e, c_t, c_s = coefs
     n_rows, n_vocab = h2d.shape[0], w.shape[0]
     acc = acc_dtype_of(h2d, w, b)
@@ -279,6 +281,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _kernel_operands(h2d, w, b):
     """h and W in one dtype with unit stride along d, bias contiguous: what the kernels read."""
     dtype = torch.promote_types(h2d.dtype, w.dtype)
+    if not h2d.is_cuda and dtype in (torch.float16, torch.bfloat16):
+        # Triton's CPU interpreter multiplies bf16 tiles wrongly (it reads their bits as another
+        # type); the fp32 copy gives what the tensor cores compute: exact products, fp32 sums.
+        dtype = torch.float32
     h2d, w = h2d.to(dtype), w.to(dtype)
     h2d = h2d if h2d.stride(-1) == 1 or h2d.shape[-1] <= 1 else h2d.contiguous()
     w = w if w.stride(-1) == 1 or w.shape[-1] <= 1 else w.contiguous()
@@ -292,7 +298,7 @@ def triton_summary(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool, splits=None
     m, r, a, z_t, sum_z = kernels("linear_cross_entropy").linear_summary_fwd(
         h2d, w, b, t_rel.contiguous(), inv_t, want_sum_z, splits=splits)
     M, R, A, sums = combine_summaries(m, r, a, [z_t, sum_z], *stacked(0))
-    return M, R, A, sums[..., 0].clone(), sums[..., 1].clone()  # outputs of an operator: no shared storage
+    return M, R, A.clone(), sums[..., 0].clone(), sums[..., 1].clone()  # an operator's outputs: own storage
 
 
 @triton_kernel_op("linear_cross_entropy_triton")
