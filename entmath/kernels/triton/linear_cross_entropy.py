@@ -178,12 +178,18 @@ def _blocks(n, cap):
     return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
 
 
-def linear_config(N, V, D, on_gpu):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  The interpreter pays per step, not per
-    element: large tiles on CPU; on a GPU 128 x 128 x 64 tiles (bf16: 32 KB of operands per stage)."""
+def linear_config(N, V, D, on_gpu, dtype=torch.bfloat16):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); ``on_gpu``: any device but the CPU, so
+    that meta tensors get the GPU configuration.  The interpreter pays per step, not per element:
+    large tiles on the CPU.  On a GPU, half types: 64 rows x 64 columns x 64 features per step, 8
+    warps (the statistics keep several tile-sized temporaries live: a 128 x 128 tile spilled
+    1.8 KB per thread on sm_90, 64 x 128 with 8 warps 136 B, 64 x 64 with 4 warps 176 B); fp32
+    and fp64 run on FMA units: 64 x 64 x 32, 4 warps."""
     if not on_gpu:
         return _blocks(N, 64), _blocks(V, 128), _blocks(D, 64), 4, 1
-    return _blocks(N, 128), _blocks(V, 128), _blocks(D, 64), 8, 3
+    if dtype in (torch.float16, torch.bfloat16):
+        return _blocks(N, 64), _blocks(V, 64), _blocks(D, 64), 8, 3
+    return _blocks(N, 64), _blocks(V, 64), _blocks(D, 32), 4, 2
 
 
 def linear_summary_fwd(h2d, w, b, t_rel, inv_t, want_sum_z, splits=None):
@@ -193,7 +199,7 @@ def linear_summary_fwd(h2d, w, b, t_rel, inv_t, want_sum_z, splits=None):
     N, D = h2d.shape
     V = w.shape[0]
     acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
-    bm, bn, bk, warps, stages = linear_config(N, V, D, h2d.is_cuda)
+    bm, bn, bk, warps, stages = linear_config(N, V, D, h2d.device.type != "cpu", h2d.dtype)
     row_blocks = triton.cdiv(N, bm)
     if splits is None:
         # Enough programs to fill a GPU's SMs (about 132 on an H100) when N is small.
@@ -220,7 +226,7 @@ def linear_grad_logits(h2d, w, b, t_rel, lse, ent, c_p, c_e, c_t, c_s, inv_t, ou
     if N == 0:
         return out
     acc = torch.float64 if h2d.dtype == torch.float64 else torch.float32
-    bm, bn, bk, warps, stages = linear_config(N, V, D, h2d.is_cuda)
+    bm, bn, bk, warps, stages = linear_config(N, V, D, h2d.device.type != "cpu", h2d.dtype)
     coef = torch.tensor([inv_t], dtype=acc, device=h2d.device)
     entropy = c_e is not None
     wrap_triton(linear_grad_logits_kernel)[(triton.cdiv(N, bm), triton.cdiv(V, bn))](
