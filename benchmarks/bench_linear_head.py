@@ -10,9 +10,13 @@ N * V * 4 bytes = 500 MiB):
 
 Time: the three variants run in turn, round after round (interleaved, so that a change in the
 machine's load hits all of them), and each one's median is reported; ratios are to the
-materialised torch computation (target: fused <= 1.3x).
-Peak memory: each variant runs once in a fresh subprocess; "extra" is the peak resident set size
-minus the resident size just before the call (inputs allocated), in units of one logits buffer
+materialised torch computation at the same thread count (target: fused <= 1.3x).  Each round
+runs every variant with torch's default threads and with one thread: on a shared machine a
+multi-threaded op waits at OpenMP barriers whenever another process holds a core, which costs the
+fused op (a few hundred tile-sized ops) far more than the materialised one (a few dozen large ops).
+Peak memory: each variant runs once in a fresh subprocess whose C library returns freed blocks at
+once (after a small warm-up run that pages in the libraries' code); "extra" is the peak resident set size minus the resident size just before the call (inputs
+allocated), in units of one logits buffer
 (target: fused <= 0.10).  It includes the gradients of hidden and weight (37 MiB, 0.07 buffers),
 which every variant allocates; "working" is extra minus those.
 
@@ -87,7 +91,17 @@ def _rss(field: str) -> int:
 
 
 def _peak_child(name: str, n: int, d: int, v: int) -> dict:
-    """In a fresh process: one forward + backward, peak RSS growth over the inputs."""
+    """In a fresh process: one forward + backward, peak RSS growth over the inputs.  The C library
+    is told to map every block of 64 KiB or more on its own and to return it when freed, so that
+    the resident set follows the live tensors (by default glibc keeps freed blocks of up to 32 MiB
+    in its heap, and the peak then counts memory that is free)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 17)  # M_TRIM_THRESHOLD
+    hs, ws, ts = _inputs(64, d, 512)  # a small run first: libraries' code and workspaces are paged in
+    VARIANTS[name](hs.requires_grad_(), ws.requires_grad_(), ts).backward()
     h, w, t = _inputs(n, d, v)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     before = _rss("VmRSS")
@@ -224,30 +238,37 @@ def main(n: int = 4096, d: int = 256, v: int = 32000, compile_kernels: bool = Tr
     got = _step(fused, h, w, t)
     err = max((a - b).abs().max().item() for a, b in zip(ref, got))
     del ref, got
-    times = {name: [] for name in VARIANTS}
+    threads = sorted({torch.get_num_threads(), 1}, reverse=True)
+    times = {(k, name): [] for k in threads for name in VARIANTS}
     for name, fn in VARIANTS.items():  # warm-up
         _step(fn, h, w, t)
-    for _ in range(5):  # interleaved rounds
-        for name, fn in VARIANTS.items():
-            t0 = time.perf_counter()
-            _step(fn, h, w, t)
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["materialised torch"])
+    for _ in range(5):  # interleaved rounds: every variant at every thread count in each round
+        for k in threads:
+            torch.set_num_threads(k)
+            for name, fn in VARIANTS.items():
+                t0 = time.perf_counter()
+                _step(fn, h, w, t)
+                times[k, name].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads[0])
     buffer = 4 * n * v
-    results = []
+    mem = {}
     for name in VARIANTS:
         out = subprocess.run([sys.executable, __file__, "--child", name, str(n), str(d), str(v)], capture_output=True,
                              text=True, check=True)
-        mem = json.loads(out.stdout.strip().splitlines()[-1])
-        med = statistics.median(times[name])
-        results.append({"variant": name, "fwd+bwd_ms": 1e3 * med, "fastest_ms": 1e3 * min(times[name]),
-                        "time_ratio_vs_materialised_torch": med / base,
-                        "peak_extra_MiB": mem["extra_bytes"] / 2**20,
-                        "peak_extra_logits_buffers": mem["extra_bytes"] / buffer,
-                        "working_logits_buffers": (mem["extra_bytes"] - mem["grad_bytes"]) / buffer})
+        mem[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = []
+    for k in threads:
+        base = statistics.median(times[k, "materialised torch"])
+        for name in VARIANTS:
+            med = statistics.median(times[k, name])
+            results.append({"variant": name, "threads": k, "fwd+bwd_ms": 1e3 * med,
+                            "fastest_ms": 1e3 * min(times[k, name]), "time_ratio_vs_materialised_torch": med / base,
+                            "peak_extra_MiB": mem[name]["extra_bytes"] / 2**20,
+                            "peak_extra_logits_buffers": mem[name]["extra_bytes"] / buffer,
+                            "working_logits_buffers": (mem[name]["extra_bytes"] - mem[name]["grad_bytes"]) / buffer})
     print(f"N={n} d={d} V={v} fp32, torch threads {torch.get_num_threads()}, one logits buffer {buffer / 2**20:.0f} MiB, "
           f"max |grad diff| fused vs materialised {err:.2e}")
-    print(table(results, ["variant", "fwd+bwd_ms", "fastest_ms", "time_ratio_vs_materialised_torch",
+    print(table(results, ["variant", "threads", "fwd+bwd_ms", "fastest_ms", "time_ratio_vs_materialised_torch",
                           "peak_extra_MiB", "peak_extra_logits_buffers", "working_logits_buffers"]))
     paper = gpu_paper()
     print(json.dumps(paper, indent=1))

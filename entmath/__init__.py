@@ -22,7 +22,7 @@ __all__ = [
     "entropy", "cross_entropy", "kl",
     # Chapter 6: cross-entropy and entropy of a linear head without its logits; entmath.distributed
     # (the same over a vocabulary split across ranks) is a submodule
-    "linear_cross_entropy",
+    "linear_cross_entropy", "distributed",
     # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention

@@ -313,3 +313,13 @@ def test_temperature_scales_the_logits():
         got = entmath.linear_cross_entropy(h, W, t, b, temperature=T, label_smoothing=eps, z_loss=0.1)
         want = entmath.cross_entropy((h @ W.T + b) / T, t, label_smoothing=eps, z_loss=0.1)
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch(backend):
+    h, W, b, _ = _head()
+    hh = h[:0].clone().requires_grad_()
+    loss, ent = entmath.linear_cross_entropy(hh, W, torch.zeros(0, dtype=torch.long), b, return_entropy=True,
+                                             backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and ent.shape == (0,) and hh.grad.shape == (0, 5)

@@ -49,10 +49,11 @@ from .cross_entropy import REDUCTIONS, cross_entropy_vjp
 
 __all__ = ["linear_cross_entropy"]
 
-# Logits per tile of the torch path (4 MiB in fp32).  The vocabulary is cut into blocks of
+# Logits per tile of the torch path (2 MiB in fp32).  The vocabulary is cut into blocks of
 # VOCAB_BLOCK columns and the rows into blocks that make a tile of about this size: W is then read
-# once per row block, and a tile's temporaries stay near the cache.
-TILE_LOGITS = 1 << 20
+# once per row block, and a tile's temporaries stay near the cache.  The backward holds three
+# tiles at once (the logits, log p, p): 6 MiB, a hundredth of the logits at 4096 x 32000.
+TILE_LOGITS = 1 << 19
 VOCAB_BLOCK = 2048
 # Under torch.compile the loops are unrolled: at most this many vocabulary blocks, rows whole.
 COMPILED_VOCAB_BLOCKS = 16
@@ -106,6 +107,7 @@ def linear_summary_torch(h2d, w, b, t_rel, inv_t: float, want_sum_z: bool, want_
                 sum_z = sum_z + z.sum(-1)
             # masked: a logit can reach -inf only by overflow; it then contributes exactly 0.
             new = chunk_summary(z, masked=True, moment=want_moment)
+            del z  # before the next tile is formed: one tile alive at a time
             run = new if run is None else merge_summaries(run, new)
         pieces.append((*run, z_t, sum_z if want_sum_z else z_t.new_zeros(z_t.shape)))
     if not pieces:
@@ -216,6 +218,7 @@ def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(Tru
     row_step, col_step = _tiles(n_rows, n_vocab)
     lse = nan_unless_finite(lse)
     dh_rows, dw_cols, db_cols = [], {}, {}
+    dh = h2d.new_empty(h2d.shape, dtype=acc) if fast and need_h else None
     dw = h2d.new_zeros(w.shape, dtype=acc) if fast and need_w else None
     db = h2d.new_zeros(n_vocab, dtype=acc) if fast and need_b else None
     for r0 in range(0, n_rows, row_step):
@@ -229,7 +232,12 @@ def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(Tru
             g = logits_grad(z, t_rel[rs] - c0, lse[rs], None if c_e is None else ent[rs], c_p[rs],
                             None if c_e is None else c_e[rs], c_t[rs], None if c_s is None else c_s[rs])
             if need_h:
-                dh_r = g @ w_c if dh_r is None else (dh_r.addmm_(g, w_c) if fast else dh_r + g @ w_c)
+                if fast and c0 == 0:  # straight into the rows of dh
+                    dh[rs] = g @ w_c
+                elif fast:
+                    dh[rs].addmm_(g, w_c)
+                else:
+                    dh_r = g @ w_c if dh_r is None else dh_r + g @ w_c
             if fast:
                 if need_w:
                     dw[c0:c1].addmm_(g.t(), h_r)
@@ -240,12 +248,12 @@ def linear_cross_entropy_vjp(h2d, w, b, t_rel, lse, ent, inv_t, coefs, need=(Tru
                     dw_cols[c0] = g.t() @ h_r if c0 not in dw_cols else dw_cols[c0] + g.t() @ h_r
                 if need_b:
                     db_cols[c0] = g.sum(0) if c0 not in db_cols else db_cols[c0] + g.sum(0)
-        if need_h:
-            dh_rows.append(dh_r if dh_r is not None else h_r.new_zeros(h_r.shape))
-    dh = None
-    if need_h:
-        dh = torch.cat(dh_rows) if dh_rows else h2d.new_zeros(h2d.shape, dtype=acc)
+            del z, g  # before the next tile is formed
+        if need_h and not fast:
+            dh_rows.append(dh_r)
     if not fast:
+        if need_h:
+            dh = torch.cat(dh_rows) if dh_rows else h2d.new_zeros(h2d.shape, dtype=acc)
         if need_w:
             dw = torch.cat([dw_cols[c] for c in sorted(dw_cols)]) if dw_cols else h2d.new_zeros(w.shape, dtype=acc)
         if need_b:
@@ -473,13 +481,15 @@ def check_targets(t1d, n_vocab: int, ignore_index: int) -> None:
 
 
 def check_finite(*named) -> None:
-    """NaN or inf in an input, named (a value check: O((N + V) d), before any O(N V d) work)."""
+    """NaN or inf in an input, named (a value check: O((N + V) d), before any O(N V d) work).
+    Read off the largest and smallest entries (NaN propagates through both): two reductions and no
+    temporary the size of the input (a mask of the weight would be a tenth of the op's memory)."""
     for x, name in named:
         if x is None or not value_checks_active(x) or x.numel() == 0:
             continue
-        if not bool(torch.isfinite(x).all()):
-            what = "NaN" if bool(torch.isnan(x).any()) else "inf"
-            raise ValueError(f"{name} contains {what}")
+        ends = torch.stack([x.amax(), x.amin()])
+        if not bool(torch.isfinite(ends).all()):
+            raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(ends).any()) else 'inf'}")
 
 
 def reduce_rows(loss, ent, lse, t1d, lead, ignore_index, reduction, out_dtype, return_entropy):
@@ -508,7 +518,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 
     Equal to ``entmath.cross_entropy(F.linear(hidden, weight, bias) / temperature, target, ...)``
     for the options the two share, with O(tile) memory instead of the N x V logits: the torch path
-    forms the logits in tiles of about 2**20 entries and keeps only per-row statistics (online
+    forms the logits in tiles of about 2**19 entries and keeps only per-row statistics (online
     max, sum and first moment); the backward recomputes them tile by tile.  The Triton path does
     the same on tensor cores.
 
@@ -531,9 +541,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Returns:
         The loss (dtype of ``hidden`` and ``weight`` promoted; float32 under ``torch.autocast``
         for half inputs), or ``(loss, entropy)``.  fp16/bf16 inputs accumulate in fp32.
-        Differentiable in hidden, weight and bias; twice on the torch path (the double backward
-        records the recomputed tiles, so it needs O(N V) memory: for gradient penalties and
-        Hessian-vector products at small sizes).
+        Differentiable in hidden, weight and bias, twice on either backend (a backward that builds
+        a graph, ``create_graph=True``, runs the torch formula and records the recomputed tiles,
+        so it needs O(N V) memory: for gradient penalties and Hessian-vector products at small
+        sizes).
 
     Raises:
         TypeError: non-float hidden/weight/bias, non-integer target, non-number options.

@@ -11,10 +11,12 @@ statistics with ``softmax_stats.update_stats`` (the tile is computed transposed,
 axis 0, because update_stats reduces over axis 0).  Per row and split it writes the summary
 (m, R, A) of Chapter 6 (R = c - 1 + T: the count at the maximum minus one plus the mass below),
 the target's logit z_t (only the split holding the target adds to it) and the sum of the logits
-(label smoothing).  The splits are merged on the host side by ``_shards.combine_summaries``, the
-same merge the ranks of a process group perform with an all-reduce.
-HBM traffic: W is read once per row block, h once per column block (both from L2 mostly); the
-outputs are O(N x splits).  FLOPs: one N x V x d matmul.
+(label smoothing).  The splits are merged afterwards by ``_shards.combine_summaries``, the same
+merge the ranks of a process group perform with an all-reduce.
+HBM traffic: every row block streams its split of W (and re-reads its own rows of h, which stay in
+L1/L2), so W is read N / BLOCK_M times in all unless the programs in flight share it through the
+L2 cache, as a GEMM's programs do when they walk the columns in step; at the very least h and W
+once.  The outputs are O(N x splits).  FLOPs: one N x V x d matmul; no N x V tensor is written.
 
 Backward (``linear_grad_logits_kernel``).  dL/dz is needed to form dh = dz W / T and dW = dz^T h / T,
 and the accumulator of either product over the vocabulary (BLOCK_M x d) or over the rows
