@@ -12,14 +12,19 @@ from .ops.entropy import entropy
 from .ops.entropy_normalization import entropy_normalize, sample, solve_gamma
 from .ops.jsd import jsd
 from .ops.kl import kl
+from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.logn_attention import logn_attention, logn_scale, query_lengths
 from .ops.noise_softmax import noise_softmax
 from . import nn  # the modules: entmath.nn.CrossEntropyLoss, ...  (import entmath.nn also works)
+from . import distributed  # noqa: E402  (the ops over a vocabulary split across ranks; Chapter 6)
 
 __version__ = "0.1.0"
 __all__ = [
     # Chapter 1: entropy, cross-entropy, KL, Jensen-Shannon (cross_entropy's fused gradient: Chapter 5)
     "entropy", "cross_entropy", "kl", "jsd",
+    # Chapter 6: cross-entropy and entropy of a linear head without its logits; entmath.distributed
+    # (the same over a vocabulary split across ranks) is a submodule
+    "linear_cross_entropy", "distributed",
     # Chapter 2: entropy normalization (softmax(gamma z) with a prescribed entropy)
     "entropy_normalize", "solve_gamma", "sample",
     # Chapter 3: entropy-invariant (log n) attention

@@ -93,6 +93,9 @@ def test_the_api_page_lists_every_public_routine_with_its_chapter():
         if callable(obj):
             assert f".. autofunction:: entmath.{name}" in text or f".. autoclass:: entmath.{name}" in text
     assert ":derived: book/ch01_entropy" in text
+    for name in entmath.distributed.__all__:  # a submodule in __all__: its public routines too
+        assert f".. autofunction:: entmath.distributed.{name}" in text
+    assert ":derived: book/ch06_without_logits" in text
 
 
 def test_alpha_labels_are_unique_across_the_chapters_bibliographies(tmp_path):

@@ -74,6 +74,9 @@ def _cases(backend):
                                      torch.rand(1, 4, 3, 5, generator=torch.Generator().manual_seed(9)) > 0.2]),
         "attention_entropy-logn": (lambda qq, kk: entmath.attention_entropy(qq, kk, train_length=3, is_causal=True,
                                                                             offset=1, **b), [q, k]),
+        "linear_cross_entropy": (lambda hh, ww, bb, tt: entmath.linear_cross_entropy(
+                                     hh, ww, tt, bb, reduction="none", label_smoothing=0.1, **b),
+                                 [_g(4, 3, seed=6), _g(6, 3, seed=7), _g(6, seed=8), idx]),
     }
 
 

@@ -44,6 +44,9 @@ def _ops(backend):
         return (beta * lp.exp() * (lp - lm) + (1 - beta) * lq.exp() * (lq - lm)).sum(-1)
 
     rows_kept = torch.tensor([1, -100, 4])
+    def lin_ref(z):
+        return (F.cross_entropy(z, idx, label_smoothing=0.1, reduction="none") + 0.01 * torch.logsumexp(z, -1) ** 2
+                + ent_ref(z))
 
     def att_ref(q, k, s):
         z = (q * s[..., None]) @ k.transpose(-1, -2)
@@ -107,6 +110,13 @@ def _ops(backend):
         "logn_attention_gqa_masked": (lambda q, k, v: entmath.logn_attention(q, k, v, keep, enable_gqa=True,
                                                                              train_length=3),
                                       [_g(1, 4, 3, 4), _g(1, 2, 5, 4, seed=1), _g(1, 2, 5, 3, seed=2)], logn_ref),
+        "linear_cross_entropy": (lambda h, w, bias: sum(entmath.linear_cross_entropy(
+                                     h, w, idx, bias, label_smoothing=0.1, z_loss=0.01, temperature=0.8,
+                                     reduction="none", return_entropy=True, **b)),
+                                 [_g(3, 4), _g(5, 4, seed=1), _g(5, seed=2)],
+                                 lambda h, w, bias: lin_ref(F.linear(h, w, bias) / 0.8)),
+        "linear_cross_entropy_mean": (lambda h, w: entmath.linear_cross_entropy(h, w, idx, **b),
+                                      [_g(3, 4), _g(5, 4, seed=1)], lambda h, w: F.cross_entropy(F.linear(h, w), idx)),
     }
 
 
@@ -293,6 +303,7 @@ def _opcheck_cases():
     q, k = _g(2, 3, 4, dtype=torch.float32), _g(2, 5, 4, seed=1, dtype=torch.float32)
     sc = torch.rand(2, 3) + 0.2
     cw = torch.linspace(0.5, 2.0, 6)  # class weights
+    wt, bias = _g(6, 7, seed=3, dtype=torch.float32).t(), _g(7, seed=4, dtype=torch.float32)  # (V, d) column-major
     return [
         ("entropy_triton", (z,)), ("entropy_triton", (zp,)),
         ("kl_triton", (z, zp)),
@@ -305,6 +316,8 @@ def _opcheck_cases():
         ("entropy_normalize_solve", (z, tt)), ("entropy_normalize_solve", (zp, tt)),
         ("noise_softmax_triton", (z, "normal", 8)), ("noise_softmax_solve", (zp, "logistic", 8)),
         ("attention_entropy_triton", (q, k, sc, False, 0)), ("attention_entropy_triton", (q, k[:, :3], sc, True, 0)),
+        ("linear_cross_entropy_triton", (z, wt, None, t, 0.0, -100, 0.0, 1.0, False)),
+        ("linear_cross_entropy_triton", (zp, wt.contiguous(), bias, t, 0.1, 0, 0.01, 0.8, True)),
     ]
 
 
@@ -345,6 +358,16 @@ def test_backward_operators_opcheck():
     p, gamma, zbar = torch.ops.entmath.entropy_normalize_triton(z, tt)
     torch.library.opcheck(torch.ops.entmath.entropy_normalize_backward_triton,
                           (z, p, gamma, zbar, torch.ones_like(z), torch.ones(3)))
+    h, w, bias = z, _g(7, 6, seed=3, dtype=torch.float32), _g(7, seed=4, dtype=torch.float32)
+    loss, lse, ent = torch.ops.entmath.linear_cross_entropy_triton(h, w, bias, t, 0.1, -100, 0.01, 0.8, True)
+    coefs = (torch.ones(3), torch.ones(3), torch.ones(3), torch.full((3,), 0.01))
+    torch.library.opcheck(torch.ops.entmath.linear_cross_entropy_backward_triton,
+                          (h, w, bias, t, lse, ent, *coefs, 0.8, True, True, True))
+    torch.library.opcheck(torch.ops.entmath.linear_cross_entropy_backward_triton,
+                          (h, w, None, t, lse, ent, coefs[0], None, coefs[2], None, 1.0, True, False, False))
+    torch.library.opcheck(torch.ops.entmath.linear_softmax_summary_triton, (h, w, bias, t, 0.8, True))
+    torch.library.opcheck(torch.ops.entmath.logits_summary_triton, (z, t, False))
+    torch.library.opcheck(torch.ops.entmath.logits_summary_triton, (_g(6, 3, dtype=torch.float32).t(), t - 2, True))
     p, nodes, log_s = torch.ops.entmath.noise_softmax_triton(z, "normal", 8)
     torch.library.opcheck(torch.ops.entmath.noise_softmax_backward_triton, (z, torch.ones_like(z), nodes, log_s,
                                                                             "normal"))
@@ -490,7 +513,8 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
         fake = fn(*[mode.from_tensor(a) for a in real])
     assert fake.shape == want.shape and fake.dtype == want.dtype
     captured = (op.startswith("cross_entropy") and op != "cross_entropy_soft") or op in (
-        "jsd_labels", "logn_attention_gqa_masked")  # (targets, weights, labels, masks are captured)
+        "jsd_labels", "logn_attention_gqa_masked", "linear_cross_entropy",
+        "linear_cross_entropy_mean")  # (targets, weights, labels, masks are captured)
     if backend == "torch" and not captured:
         meta = fn(*[a.float().to("meta") for a in args])
         assert meta.shape == want.shape and meta.dtype == want.dtype and meta.is_meta
@@ -500,7 +524,7 @@ def test_meta_and_fake_tensors_give_shapes_and_dtypes(op, backend):
 # torch.func
 # ---------------------------------------------------------------------------------------------
 FUNC_OPS = ["entropy", "kl", "jsd", "cross_entropy", "cross_entropy_weight", "cross_entropy_softcap",
-            "entropy_normalize", "noise_softmax"]
+            "entropy_normalize", "noise_softmax", "linear_cross_entropy"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ file or a benchmark result added later shows up with no hand edits:
   Labels and checks are read from each chapter's doctree with the parser in ``ledger_index.py``,
   the same one ``tests/test_ledger.py`` uses.  An equation with no check is a build warning.
 * **API reference** - the ``{entmath-api}`` block is replaced by autodoc entries for every public
-  name in ``entmath.__all__``.  Each entry says which chapter derives it (from the chapter numbers
+  name in ``entmath.__all__`` (and in the ``__all__`` of a submodule listed there).  Each entry says which chapter derives it (from the chapter numbers
   its module docstring names) and which pages refer to it.  In the chapters, inline code that is
   exactly a public name (```entmath.entropy```) becomes a link to its entry.
 * **Performance appendix** - the ``{performance-results}`` block is replaced by one section per
@@ -153,7 +153,8 @@ def copy_mathjax(app, exception):
 
 
 def _public_objects() -> dict:
-    """``{"entmath.entropy": <function>, ...}`` for the routines and classes in ``entmath.__all__``."""
+    """``{"entmath.entropy": <function>, ...}`` for the routines and classes in ``entmath.__all__``,
+    and those in the ``__all__`` of a submodule listed there (``entmath.distributed.entropy``)."""
     import importlib
 
     module = importlib.import_module(PACKAGE)
@@ -162,6 +163,11 @@ def _public_objects() -> dict:
         obj = getattr(module, name, None)
         if inspect.isroutine(obj) or inspect.isclass(obj):
             objects[f"{PACKAGE}.{name}"] = obj
+        elif inspect.ismodule(obj):
+            for sub in getattr(obj, "__all__", []):
+                member = getattr(obj, sub, None)
+                if inspect.isroutine(member) or inspect.isclass(member):
+                    objects[f"{PACKAGE}.{name}.{sub}"] = member
     return objects
 
 

@@ -50,3 +50,48 @@ def nan_unless_finite(lse: torch.Tensor) -> torch.Tensor:
 def clamped(x: torch.Tensor) -> torch.Tensor:
     """-inf -> lowest finite value, in place: then 0 * x = 0 where x was -inf."""
     return x.clamp_min_(lowest(x.dtype))
+
+
+# ---- Summaries of a block of logits, and their associative merge -----------------------------
+# (Moved here from ops/attention_entropy.py, which used them first; linear_cross_entropy and
+# entmath.distributed use them too.)  A summary of a set of logits z_i is (m, R, A) with
+# m = max z, S = sum_i e^{z_i - m} = 1 + R (the first maximal entry contributes exactly 1, left
+# out of R so that log S = log1p(R) stays accurate) and A = sum_i e^{z_i - m} (z_i - m).  Then
+# lse = m + log1p(R) and H = log1p(R) - A / (1 + R): Chapter 3 (eq-ln-rescale), Chapter 6.
+
+def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True):
+    """(m, R, A) of each row of one block of logits z (rows x columns), overwriting z.
+
+    The statistics of ``softmax_stats`` (max, e^{z-m} with the first maximal entry left out,
+    first moment), computed in place: on CPU each pass over a block costs about as much as the
+    matmul that made it, so the two temporaries softmax_stats allocates matter.  ``masked``: the
+    block may hold -inf logits (they then contribute exactly 0); the row maximum must be finite.
+    ``moment=False``: A is not needed (no entropy); it is returned as zeros, two passes sooner.
+    """
+    m, idx = z.max(-1, keepdim=True)
+    d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
+    if masked and moment:
+        d.clamp_min_(lowest(d.dtype))  # -inf -> lowest finite: e = 0 and e * d = 0, not NaN
+    e = d.exp()
+    e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
+    r = e.sum(-1)
+    a = e.mul_(d).sum(-1) if moment else torch.zeros_like(r)  # sum e d; the maxima have d = 0 anyway
+    return m.squeeze(-1), r, a
+
+
+def merge_summaries(run, new):
+    """Merge two (m, R, A) summaries of disjoint sets of logits (eq-ln-rescale, eq-lh-merge).
+
+    With m = max(m1, m2) and delta_t = m_t - m <= 0, each S_t is rescaled by e^{delta_t} and each
+    A_t becomes e^{delta_t} (A_t + delta_t S_t).  Associative and commutative, so blocks can be
+    merged in any order or tree (vocabulary chunks, kernel splits, ranks).  Both maxima finite."""
+    (m1, r1, a1), (m2, r2, a2) = run, new
+    m = torch.maximum(m1, m2)
+    d1, d2 = m1 - m, m2 - m  # <= 0; the side holding the maximum has 0
+    w1, w2 = d1.exp(), d2.exp()
+    s1, s2 = 1 + r1, 1 + r2
+    a = w1 * (a1 + d1 * s1) + w2 * (a2 + d2 * s2)
+    # R of the merged set: everything but the one entry at the new maximum, added without
+    # forming 1 + R first (that rounding is what log1p avoids).
+    r = torch.where(m2 > m1, r2 + w1 * s1, r1 + w2 * s2)
+    return m, r, a

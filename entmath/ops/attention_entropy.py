@@ -33,9 +33,11 @@ import math
 import torch
 
 from .._backend import resolve_backend
-from .._validate import check_float_tensor, compute_dtype, lowest, value_checks_active
+from .._validate import check_float_tensor, compute_dtype, value_checks_active
 from ._library import register_row_vmap, triton_kernel_op
 from ._rows import kernels, no_autocast, output_dtype
+from ._stats import chunk_summary as _chunk_summary
+from ._stats import merge_summaries as _merge
 from .entropy import entropy_vjp
 from .logn_attention import _check_int, _check_kappa, _scale_of, check_causal_offset, query_lengths
 
@@ -74,38 +76,6 @@ def _logits(qs, k3, start, end, r0, is_causal, offset):
         j = torch.arange(start, end, device=z.device)[None, :]
         z.masked_fill_(j > i + offset, float("-inf"))
     return z
-
-
-def _merge(run, new):
-    """Merge two (m, R, A) summaries of disjoint key sets (eq-ln-rescale)."""
-    (m1, r1, a1), (m2, r2, a2) = run, new
-    m = torch.maximum(m1, m2)
-    d1, d2 = m1 - m, m2 - m  # <= 0; the side holding the maximum has 0
-    w1, w2 = d1.exp(), d2.exp()
-    s1, s2 = 1 + r1, 1 + r2
-    a = w1 * (a1 + d1 * s1) + w2 * (a2 + d2 * s2)
-    # R of the merged set: everything but the one entry at the new maximum, added without
-    # forming 1 + R first (that rounding is what log1p avoids).
-    r = torch.where(m2 > m1, r2 + w1 * s1, r1 + w2 * s2)
-    return m, r, a
-
-
-def _chunk_summary(z, masked: bool):
-    """(m, R, A) of one chunk of logits z (rows x keys), overwriting z.
-
-    The statistics of ``_stats.softmax_stats`` (max, e^{z-m} with the first maximal entry left
-    out, first moment), computed in place: on CPU each pass over the L x chunk block costs about
-    as much as the matmul that made it, so the two temporaries softmax_stats allocates matter.
-    """
-    m, idx = z.max(-1, keepdim=True)  # finite: every row of a chunk sees at least one key
-    d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
-    if masked:
-        d.clamp_min_(lowest(d.dtype))  # -inf -> lowest finite: e = 0 and e * d = 0, not NaN
-    e = d.exp()
-    e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
-    r = e.sum(-1)
-    a = e.mul_(d).sum(-1)  # sum e d; the maximal entries have d = 0 anyway
-    return m.squeeze(-1), r, a
 
 
 def attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk):
