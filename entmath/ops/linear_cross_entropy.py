@@ -188,8 +188,9 @@ def logits_grad(z, col, lse, ent, c_p, c_e, c_t, c_s):
     Chapter 5's ``cross_entropy_vjp`` with the loss folded into the lse gradient (d lse/dz = p);
     the target and smoothing terms follow.  In place on its temporaries unless autograd records."""
     fast = not torch.is_grad_enabled()
-    gz, _ = cross_entropy_vjp(z=z, t=None, y=None, eps=0.0, ignore_index=-100, z_loss=0.0, lse=lse, ent=ent,
-                              g_loss=None, g_lse=c_p, g_ent=c_e, want_gy=False)
+    gz, _ = cross_entropy_vjp(z=z, t=None, y=None, w=None, eps=0.0, ignore_index=-100, softcap=None, lse=lse,
+                              lse_res=torch.zeros_like(lse), ent=ent, g_loss=None, g_lse=c_p, g_ent=c_e,
+                              want_gy=False)  # lse is the merged summaries' own: no residual
     n = z.shape[-1]
     inside = (col >= 0) & (col < n)
     idx = col.clamp(0, n - 1).unsqueeze(-1)
