@@ -175,10 +175,11 @@ class AttentionEntropyFunction(torch.autograd.Function):
         acc = compute_dtype(q)
         lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
         bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
-        q3 = q.to(acc).reshape(bh, L, D)
-        k3 = k.to(acc).reshape(bh, S, D)
         scale2 = scale.to(acc).expand(q.shape[:-1]).reshape(bh, L)
         if backend == "triton":
+            # The kernel takes q and k in their own dtype: fp16/bf16 tiles go to the tensor cores
+            # as they are (no upcast copy), with fp32 accumulation.
+            q3, k3 = q.reshape(bh, L, D), k.reshape(bh, S, D)
             q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()
             k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
             # The interpreter pays per step, not per element: bigger tiles on CPU.
@@ -186,7 +187,8 @@ class AttentionEntropyFunction(torch.autograd.Function):
             h, lse = kernels("attention_entropy").attention_entropy_fwd(q3, k3, scale2.contiguous(), is_causal,
                                                                         offset, **blocks)
         else:
-            h, lse = attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk)
+            h, lse = attention_entropy_torch(q.to(acc).reshape(bh, L, D), k.to(acc).reshape(bh, S, D), scale2,
+                                             is_causal, offset, chunk)
         if h.numel() and not bool(torch.isfinite(h).all()):  # unreachable after _check_values
             raise ValueError("attention_entropy produced a non-finite entropy; please report the input")
         ctx.save_for_backward(q, k, scale, h, lse)
