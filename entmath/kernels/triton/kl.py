@@ -26,8 +26,9 @@ def _kl_fold(a, b, ma, ca, Ta, Aa, mb, cb, Tb, Ab, B, n_lost):
     m_old = ma
     ma, ca, Ta, Aa = update_stats(ma, ca, Ta, Aa, a)
     mb, cb, Tb, Ab = update_stats(mb, cb, Tb, Ab, b)
-    # Rescale B to the new max of a (B = 0 until a has a finite entry, so no -inf - -inf).
-    B *= tl.exp(tl.where(m_old > float("-inf"), m_old, ma) - ma)
+    # Rescale B to the new max of a.  B = 0 while a has had no finite entry, and then the factor
+    # is 1: never exp(-inf - -inf) = NaN, which a leading run of -inf chunks used to give.
+    B *= tl.exp(tl.where(m_old > float("-inf"), m_old - ma, 0.0))
     live = a > float("-inf")
     both = live & (b > float("-inf"))
     # p has mass where q has none: KL = +inf, however small that mass (even if e^{a-m} underflows).
@@ -133,9 +134,10 @@ def kl_fwd(a2d, b2d):
     kl = torch.empty(rows, device=a2d.device, dtype=acc)
     lse_a, lse_b = torch.empty_like(kl), torch.empty_like(kl)
     if rows:
-        cfg = row_config(n, a2d, b2d)
+        cfg = row_config(n, a2d, b2d, ctas_per_sm=1)  # two online softmaxes: 105+ registers
         kl_fwd_kernel[(rows,)](a2d, b2d, kl, lse_a, lse_b, n, a2d.stride(0), b2d.stride(0), BLOCK=cfg["BLOCK"],
-                               VEC=cfg["VEC"], ALIGNED=cfg["ALIGNED"], ACC=_acc(a2d.dtype), num_warps=cfg["num_warps"])
+                               VEC=cfg["VEC"], ALIGNED=cfg["ALIGNED"], ACC=_acc(a2d.dtype), num_warps=cfg["num_warps"],
+                               maxnreg=cfg["maxnreg"])
     return kl, lse_a, lse_b
 
 
@@ -143,8 +145,8 @@ def kl_bwd(a2d, b2d, g, kl, lse_a, lse_b):
     rows, n = a2d.shape
     ga, gb = torch.empty_like(a2d), torch.empty_like(b2d)
     if rows:
-        cfg = row_config(n, a2d, b2d, ga, gb)
+        cfg = row_config(n, a2d, b2d, ga, gb, ctas_per_sm=1)
         kl_bwd_kernel[(rows,)](a2d, b2d, g.contiguous(), kl, lse_a, lse_b, ga, gb, n, a2d.stride(0), b2d.stride(0),
                                ga.stride(0), gb.stride(0), BLOCK=cfg["BLOCK"], VEC=cfg["VEC"], ALIGNED=cfg["ALIGNED"],
-                               ACC=_acc(a2d.dtype), num_warps=cfg["num_warps"])
+                               ACC=_acc(a2d.dtype), num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return ga, gb
