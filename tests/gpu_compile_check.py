@@ -327,10 +327,9 @@ HBM_MODEL = {
     "entropy_bwd_kernel": lambda a: {"z_ptr": 1, "gz_ptr": 1},
     "kl_fwd_kernel": lambda a: {"a_ptr": 1, "b_ptr": 1},
     "kl_bwd_kernel": lambda a: {"a_ptr": 1, "b_ptr": 1, "ga_ptr": 1, "gb_ptr": 1},
-    # fused forward + gradient: loop 1 reads the row, loop 2 reads it again and writes the gradient
-    "cross_entropy_kernel": lambda a: {"z_ptr": 2 if a["GRAD"] else 1, "grad_ptr": 1 if a["GRAD"] else 0,
-                                       "y_ptr": (2 if a["GRAD"] else 1) if a["SOFT"] else 0,
-                                       "grad_y_ptr": 1 if a["GRAD_Y"] else 0},
+    "cross_entropy_fwd_kernel": lambda a: {"z_ptr": 1, "y_ptr": 1 if a["SOFT"] else 0},
+    "cross_entropy_bwd_kernel": lambda a: {"z_ptr": 1, "y_ptr": 1 if a["SOFT"] else 0, "grad_ptr": 1 if a["GRAD"] else 0,
+                                           "grad_y_ptr": 1 if a["GRAD_Y"] else 0},
     # one tile: one read, one write; tiled: max, moments, E evaluations (3-5), the write pass
     "entropy_normalize_fwd_kernel": lambda a: {"z_ptr": 1 if a["ONE_TILE"] else (3 + 3, 3 + 5), "p_ptr": 1},
     "entropy_normalize_bwd_kernel": lambda a: {"z_ptr": 2, "p_ptr": 2, "gp_ptr": 2, "gz_ptr": 1},
@@ -361,7 +360,8 @@ def describe(launch: Launch) -> str:
     consts = {p.name: launch.bound()[p.name] for p in launch.fn.params if p.is_constexpr}
     keep = {k: v for k, v in consts.items() if isinstance(v, (int, bool)) and k.isupper() and k not in ("MAX_EVALS",)}
     parts = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in keep.items() if not isinstance(v, bool) or v]
-    return " ".join(parts) + f" w{launch.kwargs.get('num_warps', 4)}"
+    regs = f" maxnreg={launch.kwargs['maxnreg']}" if launch.kwargs.get("maxnreg") else ""
+    return " ".join(parts) + f" w{launch.kwargs.get('num_warps', 4)}" + regs
 
 
 def analyse(launch: Launch, cap_name: str, capability: int) -> dict:

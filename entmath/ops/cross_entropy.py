@@ -91,21 +91,22 @@ def cross_entropy_rows_torch(z2d, t1d, y2d, eps: float, ignore_index: int, z_los
         if want_entropy:
             h = log_s - moment / (1.0 + rest)
             ent[r0:r1] = h if soft else torch.where(valid, h, 0.0)
-        if grad is None:
+        if grad is None and grad_y is None:
             continue
         s = scale if valid is None else scale * valid  # ignored rows: scale 0
-        coef = (sum_y if soft else 1.0) + 2.0 * z_loss * lse_c if z_loss else (sum_y if soft else torch.ones_like(m))
-        g = e.mul_((coef * s / (1.0 + rest)).unsqueeze(-1))  # scale * coef * p
-        if soft:
-            g.sub_(y.mul_(s.unsqueeze(-1) if s.dim() else s))
-        else:
-            if eps > 0:
-                g.sub_((spread * s).unsqueeze(-1))
-            g.scatter_add_(-1, t_safe, (-keep * s).unsqueeze(-1))
-            if not bool(valid.all()):
-                g.masked_fill_(~valid.unsqueeze(-1), 0.0)  # an ignored row may be all -inf (NaN p)
-        if not direct:
-            grad[r0:r1] = g
+        if grad is not None:
+            coef = (sum_y if soft else 1.0) + 2.0 * z_loss * lse_c if z_loss else (sum_y if soft else torch.ones_like(m))
+            g = e.mul_((coef * s / (1.0 + rest)).unsqueeze(-1))  # scale * coef * p
+            if soft:
+                g.sub_(y.mul_(s.unsqueeze(-1) if s.dim() else s))
+            else:
+                if eps > 0:
+                    g.sub_((spread * s).unsqueeze(-1))
+                g.scatter_add_(-1, t_safe, (-keep * s).unsqueeze(-1))
+                if not bool(valid.all()):
+                    g.masked_fill_(~valid.unsqueeze(-1), 0.0)  # an ignored row may be all -inf (NaN p)
+            if not direct:
+                grad[r0:r1] = g
         if grad_y is not None:
             grad_y[r0:r1] = grad_y_chunk.add_(lse_c.unsqueeze(-1)).mul_(keep * (s.unsqueeze(-1) if s.dim() else s))
     return loss, lse, ent

@@ -87,7 +87,7 @@ def entropy_fwd(z2d: torch.Tensor):
     if rows:
         cfg = row_config(n, z2d)
         entropy_fwd_kernel[(rows,)](z2d, h, lse, n, z2d.stride(0), BLOCK=cfg["BLOCK"], VEC=cfg["VEC"],
-                                    ACC=_acc(z2d.dtype), num_warps=cfg["num_warps"])
+                                    ACC=_acc(z2d.dtype), num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return h, lse
 
 
@@ -98,5 +98,5 @@ def entropy_bwd(z2d: torch.Tensor, grad_h: torch.Tensor, h: torch.Tensor, lse: t
         cfg = row_config(n, z2d, gz)
         entropy_bwd_kernel[(rows,)](z2d, gz, grad_h.contiguous(), h, lse, n, z2d.stride(0), gz.stride(0),
                                     BLOCK=cfg["BLOCK"], VEC=cfg["VEC"], ALIGNED=cfg["ALIGNED"], ACC=_acc(z2d.dtype),
-                                    num_warps=cfg["num_warps"])
+                                    num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return gz

@@ -27,24 +27,31 @@ import triton.language as tl
 from . import block_size, num_warps
 
 
-def row_config(n: int, *tensors: torch.Tensor) -> dict:
-    """BLOCK, VEC, ALIGNED and num_warps for rows of ``n`` elements of ``tensors[0]`` (the
-    frame), with ``tensors[1:]`` read or written in the same frame.  The one place where a row
-    kernel's launch configuration is chosen (tests/gpu_compile_check.py compiles what it says)."""
+def row_config(n: int, *tensors: torch.Tensor, ctas_per_sm: int = 2) -> dict:
+    """BLOCK, VEC, ALIGNED, num_warps and maxnreg for rows of ``n`` elements of ``tensors[0]``
+    (the frame), with ``tensors[1:]`` read or written in the same frame.  The one place where a
+    row kernel's launch configuration is chosen (tests/gpu_compile_check.py compiles what it says).
+
+    ``maxnreg`` gives every thread its share of the register file with ``ctas_per_sm`` programs
+    resident per SM (64 registers at 16 warps and 2 CTAs).  Left to itself, ptxas for sm_100
+    (run by Triton with --regAllocOptLevel=2) settled on 40 registers and spilled 8 bytes in
+    cross_entropy_fwd; with the budget stated it spills nowhere (the compile check)."""
     ref = tensors[0]
     vec = max(1, 16 // ref.element_size())
     rows = ref.shape[0] if ref.dim() else 1
     aligned = rows <= 1 or all(t.stride(0) % vec == ref.stride(0) % vec for t in tensors[1:])
     # BLOCK >= VEC > lead: the row starts in the first chunk, so the middle ones are full.
     blk = max(block_size(n), vec)
-    return dict(BLOCK=blk, VEC=vec, ALIGNED=aligned, num_warps=num_warps(blk))
+    warps = num_warps(blk)
+    regs = min(255, 65536 // (32 * warps * ctas_per_sm) // 8 * 8)
+    return dict(BLOCK=blk, VEC=vec, ALIGNED=aligned, num_warps=warps, maxnreg=regs)
 
 
 @triton.jit
 def row_frame(offset, n_cols, BLOCK: tl.constexpr, VEC: tl.constexpr):
     """(lead, n_chunks) of a row at element ``offset`` (int64): the frame starts ``lead`` elements
     before the row and spans ``n_chunks`` BLOCK-wide chunks."""
-    lead = offset % VEC
+    lead = (offset % VEC).to(tl.int32)  # < VEC: int32 keeps the masks' compares 32-bit
     return lead, tl.cdiv(lead + n_cols, BLOCK)
 
 
