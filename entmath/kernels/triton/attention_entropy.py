@@ -48,6 +48,13 @@ MAX_GRID = 2**31 - 1  # programs on grid axis 0
 
 
 @triton.jit
+def row_offsets(idx, stride):
+    """Element offsets idx * stride in int64: (query or key index) x (row stride) passes 2^31
+    once L * stride does (e.g. L = 65536 rows of a (B, L, H, D) tensor with H * D = 32768)."""
+    return idx.to(tl.int64) * stride
+
+
+@triton.jit
 def attention_entropy_fwd_kernel(q_ptr, k_ptr, scale_ptr, h_ptr, lse_ptr, L, S, D, offset, n_mblocks,
                                  stride_qb, stride_ql, stride_kb, stride_ks,
                                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,7 +69,7 @@ def attention_entropy_fwd_kernel(q_ptr, k_ptr, scale_ptr, h_ptr, lse_ptr, L, S, 
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < L
     # Padding rows and feature columns load as 0: they add 0 to every dot product.
-    q = tl.load(q_ptr + bh * stride_qb + rows.to(tl.int64)[:, None] * stride_ql + dims[None, :],
+    q = tl.load(q_ptr + bh * stride_qb + row_offsets(rows, stride_ql)[:, None] + dims[None, :],
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
     if WIDEN:
         q = q.to(ACC)
@@ -78,7 +85,7 @@ def attention_entropy_fwd_kernel(q_ptr, k_ptr, scale_ptr, h_ptr, lse_ptr, L, S, 
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + offset)
     for start in range(0, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + bh * stride_kb + keys.to(tl.int64)[:, None] * stride_ks + dims[None, :],
+        k = tl.load(k_ptr + bh * stride_kb + row_offsets(keys, stride_ks)[:, None] + dims[None, :],
                     mask=(keys[:, None] < S) & (dims[None, :] < D), other=0.0)
         if WIDEN:
             k = k.to(ACC)
