@@ -322,6 +322,15 @@ def traffic(launch: Launch) -> dict:
     return {}
 
 
+# Newton evaluations per group of 8 nodes, measured with the torch twin (ops.noise_softmax.newton_nodes)
+# on rows of 128256 fp32 logits N(0, s^2), s = 0.1, 1, 4: normal 4-6, logistic 2-4, Cauchy 1-3.
+NEWTON_EVALS = {0: (4, 6), 1: (2, 4), 2: (1, 3)}
+
+
+def groups(a) -> int:
+    return -(-a["K"] // a["NB"])
+
+
 HBM_MODEL = {
     "entropy_fwd_kernel": lambda a: {"z_ptr": 1},
     "entropy_bwd_kernel": lambda a: {"z_ptr": 1, "gz_ptr": 1},
@@ -333,12 +342,28 @@ HBM_MODEL = {
     # one tile: one read, one write; tiled: max, moments, E evaluations (3-5), the write pass
     "entropy_normalize_fwd_kernel": lambda a: {"z_ptr": 1 if a["ONE_TILE"] else (3 + 3, 3 + 5), "p_ptr": 1},
     "entropy_normalize_bwd_kernel": lambda a: {"z_ptr": 2, "p_ptr": 2, "gp_ptr": 2, "gz_ptr": 1},
-    # E Newton evaluations (5-9, ops/noise_softmax.py) and the pass that writes p
-    "noise_softmax_fwd_kernel": lambda a: {"z_ptr": (5 + 1, 9 + 1), "p_ptr": 1},
-    "noise_softmax_bwd_kernel": lambda a: {"z_ptr": 2, "g_ptr": 2, "gz_ptr": 1},
+    # E Newton evaluations per node group, then the pass that writes p; backward: one pass per
+    # group, then the pass that writes the gradient
+    "noise_softmax_fwd_kernel": lambda a: {"z_ptr": tuple(groups(a) * e + 1 for e in NEWTON_EVALS[a["FAMILY"]]),
+                                           "p_ptr": 1},
+    "noise_softmax_bwd_kernel": lambda a: {"z_ptr": groups(a) + 1, "g_ptr": groups(a) + 1, "gz_ptr": 1},
     # q once per query block; k once per query block: from HBM once, the re-reads hit L2 (see appendix)
     "attention_entropy_fwd_kernel": lambda a: {"q_ptr": 1, "k_ptr": 1},
 }
+
+
+# Elements one iteration of a kernel's inner loops works on (logits, (node, logit) pairs, or
+# (query, key) logits), for "instructions per element" on paper.
+ELEMENTS_PER_ITERATION = {
+    "noise_softmax_fwd_kernel": lambda a: a["NB"] * a["BLOCK"],
+    "noise_softmax_bwd_kernel": lambda a: a["NB"] * a["BLOCK"],
+    "attention_entropy_fwd_kernel": lambda a: a["BLOCK_M"] * a["BLOCK_N"],
+}
+
+
+def elements_per_iteration(launch: Launch) -> int:
+    a = launch.bound()
+    return ELEMENTS_PER_ITERATION.get(launch.name, lambda a: a["BLOCK"])(a)
 
 
 def row_bytes(launch: Launch, passes: dict) -> tuple[float, float]:
@@ -372,7 +397,9 @@ def analyse(launch: Launch, cap_name: str, capability: int) -> dict:
     mma = sorted({op.split(".")[0] for _, op, _ in insts if op.split(".")[0] in MMA_OPS})
     return {"target": cap_name, "regs": res.get("reg", 0), "stack": res.get("stack", 0), "local": res.get("local", 0),
             "local_ops": local_ops, "shared": int(k.metadata.shared), "mma": mma,
-            "loops": [{"insts": lp["insts"], "ld": dict(lp["ld"]), "st": dict(lp["st"]), "mma": lp["mma"]}
+            "loops": [{"insts": lp["insts"], "ld": dict(lp["ld"]), "st": dict(lp["st"]), "mma": lp["mma"],
+                       "insts_per_element": round(lp["insts"] * 32 * launch.kwargs.get("num_warps", 4)
+                                                  / elements_per_iteration(launch), 1)}
                       for lp in loops(insts)],
             "approx": approx_ops(k.asm["ptx"])}
 
@@ -389,6 +416,7 @@ def loop_summary(lps) -> str:
             bits.append("st " + acc(lp["st"]))
         if lp["mma"]:
             bits.append(f"mma {lp['mma']}")
+        bits.append(f"{lp['insts_per_element']:g}/el")
         parts.append(" ".join(bits))
     return " | ".join(parts) or "-"
 
