@@ -42,7 +42,9 @@ import argparse
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -68,7 +70,6 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 ANALYSIS_CACHE = Path(os.environ["TRITON_CACHE_DIR"]) / "gpu-check"
-SCRIPT_HASH = hashlib.sha256(Path(__file__).read_bytes()).digest()
 # Spills this check reports but does not fail on: entropy_normalization.py belongs to another
 # change (its Triton pass count is being reworked), so its small spills are listed, with the most
 # bytes per thread they may reach, until that lands.  Anything above the ceiling, or a spill in
@@ -159,7 +160,8 @@ def cases() -> list[Case]:
     out += [
         Case("cross_entropy", f"{ROWS}x128256 bf16 smoothing+z-loss+entropy",
              lambda: cross_entropy_case(ROWS, 128256, BF16, eps=0.1, z_loss=1e-4, entropy=True)),
-        Case("cross_entropy", f"{ROWS}x128256 bf16 soft targets", lambda: cross_entropy_case(ROWS, 128256, BF16, soft=True)),
+        Case("cross_entropy", f"{ROWS}x128256 bf16 soft targets",
+             lambda: cross_entropy_case(ROWS, 128256, BF16, soft=True)),
         Case("entropy_normalize", f"{ROWS}x16384 bf16 (one tile)", lambda: entropy_normalize_case(ROWS, 16384, BF16)),
         Case("entropy_normalize", f"{ROWS}x16384 float32 (one tile)", lambda: entropy_normalize_case(ROWS, 16384, F32)),
     ]
@@ -178,14 +180,18 @@ def cases() -> list[Case]:
                 Case("kl", tag, lambda n=n, dt=dt: kl_case(8, n, dt), False, 8),
                 Case("cross_entropy", tag, lambda n=n, dt=dt: cross_entropy_case(8, n, dt, eps=0.1), False, 8),
                 Case("entropy_normalize", tag, lambda n=n, dt=dt: entropy_normalize_case(8, n, dt), False, 8)]
-    out += [Case("cross_entropy", "8x1000 float64 soft targets", lambda: cross_entropy_case(8, 1000, F64, soft=True), False, 8),
-            Case("noise_softmax", "8x9 float64 normal K=8", lambda: noise_softmax_case(8, 9, "normal", 8, F64), False, 8),
-            Case("noise_softmax", "8x9 float64 cauchy K=8", lambda: noise_softmax_case(8, 9, "cauchy", 8, F64), False, 8),
+    out += [Case("cross_entropy", "8x1000 float64 soft targets",
+                 lambda: cross_entropy_case(8, 1000, F64, soft=True), False, 8),
+            Case("noise_softmax", "8x9 float64 normal K=8",
+                 lambda: noise_softmax_case(8, 9, "normal", 8, F64), False, 8),
+            Case("noise_softmax", "8x9 float64 cauchy K=8",
+                 lambda: noise_softmax_case(8, 9, "cauchy", 8, F64), False, 8),
             Case("noise_softmax", "8x1000 float32 logistic K=32",
                  lambda: noise_softmax_case(8, 1000, "logistic", 32), False, 8),
             Case("attention_entropy", "BH=2 L=5 S=12 D=6 float64 causal",
                  lambda: attention_case(2, 5, 12, 6, F64, True), False, 10),
-            Case("attention_entropy", "BH=2 L=S=37 D=16 float32", lambda: attention_case(2, 37, 37, 16, F32, False), False, 74)]
+            Case("attention_entropy", "BH=2 L=S=37 D=16 float32",
+                 lambda: attention_case(2, 37, 37, 16, F32, False), False, 74)]
     return out
 
 
@@ -346,8 +352,8 @@ HBM_MODEL = {
     "kl_fwd_kernel": lambda a: {"a_ptr": 1, "b_ptr": 1},
     "kl_bwd_kernel": lambda a: {"a_ptr": 1, "b_ptr": 1, "ga_ptr": 1, "gb_ptr": 1},
     "cross_entropy_fwd_kernel": lambda a: {"z_ptr": 1, "y_ptr": 1 if a["SOFT"] else 0},
-    "cross_entropy_bwd_kernel": lambda a: {"z_ptr": 1, "y_ptr": 1 if a["SOFT"] else 0, "grad_ptr": 1 if a["GRAD"] else 0,
-                                           "grad_y_ptr": 1 if a["GRAD_Y"] else 0},
+    "cross_entropy_bwd_kernel": lambda a: {"z_ptr": 1, "y_ptr": 1 if a["SOFT"] else 0,
+                                           "grad_ptr": 1 if a["GRAD"] else 0, "grad_y_ptr": 1 if a["GRAD_Y"] else 0},
     # one tile: one read, one write; tiled: max, moments, E evaluations (3-5), the write pass
     "entropy_normalize_fwd_kernel": lambda a: {"z_ptr": 1 if a["ONE_TILE"] else (3 + 3, 3 + 5), "p_ptr": 1},
     "entropy_normalize_bwd_kernel": lambda a: {"z_ptr": 2, "p_ptr": 2, "gp_ptr": 2, "gz_ptr": 1},
@@ -429,7 +435,7 @@ def analyse(launch: Launch, cap_name: str, capability: int) -> dict:
     """Compile for one target and read the binary; the reading (cuobjdump -sass takes about a
     second per kernel) is cached next to Triton's cache, keyed by the cubin and by this script."""
     k = compile_for(launch, capability)
-    key = hashlib.sha256(k.asm["cubin"] + SCRIPT_HASH).hexdigest()[:32]
+    key = hashlib.sha256(k.asm["cubin"] + reader_version()).hexdigest()[:32]
     cached = ANALYSIS_CACHE / f"{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -439,6 +445,14 @@ def analyse(launch: Launch, cap_name: str, capability: int) -> dict:
     tmp.write_text(json.dumps(result))
     tmp.replace(cached)
     return result
+
+
+@functools.cache
+def reader_version() -> bytes:
+    """Hash of the code that reads a binary: a change to it invalidates the cached readings."""
+    parts = [read_binary, resources, sass_instructions, loops, access_bits, approx_ops, elements_per_iteration]
+    text = "".join(inspect.getsource(f) for f in parts) + repr(sorted(ELEMENTS_PER_ITERATION))
+    return hashlib.sha256(text.encode()).digest()
 
 
 def read_binary(k, cap_name: str, launch: Launch) -> dict:
@@ -534,7 +548,10 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"triton": triton.__version__, "targets": list(TARGETS), "kernels": rows,
                    "note": "compile-time analysis (tests/gpu_compile_check.py), not a measurement"}
-        args.json.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+        # One line per launch: the file diffs launch by launch when a kernel changes.
+        kernels = ",\n  ".join(json.dumps(r) for r in payload.pop("kernels"))
+        head = json.dumps(payload)[:-1]
+        args.json.write_text(f'{head}, "kernels": [\n  {kernels}\n]}}\n')
         print(f"wrote {args.json}")
     print(f"gpu_compile_check: {len(rows)} launches, {len(jobs)} distinct compiles in {elapsed:.0f} s")
     for k in known:

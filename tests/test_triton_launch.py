@@ -50,7 +50,8 @@ def test_row_config_frame_and_alignment():
     cfg = R.row_config(50257, z, torch.empty_like(z))
     assert cfg["VEC"] == 8 and cfg["ALIGNED"] and cfg["BLOCK"] == 4096
     assert not R.row_config(50257, z, torch.empty(8, 50260, dtype=torch.bfloat16)[:, :50257])["ALIGNED"]
-    assert R.row_config(50257, z, torch.empty(8, 50265, dtype=torch.bfloat16)[:, :50257])["ALIGNED"]  # 50265 = 50257 + 8
+    # a stride of 50265 = 50257 + 8 is congruent modulo VEC: the same frame
+    assert R.row_config(50257, z, torch.empty(8, 50265, dtype=torch.bfloat16)[:, :50257])["ALIGNED"]
     assert R.row_config(3, torch.empty(2, 3))["BLOCK"] == 4  # BLOCK >= VEC: the row starts in the first chunk
     assert R.row_config(4096, z)["maxnreg"] == 64  # 16 warps, two programs per SM
 

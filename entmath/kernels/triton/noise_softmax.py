@@ -18,11 +18,12 @@ p_j = sum_k omega_k r(x_kj) / S_k.
 Backward: one pass per group for the per-node reductions G1, G2, A of the implicit-function
 gradient (written to a (rows, 3, K) scratch), then one pass that writes the gradient.
 
-HBM passes per row (n logits): forward, sum over groups of E_g (Newton evaluations, 3-9) reads,
-plus one read and one write; backward, (K / NB + 1) reads of z and of the incoming gradient, one
-write.  The kernels are compute-bound by far (each pass costs NB x ~40-80 instructions per logit
-against ~10 instructions per byte of HBM bandwidth), so it is the pair count, not the traffic,
-that sets their time; see the performance appendix for the figures.
+HBM passes per row (n logits): forward, sum over groups of E_g reads (Newton evaluations; at
+128256 fp32 logits 4-6 per group for normal noise, 2-4 logistic, 1-3 Cauchy), plus one read and
+one write; backward, (K / NB + 1) reads of z and of the incoming gradient, one write.  The
+kernels are compute-bound by far: a pass costs NB x 30-100 instructions per logit (fp32; the
+compile check counts them), where an H100 issues about 10 instructions per byte of HBM bandwidth,
+so the pair count, not the traffic, sets their time (performance appendix).
 
 Triton has no log Phi for the normal: we evaluate erfcx(z) = exp(z^2) erfc(z), z >= 0, with a
 Chebyshev series of (1 + 2z) erfcx(z) in y = (z - 3.75) / (z + 3.75) (the form of Shepherd and
