@@ -109,15 +109,19 @@ def cross_entropy_fwd_kernel(z_ptr, t_ptr, y_ptr, loss_ptr, lse_ptr, ent_ptr, su
 
 
 @triton.jit
-def _ce_grad(z, y_chunk, f, lead, t, s, coef, lse, keep, spread, valid, SOFT: tl.constexpr):
-    """(grad, grad_y) of one chunk; f - lead is the class index of frame column f."""
+def _ce_grad(z, y_chunk, f, lead, t, s, coef, lse, keep, spread, valid, SOFT: tl.constexpr, GRAD_Y: tl.constexpr):
+    """(grad, grad_y) of one chunk (grad_y 0 unless GRAD_Y); f - lead is the class index of frame
+    column f."""
     p = tl.exp(z - lse)
     if SOFT:
         y = keep * y_chunk + spread
     else:
         y = tl.where(f - lead == t, keep, 0.0) + spread
     # Ignored rows get exactly 0 (they may be all -inf, with lse = NaN: select, don't multiply).
-    return tl.where(valid, s * (coef * p - y), 0.0), s * keep * (lse - z)
+    g = tl.where(valid, s * (coef * p - y), 0.0)
+    if GRAD_Y:
+        return g, s * keep * (lse - z)
+    return g, tl.zeros_like(g)
 
 
 @triton.jit
@@ -150,7 +154,7 @@ def cross_entropy_bwd_kernel(z_ptr, t_ptr, y_ptr, lse_ptr, sum_y_ptr, scale_ptr,
         z = tl.load(z_row + f).to(ACC)
         if SOFT:
             y = tl.load(y_row + f).to(ACC)
-        g, gy = _ce_grad(z, y, f, lead, t, s, coef, lse, keep, spread, valid, SOFT)
+        g, gy = _ce_grad(z, y, f, lead, t, s, coef, lse, keep, spread, valid, SOFT, GRAD_Y)
         if GRAD:
             tl.store(g_row + f, g.to(grad_ptr.dtype.element_ty))
         if GRAD_Y:
@@ -161,7 +165,7 @@ def cross_entropy_bwd_kernel(z_ptr, t_ptr, y_ptr, lse_ptr, sum_y_ptr, scale_ptr,
         z = tl.load(z_row + f, mask=inside, other=float("-inf")).to(ACC)
         if SOFT:
             y = tl.load(y_row + f, mask=inside, other=0.0).to(ACC)
-        g, gy = _ce_grad(z, y, f, lead, t, s, coef, lse, keep, spread, valid, SOFT)
+        g, gy = _ce_grad(z, y, f, lead, t, s, coef, lse, keep, spread, valid, SOFT, GRAD_Y)
         if GRAD:
             tl.store(g_row + f, g.to(grad_ptr.dtype.element_ty), mask=inside)
         if GRAD_Y:
