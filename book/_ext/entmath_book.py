@@ -662,6 +662,8 @@ def gpu_compile_markdown(data: dict) -> list:
            "a lower bound on the time, not an estimate of it. Measured GPU figures replace these as soon as "
            "a GPU runs the benchmarks.",
            "```", "",
+           "Each launch is compiled as its launcher configures it (blocks, warps, register budget: "
+           f"the `config` of each entry in `{RESULTS_DIR}/{GPU_COMPILE_RESULT}`). "
            "Registers and shared memory are per thread and per program, for sm_80 / sm_90 / sm_100; a "
            "spill is stack or local memory (the check fails on any, except the listed ones of "
            "`entropy_normalize`, whose kernel is being reworked elsewhere). *Loads* are the global "
@@ -671,8 +673,8 @@ def gpu_compile_markdown(data: dict) -> list:
     ops = list(dict.fromkeys(k["op"] for k in kernels))
     for op in ops:
         out += [f"### `{op}`", ""]
-        header = ["shape", "kernel", "launch", "registers", "spills (B)", "shared (B)", "loads", "passes",
-                  "bytes / row", f"traffic {h_name}", f"traffic {a_name}", f"issue {h_name}", f"issue {a_name}"]
+        header = ["shape", "kernel", "registers", "spills (B)", "shared (B)", "loads", "passes", "bytes / row",
+                  "traffic H100 / A100", "issue H100 / A100"]
         table = []
         for k in (k for k in kernels if k["op"] == op):
             t = k.get("targets", {})
@@ -683,13 +685,13 @@ def gpu_compile_markdown(data: dict) -> list:
             rows = k["rows"]
             inst = k.get("instructions_per_row")
             passes = "; ".join(f"{rw} {_passes(k[key])}" for rw, key in (("r", "reads"), ("w", "writes")) if k[key])
-            table.append([k["shape"], k["kernel"].removesuffix("_kernel"), k["config"], regs, spills, shared,
+            traffic = (_span(rows * lo / h_bw, rows * hi / h_bw, _seconds) + " / "
+                       + _span(rows * lo / a_bw, rows * hi / a_bw, _seconds))
+            issue = (_span(rows * inst[0] / h_ips, rows * inst[1] / h_ips, _seconds) + " / "
+                     + _span(rows * inst[0] / a_ips, rows * inst[1] / a_ips, _seconds)) if inst else "not modelled"
+            table.append([k["shape"], k["kernel"].removesuffix("_kernel"), regs, spills, shared,
                           _accesses(t.get("sm_90", {}).get("loops", [])), passes,
-                          _span(lo, hi, lambda b: f"{b / 1e3:.4g} kB"),
-                          _span(rows * lo / h_bw, rows * hi / h_bw, _seconds),
-                          _span(rows * lo / a_bw, rows * hi / a_bw, _seconds),
-                          _span(rows * inst[0] / h_ips, rows * inst[1] / h_ips, _seconds) if inst else "not modelled",
-                          _span(rows * inst[0] / a_ips, rows * inst[1] / a_ips, _seconds) if inst else "not modelled"])
+                          _span(lo, hi, lambda b: f"{b / 1e3:.4g} kB"), traffic, issue])
         out += _md_table(header, table)
     tests = len([k for k in data.get("kernels", []) if not k.get("production")])
     out += [f"The check also compiles {tests} launches at the shapes the tests use (short and ragged rows, "
