@@ -89,7 +89,7 @@ def test_the_compile_check_table_gets_the_compile_time_section(tmp_path):
     assert "`gpu_compile`" not in text  # not rendered as a benchmark result
     section = gpu.split("## GPU: compile-time analysis")[1]
     assert "not a measurement" in section and "### `entropy`" in section
-    assert "| 4096x128256 float32 | entropy\\_fwd | 40\\/40\\/40 |" in section and "ld 2×16 B" in section
+    assert "| 4096x128256 float32 | entropy\\_fwd | 40\\/40\\/40 | 0\\/0\\/0 | 64\\/64\\/64 | ld 2×16 B |" in section
     assert "627 µs \\/ 1\\.03 ms" in section  # 4096 rows x 513 kB at 3.35 and 2.04 TB/s
     assert "1 launches at the shapes the tests use" in section
 

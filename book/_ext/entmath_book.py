@@ -673,14 +673,14 @@ def gpu_compile_markdown(data: dict) -> list:
     ops = list(dict.fromkeys(k["op"] for k in kernels))
     for op in ops:
         out += [f"### `{op}`", ""]
-        header = ["shape", "kernel", "registers", "spills (B)", "shared (B)", "loads", "passes", "bytes / row",
-                  "traffic H100 / A100", "issue H100 / A100"]
-        table = []
+        compiled, costs = [], []
         for k in (k for k in kernels if k["op"] == op):
             t = k.get("targets", {})
+            name = k["kernel"].removesuffix("_kernel")
             regs = "/".join(str(t[c]["regs"]) if c in t else "?" for c in GPU_TARGETS)
             spills = "/".join(str(t[c]["stack"] + t[c]["local"]) if c in t else "?" for c in GPU_TARGETS)
             shared = "/".join(str(t[c]["shared"]) if c in t else "?" for c in GPU_TARGETS)
+            compiled.append([k["shape"], name, regs, spills, shared, _accesses(t.get("sm_90", {}).get("loops", []))])
             lo, hi = k["bytes_per_row"]
             rows = k["rows"]
             inst = k.get("instructions_per_row")
@@ -689,10 +689,12 @@ def gpu_compile_markdown(data: dict) -> list:
                        + _span(rows * lo / a_bw, rows * hi / a_bw, _seconds))
             issue = (_span(rows * inst[0] / h_ips, rows * inst[1] / h_ips, _seconds) + " / "
                      + _span(rows * inst[0] / a_ips, rows * inst[1] / a_ips, _seconds)) if inst else "not modelled"
-            table.append([k["shape"], k["kernel"].removesuffix("_kernel"), regs, spills, shared,
-                          _accesses(t.get("sm_90", {}).get("loops", [])), passes,
-                          _span(lo, hi, lambda b: f"{b / 1e3:.4g} kB"), traffic, issue])
-        out += _md_table(header, table)
+            costs.append([k["shape"], name, passes, _span(lo, hi, lambda b: f"{b / 1e3:.4g} kB"), traffic, issue])
+        out += ["What the compiler made of each launch (sm_80/sm_90/sm_100; loads on sm_90):", ""]
+        out += _md_table(["shape", "kernel", "registers", "spills (B)", "shared (B)", "loads"], compiled)
+        out += ["What it costs on paper, for all rows of the shape:", ""]
+        out += _md_table(["shape", "kernel", "HBM passes", "bytes / row", "traffic H100 / A100",
+                          "issue H100 / A100"], costs)
     tests = len([k for k in data.get("kernels", []) if not k.get("production")])
     out += [f"The check also compiles {tests} launches at the shapes the tests use (short and ragged rows, "
             f"fp64); they are in `{RESULTS_DIR}/{GPU_COMPILE_RESULT}` with the rest.", ""]
