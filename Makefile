@@ -22,7 +22,7 @@ export PYTHONHASHSEED := 0
 BROWSER_DEBS := chromium fonts-wqy-microhei
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install book test unit nbval browser browser-deps clean
+.PHONY: install book test unit nbval browser browser-deps gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,7 +62,14 @@ browser-deps:
 browser: book browser-deps
 	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
 
-test: unit nbval book browser
+# Every Triton kernel compiled for sm_80/sm_90/sm_100 at the launchers' configurations, without a
+# GPU: fails on a compile error or a spill, stores the table the book's GPU appendix reads.  The
+# interpreter must be off for this one (it would replace the kernels by numpy); compiled kernels are
+# cached in _build/triton-cache.
+gpu-check: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python tests/gpu_compile_check.py --json benchmarks/results/gpu_compile.json
+
+test: gpu-check unit nbval book browser
 
 clean:
 	rm -rf _build

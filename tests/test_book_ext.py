@@ -74,6 +74,26 @@ def test_gpu_results_get_their_own_section(tmp_path):
     assert "cuda\\:NVIDIA H100" in gpu
 
 
+def test_the_compile_check_table_gets_the_compile_time_section(tmp_path):
+    app = fake_app(tmp_path)
+    write_result(tmp_path, "cpu_run", {"machine": {"device": "cpu", "date": "d1"}, "rows": [{"op": "x", "ratio": 1.2}]})
+    target = {"regs": 40, "stack": 0, "local": 0, "local_ops": 0, "shared": 64, "mma": [], "approx": {},
+              "loops": [{"insts": 300, "ld": {"128": 2}, "st": {}, "mma": 0, "insts_per_element": 40.0}]}
+    kernel = {"op": "entropy", "shape": "4096x128256 float32", "production": True, "kernel": "entropy_fwd_kernel",
+              "config": "BLOCK=4096 w16", "grid": [4096], "rows": 4096, "reads": {"z_ptr": 1}, "writes": {},
+              "bytes_per_row": [513024.0, 513024.0], "instructions_per_row": [5.1e6, 5.1e6],
+              "targets": {t: target for t in ("sm_80", "sm_90", "sm_100")}}
+    write_result(tmp_path, "gpu_compile", {"triton": "3.7.1", "kernels": [kernel, dict(kernel, production=False)]})
+    text = ext.perf_markdown(app, "appendix")
+    cpu, gpu = text.split("## GPU results")
+    assert "`gpu_compile`" not in text  # not rendered as a benchmark result
+    section = gpu.split("## GPU: compile-time analysis")[1]
+    assert "not a measurement" in section and "### `entropy`" in section
+    assert "| 4096x128256 float32 | entropy\\_fwd | 40\\/40\\/40 | 0\\/0\\/0 | 64\\/64\\/64 | ld 2×16 B |" in section
+    assert "627 µs \\/ 1\\.03 ms" in section  # 4096 rows x 513 kB at 3.35 and 2.04 TB/s
+    assert "1 launches at the shapes the tests use" in section
+
+
 def test_a_colon_in_the_first_returns_line_is_not_taken_for_a_type():
     lines = ["Returns:", "    Shape of x, its dtype.  **Documented value:** +inf where q lacks p's support.",
              "", "Raises:", "    ValueError: bad input."]

@@ -261,6 +261,20 @@ def test_inplace_backward_gives_the_same_gradient_in_the_logits_buffer(backend, 
     assert not torch.equal(logits1, logits2)  # the in-place run overwrote its logits with the gradient
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_probability_target_gradient_when_the_logits_need_none(backend, eps):
+    # Only the targets require grad: their gradient must still be computed (it was left
+    # uninitialised when the logits' gradient was not asked for).
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    y = torch.softmax(torch.randn(4, 9, generator=g, dtype=torch.float64), -1).requires_grad_()
+    got, = torch.autograd.grad(entmath.cross_entropy(z, y, label_smoothing=eps, backend=backend), y)
+    yr = y.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(F.cross_entropy(z, yr, label_smoothing=eps), yr)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_inplace_backward_refuses_a_second_backward():
     z = torch.randn(4, 6, requires_grad=True)
     logits = z * 1.0

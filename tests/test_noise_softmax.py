@@ -316,7 +316,32 @@ def test_kernel_family_helpers_match_mpmath(noise):
     assert inf[0].item() == 0.0 and inf[1].item() == NEG_INF
 
 
+@pytest.mark.parametrize("noise", FAMILIES)
+def test_kernel_family_helpers_match_mpmath_float32(noise):
+    # fp32 takes the degree-12 erfcx series and fp32 arithmetic: log Phi, log r, r and d log r/dx
+    # at fp32 points against mpmath at those same points, to a few fp32 ulp.
+    from entmath.kernels.triton.noise_softmax import family_values
+
+    xs = torch.tensor([-37.0, -20.0, -8.5, -3.0, -1.0, -0.2, 0.0, 0.3, 1.0, 2.5, 6.0, 9.0, 13.0],
+                      dtype=torch.float32)
+    if noise == "cauchy":
+        xs = torch.cat([xs, torch.tensor([-1e8, -1e3, 1e3, 1e8])])
+    got = family_values(xs, noise).double()
+    cdf, pdf = mp_cdf_pdf(noise)
+    eps = 2.0**-23
+    with mp.workdps(60):
+        for i, x in enumerate(xs.tolist()):
+            lc, lr = mp.log(cdf(mp.mpf(x))), mp.log(pdf(mp.mpf(x)) / cdf(mp.mpf(x)))
+            assert abs(got[0, i].item() - float(lc)) <= 16 * eps * abs(float(lc)) + 1e-37, (x, got[0, i], lc)
+            assert abs(got[1, i].item() - float(lr)) <= 16 * eps * max(1.0, abs(float(lr))), (x, got[1, i], lr)
+            if float(lr) > -80:  # r itself is a normal fp32 number
+                assert abs(got[3, i].item() / float(mp.exp(lr)) - 1) <= 16 * eps, (x, got[3, i], mp.exp(lr))
+            dlr = mp.diff(lambda v: mp.log(pdf(v) / cdf(v)), mp.mpf(x))
+            assert abs(got[2, i].item() - float(dlr)) <= 64 * eps * max(1.0, abs(float(dlr))), (x, got[2, i], dlr)
+
+
 @pytest.mark.parametrize("noise,n,nodes", [("normal", 1, None), ("normal", 3, None), ("normal", 1000, None),
+                                           ("normal", 100, 12), ("logistic", 37, 5),
                                            ("normal", 4097, 16), ("logistic", 3, None), ("logistic", 1000, 16),
                                            ("cauchy", 3, 32)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -18,7 +18,9 @@ file or a benchmark result added later shows up with no hand edits:
   exactly a public name (```entmath.entropy```) becomes a link to its entry.
 * **Performance appendix** - the ``{performance-results}`` block is replaced by one section per
   ``benchmarks/results/*.json`` file: its machine, its rows as a table, and a plot of each
-  ratio-like column.  Results whose ``machine.device`` starts with ``cuda`` go to the GPU section.
+  ratio-like column.  Results whose ``machine.device`` starts with ``cuda`` go to the GPU section;
+  ``gpu_compile.json`` (the compile check's table, not a benchmark) becomes the section
+  "GPU: compile-time analysis".
 * **Notebook download** - each executed chapter is offered as ``.ipynb`` in the download menu.
 """
 from __future__ import annotations
@@ -615,15 +617,108 @@ def _result_section(app, path: Path, data: dict, level: str) -> list:
     return out
 
 
+# The compile check's table (tests/gpu_compile_check.py, ``make gpu-check``): not a benchmark.
+GPU_COMPILE_RESULT = "gpu_compile.json"
+# Peak HBM bandwidth and FP32 instruction issue rate (SMs x FP32 lanes x boost clock) of the GPUs
+# the traffic and instruction counts are converted at.
+GPU_PEAKS = [("H100 SXM", 3.35e12, 132 * 128 * 1.98e9), ("A100 SXM", 2.039e12, 108 * 64 * 1.41e9)]
+GPU_TARGETS = ("sm_80", "sm_90", "sm_100")
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.3g} ms" if t >= 1e-3 else f"{t * 1e6:.3g} µs"
+
+
+def _span(lo: float, hi: float, fmt) -> str:
+    return fmt(lo) if abs(hi - lo) <= 1e-9 * max(abs(hi), 1.0) else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def _passes(counts: dict) -> str:
+    def n(v):
+        return f"{v[0]}–{v[1]}" if isinstance(v, list) else str(v)
+    return ", ".join(f"{k.removesuffix('_ptr')} ×{n(v)}" for k, v in counts.items()) or "–"
+
+
+def _accesses(loops: list) -> str:
+    for lp in loops:
+        if lp.get("ld") or lp.get("st"):
+            parts = [f"{kind} " + " + ".join(f"{c}×{int(bits) // 8} B" for bits, c in
+                                            sorted(lp[kind].items(), key=lambda kv: -int(kv[0])))
+                     for kind in ("ld", "st") if lp.get(kind)]
+            return "; ".join(parts)
+    return "–"
+
+
+def gpu_compile_markdown(data: dict) -> list:
+    """The GPU section built from the compile check's JSON: per production launch, what the
+    compiler did (registers, spills, shared memory, load widths) and what its HBM traffic and
+    instruction count cost on paper at H100 and A100 peaks."""
+    kernels = [k for k in data.get("kernels", []) if k.get("production")]
+    (h_name, h_bw, h_ips), (a_name, a_bw, a_ips) = GPU_PEAKS
+    out = ["(perf-gpu-compile)=", "## GPU: compile-time analysis", "",
+           "```{admonition} Compile-time analysis, not a measurement",
+           ":class: note", "",
+           f"Every figure in this section comes from compiling the Triton kernels for {', '.join(GPU_TARGETS)} "
+           f"on a machine without a GPU (`make gpu-check`, `tests/gpu_compile_check.py`, Triton "
+           f"{data.get('triton', '?')}) and reading the binaries; none was timed. *Traffic* is the HBM "
+           f"bytes the kernel must move for all rows of the shape (its docstring's passes, as numbers) at "
+           f"peak bandwidth ({h_name} {h_bw / 1e12:.2f} TB/s, {a_name} {a_bw / 1e12:.2f} TB/s); *issue* is the "
+           f"SASS instructions of its loops per element, times the elements, at one FP32 instruction per lane "
+           f"per clock ({h_name} {h_ips / 1e12:.1f}, {a_name} {a_ips / 1e12:.2f} T/s). The larger of the two is "
+           "a lower bound on the time, not an estimate of it. Measured GPU figures replace these as soon as "
+           "a GPU runs the benchmarks.",
+           "```", "",
+           "Each launch is compiled as its launcher configures it (blocks, warps, register budget: "
+           f"the `config` of each entry in `{RESULTS_DIR}/{GPU_COMPILE_RESULT}`). "
+           "Registers and shared memory are per thread and per program, for sm_80 / sm_90 / sm_100; a "
+           "spill is stack or local memory (the check fails on any, except the listed ones of "
+           "`entropy_normalize`, whose kernel is being reworked elsewhere). *Loads* are the global "
+           "loads and stores of the kernel's first loop on sm_90, by width: 16 B is a vector load. "
+           "Passes count reads (r) and writes (w) of row-sized tensors; a range depends on the data "
+           "(solver iterations).", ""]
+    ops = list(dict.fromkeys(k["op"] for k in kernels))
+    for op in ops:
+        out += [f"### `{op}`", ""]
+        compiled, costs = [], []
+        for k in (k for k in kernels if k["op"] == op):
+            t = k.get("targets", {})
+            name = k["kernel"].removesuffix("_kernel")
+            regs = "/".join(str(t[c]["regs"]) if c in t else "?" for c in GPU_TARGETS)
+            spills = "/".join(str(t[c]["stack"] + t[c]["local"]) if c in t else "?" for c in GPU_TARGETS)
+            shared = "/".join(str(t[c]["shared"]) if c in t else "?" for c in GPU_TARGETS)
+            compiled.append([k["shape"], name, regs, spills, shared, _accesses(t.get("sm_90", {}).get("loops", []))])
+            lo, hi = k["bytes_per_row"]
+            rows = k["rows"]
+            inst = k.get("instructions_per_row")
+            passes = "; ".join(f"{rw} {_passes(k[key])}" for rw, key in (("r", "reads"), ("w", "writes")) if k[key])
+            traffic = (_span(rows * lo / h_bw, rows * hi / h_bw, _seconds) + " / "
+                       + _span(rows * lo / a_bw, rows * hi / a_bw, _seconds))
+            issue = (_span(rows * inst[0] / h_ips, rows * inst[1] / h_ips, _seconds) + " / "
+                     + _span(rows * inst[0] / a_ips, rows * inst[1] / a_ips, _seconds)) if inst else "not modelled"
+            costs.append([k["shape"], name, passes, _span(lo, hi, lambda b: f"{b / 1e3:.4g} kB"), traffic, issue])
+        out += ["What the compiler made of each launch (sm_80/sm_90/sm_100; loads on sm_90):", ""]
+        out += _md_table(["shape", "kernel", "registers", "spills (B)", "shared (B)", "loads"], compiled)
+        out += ["What it costs on paper, for all rows of the shape:", ""]
+        out += _md_table(["shape", "kernel", "HBM passes", "bytes / row", "traffic H100 / A100",
+                          "issue H100 / A100"], costs)
+    tests = len([k for k in data.get("kernels", []) if not k.get("production")])
+    out += [f"The check also compiles {tests} launches at the shapes the tests use (short and ragged rows, "
+            f"fp64); they are in `{RESULTS_DIR}/{GPU_COMPILE_RESULT}` with the rest.", ""]
+    return out
+
+
 def perf_markdown(app, docname) -> str:
     results = sorted((Path(app.srcdir) / RESULTS_DIR).glob("*.json"))
-    cpu, gpu = [], []
+    cpu, gpu, compiled = [], [], None
     for path in results:
         app.env.note_dependency(str(path))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             logger.warning("cannot read benchmark result %s: %s", path, exc, location=docname)
+            continue
+        if path.name == GPU_COMPILE_RESULT:
+            compiled = data
             continue
         device = str((data.get("machine") or {}).get("device", "cpu"))
         (gpu if device.startswith("cuda") else cpu).append((path, data))
@@ -640,6 +735,8 @@ def perf_markdown(app, docname) -> str:
                 "and appears in this section, with its device and date in each figure.", ""]
     for path, data in gpu:
         out += _result_section(app, path, data, "###")
+    if compiled is not None:
+        out += gpu_compile_markdown(compiled)
     return "\n".join(out)
 
 

@@ -192,7 +192,8 @@ class _AttentionEntropy(torch.autograd.Function):
     def forward(q3, k3, scale2, is_causal, offset, chunk, backend):
         if backend == "triton":
             return torch.ops.entmath.attention_entropy_triton(q3, k3, scale2, is_causal, offset)
-        return attention_entropy_torch(q3, k3, scale2, is_causal, offset, chunk)
+        acc = scale2.dtype
+        return attention_entropy_torch(q3.to(acc), k3.to(acc), scale2, is_causal, offset, chunk)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -333,9 +334,12 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
     chunk = _chunk_size(chunk_size, math.prod(q.shape[:-1]))
     lead, (L, D), S = q.shape[:-2], q.shape[-2:], k.shape[-2]
     bh = math.prod(lead)  # not reshape(-1, ...): that is ambiguous for an empty batch
+    # The kernel takes q and k in their own dtype: fp16/bf16 tiles go to the tensor cores as they
+    # are (no upcast copy), with accumulation in acc.  The torch path works in acc.
+    own = backend == "triton" and q.dtype == k.dtype
     with no_autocast(q):  # the logits stay in the accumulation dtype
-        q3 = q.to(acc).reshape(bh, L, D)
-        k3 = k.to(acc).reshape(bh, S, D)
+        q3 = (q if own else q.to(acc)).reshape(bh, L, D)
+        k3 = (k if own else k.to(acc)).reshape(bh, S, D)
         scale2 = scale_t.to(acc).expand(q.shape[:-1]).reshape(bh, L)
         h, lse = _AttentionEntropy.apply(q3, k3, scale2, is_causal, offset, chunk, backend)
     if value_checks_active(h) and h.numel() and not bool(torch.isfinite(h).all()):  # unreachable after _check_values

@@ -306,7 +306,7 @@ def noise_softmax_triton(z: torch.Tensor, noise: str, K: int) -> tuple[torch.Ten
     p, t, log_s = kernels("noise_softmax").noise_softmax_fwd(
         z2d, z2d.amax(-1, keepdim=True), y, w, x_lo, x_hi, noise, _NEWTON_MAX, _NEWTON_FREE,
         *newton_tolerances(z2d.dtype))
-    return p, t[:, :K].contiguous(), log_s[:, :K].contiguous()  # the kernel pads K to a power of two
+    return p, t, log_s
 
 
 @triton_kernel_op("noise_softmax_backward_triton")
@@ -315,9 +315,8 @@ def noise_softmax_backward_triton(z: torch.Tensor, grad_p: torch.Tensor, t: torc
     """dL/dmu from dL/dp and the forward's nodes (rows, K), by the Triton kernel (two passes)."""
     z2d, K = rows_2d(z), t.shape[-1]
     _, w = tanh_sinh_rule(K, dtype=z2d.dtype, device=z2d.device)
-    pad = kernels("noise_softmax")._shape(z2d.shape[1], K)[0] - K
-    t_p, ls_p = (torch.nn.functional.pad(v, (0, pad)) for v in (t, log_s))
-    return kernels("noise_softmax").noise_softmax_bwd(z2d, rows_2d(grad_p), t_p, ls_p, w, noise)
+    return kernels("noise_softmax").noise_softmax_bwd(z2d, rows_2d(grad_p), t.contiguous(), log_s.contiguous(),
+                                                      w, noise)
 
 
 def _fake_solve(z, noise, K):

@@ -8,11 +8,18 @@ call, not necessarily before ``import entmath``.
 Conventions shared by every kernel:
 
 * one program per row; the row is read in ``BLOCK``-wide chunks, ``BLOCK`` a power of two
-  (``block_size``), with masks for the ragged tail;
+  (``block_size``); the row kernels walk an aligned frame so that every full chunk is an
+  unmasked 16-byte load and only the two end chunks are masked (``rows.py``);
+* every launcher's configuration (blocks, warps, register budget, grid) comes from one config
+  function (``rows.row_config``, ``attention_config``, ``noise_config``), which
+  ``tests/gpu_compile_check.py`` compiles for sm_80, sm_90 and sm_100 (``make gpu-check``);
 * loads are upcast to fp32 (fp64 stays fp64) and all sums accumulate in that precision;
 * per-row statistics (max, log-normaliser, ...) are scalars carried across chunks with the
   online-softmax rescaling, so the forward reads each logit once from memory;
-* no Python branching on tensor values: data-dependent cases are ``tl.where``.
+* no Python branching on tensor values: data-dependent cases are ``tl.where``;
+* on a GPU, fp32 ``tl.exp``, ``/`` and ``tl.sqrt`` are approximate instructions (ex2.approx,
+  div.full, sqrt.approx); the error bounds that hold with them, and how they are tested, are in
+  the performance appendix ("GPU numerics") and ``tests/test_gpu_numerics.py``.
 """
 import triton
 

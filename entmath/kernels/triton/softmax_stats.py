@@ -28,9 +28,20 @@ def load_row_chunk(ptr, cols, n_cols, ACC: tl.constexpr):
 
 
 @triton.jit
-def update_stats(m, c, T, A, x):
-    """Fold one chunk ``x`` into the running (m, c, T, A) of the row."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
+def drop_nan(x):
+    """(x with NaN replaced by -inf, the number of NaNs): NaN-ness is counted apart and propagated
+    explicitly, since tl.max need not propagate NaN."""
+    is_nan = x != x
+    return tl.where(is_nan, float("-inf"), x), tl.sum(is_nan.to(tl.int32), axis=0)
+
+
+@triton.jit
+def update_stats(m, c, T, A, x, AXIS: tl.constexpr = 0):
+    """Fold one chunk ``x`` into the running (m, c, T, A), reducing over ``AXIS``.
+
+    Row kernels pass a 1-D chunk of one row (scalar statistics, AXIS = 0); the attention kernel
+    passes a (queries, keys) tile and per-query statistics (vectors, AXIS = 1)."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
     grow = m_new > m
     # m_new is -inf only while every logit so far is -inf; subtracting 0 then avoids -inf - -inf.
     m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -47,13 +58,15 @@ def update_stats(m, c, T, A, x):
     # This chunk's contributions.  -inf logits (and padding) have e = 0 and d is zeroed with
     # them, so they add exactly nothing: never 0 * (-inf) = NaN.  A finite logit more than the
     # dtype's max below the maximum ([M, -M] spans 2M) overflows x - m to -inf: clamped at DEEP.
-    at_max = (x == m_new) & (x > float("-inf"))
-    below = (x < m_new) & (x > float("-inf"))
-    d = tl.where(below, tl.maximum(x - m_ref, DEEP), 0.0)
+    m_x = tl.expand_dims(m_new, AXIS) if AXIS == 1 else m_new
+    d = x - (tl.expand_dims(m_ref, AXIS) if AXIS == 1 else m_ref)
+    at_max = (x == m_x) & (x > float("-inf"))
+    below = (x < m_x) & (x > float("-inf"))
+    d = tl.where(below, tl.maximum(d, DEEP), 0.0)
     e = tl.where(below, tl.exp(d), 0.0)
-    c += tl.sum(at_max.to(c.dtype), axis=0)
-    T += tl.sum(e, axis=0)
-    A += tl.sum(e * d, axis=0)
+    c += tl.sum(at_max.to(c.dtype), axis=AXIS)
+    T += tl.sum(e, axis=AXIS)
+    A += tl.sum(e * d, axis=AXIS)
     return m_new, c, T, A
 
 
