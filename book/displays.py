@@ -59,7 +59,9 @@ RELATIONS = {
     "=": "=", "\\le": "<=", "\\leq": "<=", "\\ge": ">=", "\\geq": ">=", "<": "<", ">": ">",
     "\\ne": "!=", "\\neq": "!=", "\\approx": "~", "\\to": "->", "\\leftarrow": "<-", "\\in": "in",
 }
-IMPLICATIONS = {"\\implies": "=>", "\\Rightarrow": "=>", "\\Longrightarrow": "=>", "\\Longleftrightarrow": "<=>"}
+# \implies and \Rightarrow join a condition to what follows from it; \Longrightarrow, between two
+# displayed claims, is "therefore" (both are claims), and \Longleftrightarrow "equivalently".
+IMPLICATIONS = {"\\implies": "=>", "\\Rightarrow": "=>", "\\Longrightarrow": "therefore", "\\Longleftrightarrow": "<=>"}
 TEXT_CMDS = {"text", "mathrm", "operatorname", "operatorname*", "mathit", "textrm"}
 
 
@@ -204,7 +206,7 @@ class Parser:
             j += 1
         if j < len(self.toks) and self.toks[j].kind == "cmd" and self.toks[j].value in IMPLICATIONS:
             self.i = j
-            kind = "implies" if IMPLICATIONS[self.take().value] == "=>" else "iff"
+            kind = {"=>": "implies", "therefore": "iff", "<=>": "iff"}[IMPLICATIONS[self.take().value]]
             while self.is_cmd("\\quad") or self.is_cmd("\\qquad"):
                 self.i += 1
             second = self.chain()
@@ -576,6 +578,12 @@ class Parser:
         self._stop_at_d = True
         body = self.term()
         self._stop_at_d = saved
+        if not self.at("letter", "d") and body.op == "div" and body.args[0].op == "mul" \
+                and len(body.args[0].args) == 2 and body.args[0].args[0].op == "name" \
+                and body.args[0].args[0].info.get("base") == "d" and body.args[0].args[1].op == "name":
+            # \int \frac{dx}{f(x)}: the differential in the numerator
+            var = body.args[0].args[1]
+            return N("int", N("div", N("num", value="1"), body.args[1]), var=var, lo=lo, hi=hi)
         self.take("letter", "d")
         var = self.atom(allow_power=False)
         if self.is_char("("):  # dF(t): a Stieltjes integral
@@ -834,8 +842,8 @@ class Parser:
                 self.i += 1
                 node.info["primes"] = node.info.get("primes", 0) + 1
                 continue
-            if self.is_char("(") and node.op in ("name", "call") and not (node.op == "name" and node.info.get("base") == "e"
-                                                                        and "sub" not in node.info):
+            if self.is_char("(") and node.op in ("name", "call") and not self._paren_is_qualifier() \
+                    and not (node.op == "name" and node.info.get("base") == "e" and "sub" not in node.info):
                 node = N("call", node, *self.call_args())
                 continue
             return node
@@ -992,7 +1000,9 @@ class Fn:
 
     @property
     def at(self):
-        return self.f(self.point)
+        if not hasattr(self, "_at"):
+            self._at = self.f(*self.point) if isinstance(self.point, tuple) else self.f(self.point)
+        return self._at
 
 
 def _sympy():
@@ -1019,6 +1029,8 @@ def _is_vector(x):
 
 def _index(value, i):
     sp = _sympy()
+    if isinstance(value, Fn):
+        value = value.at
     if isinstance(i, (sp.Integer,)):
         i = int(i)
     if isinstance(value, dict):
@@ -1056,6 +1068,15 @@ class Event:
 
     def holds(self, **values):
         return holds_all(self.statement, self.ctx.bind(**values))
+
+    def mean(self):
+        """The fraction of samples (numpy arrays in the context) for which the relation holds."""
+        import numpy as np
+        vals = [evaluate(t, self.ctx) for t in self.statement.terms]
+        ok = True
+        for rel, x, y in zip(self.statement.rels, vals, vals[1:]):
+            ok = ok & {"<=": np.less_equal, ">=": np.greater_equal, "<": np.less, ">": np.greater}[rel](x, y)
+        return float(np.mean(ok))
 
 
 class Ctx:
@@ -1104,6 +1125,10 @@ def _fn(name, x, mode):
     x = mp.mpf(x) if not isinstance(x, (mp.mpf, mp.mpc)) else x
     if name == "log" and x == 0:
         return mp.ninf
+    if name == "exp" and isinstance(x, mp.mpf) and abs(x) > mp.mpf(10) ** 30:
+        # quadrature nodes far out (e^{-C e^{-e}} at e = -1e10) would have mpmath reduce arguments of
+        # 10^10 digits; beyond e^{+-1e30} take the limits, 0 and +inf (no display needs more)
+        return mp.mpf(0) if x < 0 else mp.inf
     return {"log": mp.log, "exp": mp.exp, "sqrt": mp.sqrt, "tanh": mp.tanh, "sinh": mp.sinh,
             "cosh": mp.cosh, "arctan": mp.atan, "log1p": mp.log1p, "sin": mp.sin, "cos": mp.cos,
             "floor": mp.floor, "abs": abs}[name](x)
@@ -1180,6 +1205,12 @@ def evaluate(node, ctx: Ctx):
             return _sympy().Rational(num, den)
         return num / den
     if op == "pow":
+        if a[0].op == "call" and len(a[0].args) == 2 and a[0].args[0].op == "name":
+            head = lookup(a[0].args[0], ctx)
+            if not callable(head) or (_is_sym(head) and not isinstance(head, _sympy().Lambda)):
+                # lambda (LSE + c)^2: a product, whose last factor is squared
+                head = head.at if isinstance(head, Fn) else head
+                return _mul(head, evaluate(N("pow", a[0].args[1], a[1]), ctx))
         base, exponent = evaluate(a[0], ctx), evaluate(a[1], ctx)
         sp = _sympy()
         if isinstance(base, sp.MatrixBase) and 1 in base.shape:  # elementwise on a vector
@@ -1256,7 +1287,10 @@ def evaluate(node, ctx: Ctx):
         st = rel.args[0]
         var = st.terms[0]
         value = evaluate(st.terms[1], ctx)
-        return evaluate(a[0], ctx.bind(**{name_key(var): value}))
+        over = {name_key(var): value}
+        if "__at__" in ctx.env:  # names whose values depend on the point (w_i, a_i at t = t_k)
+            over.update(ctx.env["__at__"](value))
+        return evaluate(a[0], ctx.bind(**over))
     if op == "relation":
         raise DisplayError("a relation where a value was expected")
     if op == "sim":
@@ -1405,19 +1439,32 @@ def _derivative(node, ctx):
         return ctx.env[key]
     pre = ctx.env.get("__derivatives__")
     if pre is not None:
-        f_text = sub_text(f_node)
-        wrt_vals = tuple(_as_index(evaluate(w.info["sub"], ctx)) if w.op == "name" and w.info.get("sub") is not None
-                         else None for w in wrt)
+        def sub_value(w):
+            if w.op == "name" and w.info.get("sub") is not None:
+                return _as_index(evaluate(w.info["sub"], ctx))
+            return None
+        f_text = name_key(f_node, with_sub=False) if f_node.op == "name" else sub_text(f_node)
+        wrt_vals = tuple(sub_value(w) for w in wrt)
         wrt_names = tuple(name_key(w, with_sub=False) for w in wrt)
-        k = (f_text, wrt_names, wrt_vals)
+        if (f_text, wrt_names, wrt_vals) in pre:
+            return pre[f_text, wrt_names, wrt_vals]
+        k = (f_text, sub_value(f_node), wrt_names, wrt_vals)
         if k in pre:
             return pre[k]
+    if ctx.mode == "mp" and len(wrt) == 1 and wrt[0].op == "name" and isinstance(ctx.env.get(name_key(wrt[0])), mp.mpf):
+        # vary one number of the environment (nothing else in it may depend on that number)
+        name = name_key(wrt[0])
+        x0 = ctx.env[name]
+        def f(x):
+            v = lookup(f_node, ctx.bind(**{name: x})) if f_node.op == "name" else evaluate(f_node, ctx.bind(**{name: x}))
+            return v.f(x) if isinstance(v, Fn) else v(x) if callable(v) else v
+        return mp.diff(f, x0, node.info["order"])
     if ctx.mode != "sym":
         raise DisplayError(f"derivative {key} needs a symbolic environment or __derivatives__")
     sp = _sympy()
     value = lookup(f_node, ctx) if f_node.op == "name" else evaluate(f_node, ctx)
-    if isinstance(value, Fn) and f_node.op == "name":
-        value = value.f
+    if isinstance(value, Fn):  # H for H(gamma), L for L(z; y): differentiate the value
+        value = value.at
     syms = [_wrt_symbol(w, ctx) for w in wrt]
     if callable(value) and not _is_sym(value):
         if len(set(syms)) != 1:
@@ -1472,7 +1519,11 @@ def _integral(node, ctx):
         if any(s.is_Float for s in expr.atoms(sp.Number)) or not expr.free_symbols - {t}:
             return sp.Float(mp.quad(sp.lambdify(t, expr, "mpmath"), _split(lo, hi)), mp.mp.dps)
         return sp.integrate(expr, (t, lo, hi))
-    return mp.quad(integrand, _split(lo, hi, ctx.env.get("__breaks__", ())))
+    with mp.workdps(ctx.env.get("__quad_dps__", mp.mp.dps)):
+        for end, far in ((lo, -10**6), (hi, 10**6)):  # an integrand that does not vanish at an infinite end
+            if end in (mp.inf, mp.ninf) and not abs(integrand(mp.mpf(far))) < mp.mpf(10) ** -8:
+                raise DisplayError("the integral diverges")
+        return mp.quad(integrand, _split(lo, hi, ctx.env.get("__breaks__", ())))
 
 
 def _split(lo, hi, breaks=()):
@@ -1829,11 +1880,20 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
     strict_needed = {}
     premise_seen = {}
     cond_seen = {}
+    checked = set()
+    base_rtol, base_atol = rtol, atol
     for env in envs:
         rep.points += 1
         ctx = Ctx(env)
         prev = None
+        rtol, atol = env.get("__rtol__", base_rtol), env.get("__atol__", base_atol)
+        skip_st = set(env.get("__skip__", ()))
         for si, st in enumerate(statements):
+            if st.kind == "chain" and st.rels:
+                prev = st
+            if si + 1 in skip_st:
+                continue
+            checked.add(si)
             if st.kind == "bind":
                 ctx = ctx.bind(**{name_key(st.terms[0]): evaluate(st.terms[1], ctx)})
                 rep.add((si, 0), "binding")
@@ -1863,8 +1923,11 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
             conds = []
             for kind, q in st.qualifiers:
                 if kind == "paren" and q.rels == ["->"]:
-                    var = evaluate(q.terms[0], sctx)
                     target = evaluate(q.terms[1], sctx)
+                    if "__approach_env__" in env:
+                        approach = ("target", target)
+                        continue
+                    var = evaluate(q.terms[0], sctx)
                     approach = (var, env.get("__approach_points__", {}).get(str(target)) or
                                 _default_approach(target))
                 elif kind == "paren" and q.rels == ["in"]:
@@ -1898,9 +1961,12 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
                                     strict_needed, None, seed)
             if not any_assignment:
                 raise DisplayCheckFailed(f"statement {si + 1}: its condition holds for no index")
+    unchecked = [si + 1 for si in range(len(statements)) if si not in checked]
+    if unchecked:
+        raise DisplayCheckFailed(f"statement(s) {unchecked} are skipped in every environment")
     if tight is not None:
         for key, gap in _gaps.items():
-            tol = tight.get(key[0] + 1) if isinstance(tight, dict) else tight
+            tol = tight.get((key[0] + 1, key[1] + 1), tight.get(key[0] + 1)) if isinstance(tight, dict) else tight
             if tol is None:
                 continue
             if not gap <= tol:
@@ -1933,7 +1999,7 @@ def holds_all_numeric(st, ctx, env):
         if isinstance(x, int) and isinstance(y, int):
             ok = {"=": x == y, "!=": x != y, "<": x < y, ">": x > y, "<=": x <= y, ">=": x >= y}.get(rel)
         else:
-            ok = _holds(rel, x, y, env, mp.mpf(10) ** -20)
+            ok = _holds(rel, x, y, env, max(mp.mpf(10) ** -20, mp.mpf(env.get("__atol__", 0))))
         if not ok:
             return False
     return True
@@ -1946,11 +2012,15 @@ def _check_statement(si, st, ctx, env, symbolic, rtol, atol, rep, strict_needed,
             _check_statement(si, premise, ctx, env, symbolic, rtol, atol, rep, strict_needed, premise_seen, approach, seed)
             _check_statement(si, conclusion, ctx, env, symbolic, rtol, atol, rep, strict_needed, premise_seen, approach, seed)
             return
+        if premise.kind == "chain" and not any(r in ("<", ">", "<=", ">=", "!=") for r in premise.rels):
+            # a premise that is an equation (a definition, lambda* = ...): it must hold, and so must
+            # what it implies
+            _check_statement(si, premise, ctx, env, symbolic, rtol, atol, rep, strict_needed, {}, approach, seed)
+            _check_statement(si, conclusion, ctx, env, symbolic, rtol, atol, rep, strict_needed, {}, approach, seed)
+            rep.add((si, "=>"), "implication")
+            return
         ok = holds_all_numeric(premise, ctx, env) if premise.kind == "chain" else True
         premise_seen[(si,)] = premise_seen.get((si,), False) or ok
-        if premise.kind == "chain" and not any(r in ("<", ">", "<=", ">=", "!=") for r in premise.rels):
-            # a premise that is a definition (lambda* = ...): it must hold, like any equation
-            _check_statement(si, premise, ctx, env, symbolic, rtol, atol, rep, strict_needed, {}, approach, seed)
         if ok:
             _check_statement(si, conclusion, ctx, env, symbolic, rtol, atol, rep, strict_needed, {}, approach, seed)
         rep.add((si, "=>"), "implication")
@@ -1968,32 +2038,49 @@ def _check_statement(si, st, ctx, env, symbolic, rtol, atol, rep, strict_needed,
         if rel == "<-" and not after:
             raise DisplayCheckFailed("an update needs __after__ (the values after it)")
         if (lg is not None or rg is not None) and "__approach_env__" in env:
-            _check_O_rebuilt((si, k), ln, rn, lg if lg is not None else rg, env, rep)
+            _check_O_rebuilt((si, k), ln, rn, lg if lg is not None else rg, env, rep,
+                             approach[1] if isinstance(approach, tuple) and approach[0] == "target" else None)
             continue
         a = evaluate(ln, lctx)
         b = evaluate(rn, ctx)
         g = lg if lg is not None else rg
-        if g is not None and "__approach_env__" in env:
-            _check_O_rebuilt((si, k), ln, rn, g, env, rep)
-            continue
         gval = evaluate(g, ctx) if g is not None else None
         _check_relation((si, k), "=" if rel == "<-" else rel, a, b, (ln, rn), gval, ctx, env, symbolic, rtol, atol,
                         rep, strict_needed, approach, seed)
 
 
-def _check_O_rebuilt(key, ln, rn, g, env, rep):
+def _sharp_order(where, ratios):
+    """``|residual| / |O-term|`` along the approach must settle: grow by less than 3 and shrink by
+    less than 3 per point (the points are a decade or more apart), or be 0 throughout (an exact
+    expansion).  Growing means a lower-order term is wrong; shrinking, that the O-term claims less
+    than the expansion achieves, as a weaker true statement would."""
+    tiny = mp.mpf(10) ** -30
+    if all(r <= tiny for r in ratios):
+        return
+    for r0, r1 in zip(ratios, ratios[1:]):
+        if not (mp.isfinite(r1) and r1 <= 3 * r0 + tiny and r1 >= r0 / 3):
+            raise DisplayCheckFailed(f"{where}: |residual| / |O-term| does not settle along the approach: "
+                                     f"{[mp.nstr(x, 3) for x in ratios]}")
+
+
+def _check_O_rebuilt(key, ln, rn, g, env, rep, target=None):
     """``a = b + O(g)`` with ``__approach_env__ = (points, builder)``: the environment is rebuilt
-    at each point of the approach (an mpmath one), and ``|a - b| / |g|`` must not grow."""
+    at each point of the approach (an mpmath one), and ``|a - b| / |g|`` must not grow.  With a
+    qualifier ``(x \\to a)``, the points must approach ``a``."""
     points, builder = env["__approach_env__"]
+    if target is not None:
+        going = "-inf" if points[-1] < points[0] < 0 else "+inf" if points[-1] > points[0] > 0 else "0"
+        want = "-inf" if target in (mp.ninf, -math.inf) or str(target) == "-oo" else \
+            "+inf" if target in (mp.inf, math.inf) or str(target) == "oo" else "0" if target == 0 else str(target)
+        if going != want:
+            raise DisplayCheckFailed(f"relation {key[1] + 1} of statement {key[0] + 1}: the display says the "
+                                     f"expansion holds as the variable tends to {want}; it is checked at {points}")
     ratios = []
     for pt in points:
         c = Ctx(builder(pt))
         r = evaluate(ln, c) - evaluate(rn, c)
         ratios.append(abs(r) / abs(evaluate(g, c)))
-    for r0, r1 in zip(ratios, ratios[1:]):
-        if not (mp.isfinite(r1) and r1 <= 3 * r0 + mp.mpf(10) ** -30):
-            raise DisplayCheckFailed(f"relation {key[1] + 1} of statement {key[0] + 1}: |residual| / |O-term| grows "
-                                     f"along the approach: {[mp.nstr(x, 3) for x in ratios]}")
+    _sharp_order(f"relation {key[1] + 1} of statement {key[0] + 1}", ratios)
     rep.add(key, "asymptotic")
 
 
@@ -2015,10 +2102,7 @@ def _check_relation(key, rel, a, b, nodes, gval, ctx, env, symbolic, rtol, atol,
             rs = _to_numbers(a - b, sub_env)
             gs = _to_numbers(gval, sub_env)
             ratios.append(max(abs(r) / abs(g_) for r, g_ in zip(rs, gs)))
-        for r0, r1 in zip(ratios, ratios[1:]):
-            if not (mp.isfinite(r1) and r1 <= 3 * r0 + mp.mpf(10) ** -30):
-                raise DisplayCheckFailed(f"{where}: |residual| / |O-term| grows as {var} -> {pts[-1]}: "
-                                         f"{[mp.nstr(x, 3) for x in ratios]}")
+        _sharp_order(where, ratios)
         rep.add(key, "asymptotic")
         return
     if rel == "in":

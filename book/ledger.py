@@ -49,15 +49,18 @@ TIES: dict[str, dict] = {}
 IMPLEMENTATION: dict[str, list[str]] = {}
 #: label -> list of (mutation, caught, why): filled only while ``MUTATE`` is true (the tests).
 MUTATIONS: dict[str, list] = {}
+#: every check that passed, as a record: label, function, kind, description, points, digits.
+RECORDS: list = []
 MUTATE = False
 
 BOOK = Path(__file__).resolve().parent
 
 
-def _record(store, label, what):
+def _record(store, label, what, fn="check", kind="predicate", points=None, digits=None):
     if not isinstance(label, str) or not label:
         raise TypeError("label must be a non-empty string")
     store.setdefault(label, []).append(what)
+    RECORDS.append({"label": label, "fn": fn, "kind": kind, "what": what, "points": points, "digits": digits})
 
 
 def check(label: str, ok: bool, what: str = "") -> bool:
@@ -66,8 +69,11 @@ def check(label: str, ok: bool, what: str = "") -> bool:
         raise TypeError("label must be a non-empty string")
     if not bool(ok):
         raise AssertionError(f"check of equation ({label}) FAILED: {what}")
-    _record(CHECKS, label, what or "check")
+    _record(CHECKS, label, what or "check", **_kind)
     return True
+
+
+_kind: dict = {}
 
 
 def sym_zero(label: str, expr, what: str = "sympy: simplify(expr) == 0") -> bool:
@@ -75,7 +81,18 @@ def sym_zero(label: str, expr, what: str = "sympy: simplify(expr) == 0") -> bool
     import sympy as sp
 
     residual = sp.simplify(expr)
-    return check(label, residual == 0, f"{what}; residual = {residual}")
+    assumed = any(bool(s.assumptions0) for s in getattr(expr, "free_symbols", ()))
+    return _as(dict(fn="sym_zero", kind="symbolic, with assumptions" if assumed else "symbolic"),
+               lambda: check(label, residual == 0, f"{what}; residual = {residual}"))
+
+
+def _as(kind, f):
+    global _kind
+    saved, _kind = _kind, kind
+    try:
+        return f()
+    finally:
+        _kind = saved
 
 
 def sym_equal(label: str, lhs, rhs, what: str = "sympy: simplify(lhs - rhs) == 0") -> bool:
@@ -100,12 +117,15 @@ def _compare(label, got, want, rtol, atol, what, kind):
                 f"> atol {atol} + rtol {rtol}*|want|. {what}"
             )
         worst = max(worst, err)
-    return f"{what or 'numeric'}: {len(gots)} point(s), max |err| = {mp.nstr(worst, 3)}"
+    return f"{what or 'numeric'}: {len(gots)} point(s), max |err| = {mp.nstr(worst, 3)}", len(gots)
 
 
 def close(label: str, got, want, *, rtol: float = 1e-12, atol: float = 0.0, what: str = "") -> bool:
     """Check ``|got - want| <= atol + rtol * |want|`` elementwise (floats, mpf, numpy, torch)."""
-    return check(label, True, _compare(label, got, want, rtol, atol, what, "check"))
+    import mpmath as mp
+
+    text, n = _compare(label, got, want, rtol, atol, what, "check")
+    return _as(dict(fn="close", kind="numeric", points=n, digits=mp.mp.dps), lambda: check(label, True, text))
 
 
 def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float = 0.0, what: str = "") -> bool:
@@ -117,9 +137,10 @@ def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float
     if want is None:
         if not bool(got):
             raise AssertionError(f"implementation check of ({label}) FAILED: {what}")
-        _record(IMPLEMENTATION, label, what or "implementation check")
+        _record(IMPLEMENTATION, label, what or "implementation check", fn="implementation", kind="implementation")
         return True
-    _record(IMPLEMENTATION, label, _compare(label, got, want, rtol, atol, what, "implementation"))
+    text, n = _compare(label, got, want, rtol, atol, what, "implementation")
+    _record(IMPLEMENTATION, label, text, fn="implementation", kind="implementation", points=n)
     return True
 
 
@@ -184,12 +205,32 @@ def tie(label: str, envs, *, symbolic: bool = False, rtol=None, atol=None, tight
     except (displays.DisplayError, AssertionError) as err:
         raise AssertionError(f"display ({label}) does not match what is checked: {err}") from None
     kinds = dict(report.kinds)
+    if label in TIES and TIES[label]["how"] == "parsed":
+        for k, v in TIES[label]["kinds"].items():
+            kinds[k] = kinds.get(k, 0) + v
     TIES[label] = {"how": "parsed", "what": what or report.describe(), "kinds": kinds,
-                   "symbolic": symbolic, "points": report.points}
-    _record(CHECKS, label, f"the display itself, parsed: {report.describe()}")
+                   "symbolic": symbolic or TIES.get(label, {}).get("symbolic", False),
+                   "points": report.points + TIES.get(label, {}).get("points", 0)}
+    import mpmath as mp
+
+    _record(CHECKS, label, f"the display itself, parsed: {report.describe()}", fn="tie",
+            kind="display, " + ("symbolic" if symbolic else "numeric"), points=report.points, digits=mp.mp.dps)
+    TIES[label]["relation_kinds"] = dict(report.kinds)
     if MUTATE:
-        MUTATIONS[label] = _mutation_run(label, text, envs, opts, equivalent or {})
+        _merge_mutations(label, _mutation_run(label, text, envs, opts, equivalent or {}))
     return True
+
+
+def _merge_mutations(label, runs):
+    """A label may have several ties (environments of different kinds): a mutation is caught if
+    any of them catches it."""
+    old = {d: (c, w) for d, c, w in MUTATIONS.get(label, [])}
+    merged = []
+    for d, c, w in runs:
+        if d in old and old[d][0] and not c:
+            c, w = old[d]
+        merged.append((d, c, w))
+    MUTATIONS[label] = merged
 
 
 def _mutation_run(label, text, envs, opts, equivalent):
@@ -204,10 +245,9 @@ def _mutation_run(label, text, envs, opts, equivalent):
             caught, why = True, f"does not evaluate ({type(err).__name__})"
         out.append((desc, caught, why if caught else equivalent.get(desc, "NOT DECLARED")))
     declared = set(equivalent)
-    passing = {d for d, c, _ in out if not c}
-    stale = declared - passing
+    stale = declared - {d for d, _, _ in out}
     if stale:
-        raise AssertionError(f"({label}): mutations declared equivalent are caught (or do not exist): {sorted(stale)}")
+        raise AssertionError(f"({label}): mutations declared equivalent do not exist: {sorted(stale)}")
     return out
 
 
@@ -223,7 +263,8 @@ def tie_text(label: str, canonical: str, what: str) -> bool:
         raise AssertionError(f"display ({label}) is not the registered text:\n  display:    {_normalize(text)}\n"
                              f"  registered: {_normalize(canonical)}")
     TIES[label] = {"how": "text", "what": what, "kinds": {"registered text": 1}, "symbolic": False, "points": 0}
-    _record(CHECKS, label, f"the display is the registered text; its content: {what}")
+    _record(CHECKS, label, f"the display is the registered text; its content: {what}", fn="tie_text",
+            kind="display, registered text")
     if MUTATE:
         MUTATIONS[label] = [(desc, _normalize(m) != _normalize(canonical), "text differs")
                             for desc, m in displays.mutants(text)]
@@ -254,6 +295,21 @@ def summary(labels: Iterable[str] | None = None) -> None:
         raise AssertionError(f"equations with no passing check: {missing}")
     if untied:
         raise AssertionError(f"equations whose display is not tied to a check: {untied}")
+    _glue(wanted)
+
+
+def _glue(labels):
+    """Hand this chapter's records to the book build (myst-nb's glue; the ledger page reads them)."""
+    import json
+
+    try:
+        from myst_nb import glue
+    except ImportError:  # a plain Python run of the chapter: nothing to hand over
+        return
+    wanted = set(labels)
+    record = {"ties": {lab: TIES[lab] for lab in labels if lab in TIES},
+              "records": [r for r in RECORDS if r["label"] in wanted]}
+    glue("entmath-ledger", json.dumps(record, default=str), display=False)
 
 
 def _iterable(x) -> bool:
