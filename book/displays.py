@@ -1479,8 +1479,16 @@ def _derivative(node, ctx):
 
 def _nabla(node, ctx):
     sp = _sympy()
+    pre = ctx.env.get("__gradients__")
+    if pre is not None and node.args[1] is not None:  # gradients the environment computed numerically
+        f_node, wrt = node.args
+        sub = wrt.info.get("sub") if wrt.op == "name" else None
+        key = (sub_text(f_node), name_key(wrt, with_sub=False) if wrt.op == "name" else sub_text(wrt),
+               _as_index(evaluate(sub, ctx)) if sub is not None else None)
+        if key in pre:
+            return pre[key]
     if ctx.mode != "sym":
-        raise DisplayError("gradients need a symbolic environment")
+        raise DisplayError("gradients need a symbolic environment or __gradients__")
     f = evaluate(node.args[0], ctx)
     wrt = node.args[1]
     order = node.info["order"]
@@ -1507,7 +1515,8 @@ def _integral(node, ctx):
         f_node, t_node = var.args[0], var.args[1]
         name = name_key(t_node)
         F = evaluate(f_node, ctx)
-        dF = _derivative_function(F, 1, ctx)
+        prime = ctx.env.get(name_key(f_node) + "'") if f_node.op == "name" else None
+        dF = prime if prime is not None else _derivative_function(F, 1, ctx)
         integrand = lambda t: _mul(evaluate(body, ctx.bind(**{name: t})), dF(t))  # noqa: E731
     else:
         name = name_key(var)
@@ -1720,17 +1729,11 @@ def _to_numbers(x, env):
         return [Vec(c[k] for c in cols) for k in range(len(cols[0]))]
     if _is_sym(x):
         values = env.get("__values__") or [{}]
-        fast = _mp_function(x) if len(values) > 1 else None
-        if fast is not None:
-            syms, f = fast
-            try:
-                with mp.workdps(dps):
-                    return [f(*(mp.mpf(v[s_]) if not isinstance(v[s_], mp.mpf) else v[s_] for s_ in syms)) for v in values]
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                pass
         out = []
         for v in values:
-            y = x.evalf(dps, subs=_exact(v)) if v else x.evalf(dps)
+            # exact numbers put in place (a tree walk), then one evaluation at dps digits: much
+            # cheaper than compiling the expression, which lambdify does by printing it
+            y = x.xreplace(_exact(v)).evalf(dps) if v else x.evalf(dps)
             if y.free_symbols:
                 raise DisplayError(f"no values for {sorted(map(str, y.free_symbols))}")
             if y in (sp.oo, -sp.oo, sp.zoo, sp.nan):

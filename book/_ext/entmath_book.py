@@ -235,7 +235,11 @@ def collect(app, doctree):
                 logger.warning("equation label %s is in the source but Sphinx did not number it", label,
                                location=docname)
     if labels or checks:
-        data["ledger"][docname] = {"labels": labels, "checks": checks, "record": _run_record(app, docname)}
+        record = _run_record(app, docname)
+        if labels and not record and app.config.nb_execution_mode != "off":
+            logger.warning("the run of %s left no ledger record: end the chapter with ledger.summary([...])",
+                           docname, location=docname)
+        data["ledger"][docname] = {"labels": labels, "checks": checks, "record": record}
 
 
 def _run_record(app, docname) -> dict:
