@@ -135,3 +135,31 @@ def test_every_bib_file_of_the_book_gets_distinct_labels():
     ext.register_bibfiles(fake_app(ROOT), config)
     labels = ext.book_wide_labels(ROOT / f for f in config.bibtex_bibfiles)
     assert len(labels) > 10 and len(set(labels.values())) == len(labels)
+
+
+def test_the_ledger_page_says_what_was_checked():
+    record = {"tie": {"how": "parsed", "symbolic": False, "points": 40, "relation_kinds": {"inequality": 40}},
+              "records": [{"label": "eq-x", "fn": "close", "kind": "numeric", "points": 200, "digits": 50},
+                          {"label": "eq-x", "fn": "sym_equal", "kind": "symbolic, with assumptions", "points": None,
+                           "digits": None},
+                          {"label": "eq-x", "fn": "implementation", "kind": "implementation", "points": 8, "digits": None}]}
+    text = "\n".join(n.astext() for n in ext._what_checked(record))
+    assert "parsed and verified numerically in 40 environment(s)" in text and "strict at one at least" in text
+    assert "numeric against a reference: 1 check(s), 200 point(s) in all, references at 50 digits" in text
+    assert "symbols with assumptions" in text and "implementation" not in text
+    assert ext._tie_mechanism(record, set()) == "parsed, numeric"
+    assert ext._tie_mechanism({"tie": {"how": "text"}}, set()) == "registered text"
+    assert ext._tie_mechanism(None, {"close"}) == "untied"
+    assert "not executed" in ext._what_checked(None)[0].astext()
+
+
+def test_the_run_record_is_read_from_the_glue_file(tmp_path):
+    out = tmp_path / "html"
+    glue_dir = tmp_path / "jupyter_execute" / "book"
+    glue_dir.mkdir(parents=True)
+    payload = json.dumps({"ties": {"eq-x": {"how": "text"}}, "records": []})
+    (glue_dir / "ch09_x.glue.json").write_text(json.dumps(
+        {"entmath-ledger": {"data": {"application/papermill.record/text/plain": repr(payload)}}}))
+    app = SimpleNamespace(outdir=str(out))
+    assert ext._run_record(app, "book/ch09_x") == {"ties": {"eq-x": {"how": "text"}}, "records": []}
+    assert ext._run_record(app, "book/ch10_missing") == {}

@@ -8,10 +8,14 @@ file or a benchmark result added later shows up with no hand edits:
 * **MathJax** - the MathJax 3 bundle of the ``django-static-mathjax`` package is copied into the
   site's ``_static/mathjax/`` (``mathjax_path`` points there), so pages render offline.
 * **Verification ledger** - the ``{verification-ledger}`` directive becomes a table with one row per
-  labelled equation of the book: its chapter, its label (linked to the equation) and the
-  ``ledger.<fn>("<label>", ...)`` calls that verify it (linked to the code cell that makes them).
+  labelled equation of the book: its chapter, its label (linked to the equation), how its display
+  is tied to the checks (parsed and verified, or a registered text), what "checked" means for it
+  (from the records its chapter's run glued: SymPy identities, numeric comparisons with their
+  points and digits, inequalities on sampled regimes ...) and the ``ledger.<fn>("<label>", ...)``
+  calls (linked to the code cell that makes them).  With ``:kind: implementation`` it lists the
+  implementation checks instead (Triton against torch, C against eager, chunking, counts).
   Labels and checks are read from each chapter's doctree with the parser in ``ledger_index.py``,
-  the same one ``tests/test_ledger.py`` uses.  An equation with no check is a build warning.
+  the same one ``tests/test_ledger.py`` uses.  An equation with no check or no tie is a build warning.
 * **API reference** - the ``{entmath-api}`` block is replaced by autodoc entries for every public
   name in ``entmath.__all__`` (and in the ``__all__`` of a submodule listed there).  Each entry says which chapter derives it (from the chapter numbers
   its module docstring names) and which pages refer to it.  In the chapters, inline code that is
@@ -239,7 +243,26 @@ def collect(app, doctree):
                 logger.warning("equation label %s is in the source but Sphinx did not number it", label,
                                location=docname)
     if labels or checks:
-        data["ledger"][docname] = {"labels": labels, "checks": checks}
+        record = _run_record(app, docname)
+        if labels and not record and app.config.nb_execution_mode != "off":
+            logger.warning("the run of %s left no ledger record: end the chapter with ledger.summary([...])",
+                           docname, location=docname)
+        data["ledger"][docname] = {"labels": labels, "checks": checks, "record": record}
+
+
+def _run_record(app, docname) -> dict:
+    """What the chapter's run recorded about its checks and ties (``ledger.summary`` glues it with
+    myst-nb; the executed notebook's glue file lies beside it)."""
+    path = Path(app.outdir).parent / "jupyter_execute" / f"{docname}.glue.json"
+    if not path.is_file():
+        return {}
+    try:
+        glued = json.loads(path.read_text(encoding="utf-8")).get("entmath-ledger", {})
+        text = next(iter(glued.get("data", {}).values()))
+        return json.loads(ast.literal_eval(text))
+    except (ValueError, StopIteration, SyntaxError, TypeError) as exc:
+        logger.warning("cannot read the ledger record of %s: %s", docname, exc, location=docname)
+        return {}
 
 
 def purge(app, env, docname):
@@ -292,10 +315,11 @@ class api_chapters(nodes.General, nodes.Element):
 
 class VerificationLedger(SphinxDirective):
     has_content = False
+    option_spec = {"kind": lambda arg: directives.choice(arg, ("math", "implementation"))}
 
     def run(self):
         _env_data(self.env)["dynamic"].add(self.env.docname)
-        return [ledger_table("")]
+        return [ledger_table("", kind=self.options.get("kind", "math"))]
 
 
 class ApiChapters(SphinxDirective):
@@ -358,14 +382,78 @@ def _table(headers, rows, widths, classes):
     return table
 
 
-def build_ledger(app, fromdoc):
+KIND_WORDS = {
+    "symbolic": "SymPy identity",
+    "symbolic, with assumptions": "SymPy identity, symbols with assumptions",
+    "numeric": "numeric against a reference",
+    "predicate": "predicate (an inequality on sampled regimes, a limit, a count)",
+}
+RELATION_WORDS = {
+    "symbolic": "proved equal by SymPy",
+    "numeric": "equal at every point",
+    "numeric (differ)": "unequal, as displayed",
+    "inequality": "inequality: holds at every point, strict at one at least",
+    "decimal approximation": "equal to the digits shown",
+    "first order": "agree to first order at the stated point",
+    "asymptotic": "remainder / O-term settles along the approach",
+    "limit (sampled)": "limit: within the sampling tolerance",
+    "implication": "conclusion wherever the condition holds",
+    "index range": "index range",
+    "binding": "a binding",
+    "domain": "domain",
+}
+
+
+def _what_checked(record) -> list:
+    """Per equation, what "checked" means, from the records the chapter's run handed over."""
+    if not record:
+        return [nodes.paragraph("", "(no run record: the chapter was not executed in this build)")]
+    out = nodes.bullet_list(classes=["simple", "ledger-kinds"])
+    tie = record.get("tie")
+    if tie:
+        if tie.get("how") == "text":
+            text = "display: registered text (prose as much as mathematics); its content is the math checks below"
+        else:
+            rel = ", ".join(f"{RELATION_WORDS.get(k, k)} x{v}" for k, v in sorted(tie.get("relation_kinds", tie.get("kinds", {})).items()))
+            mode = "symbolically (SymPy)" if tie.get("symbolic") else "numerically"
+            text = f"display: parsed and verified {mode} in {tie.get('points', '?')} environment(s): {rel}"
+        out += nodes.list_item("", nodes.paragraph("", text))
+    counts: dict = {}
+    for r in record.get("records", []):
+        if r["fn"] in ("tie", "tie_text", "implementation"):
+            continue
+        c = counts.setdefault(r["kind"], [0, 0, set()])
+        c[0] += 1
+        c[1] += r.get("points") or 0
+        if r.get("digits"):
+            c[2].add(r["digits"])
+    for kind, (n, points, digits) in sorted(counts.items()):
+        extra = ""
+        if kind == "numeric":
+            extra = f", {points} point(s) in all" + (f", references at {', '.join(map(str, sorted(digits)))} digits" if digits else "")
+        out += nodes.list_item("", nodes.paragraph("", f"{KIND_WORDS.get(kind, kind)}: {n} check(s){extra}"))
+    return [out]
+
+
+def _tie_mechanism(record, static_fns) -> str:
+    tie = (record or {}).get("tie")
+    if tie:
+        return "registered text" if tie.get("how") == "text" else \
+            ("parsed, symbolic" if tie.get("symbolic") else "parsed, numeric")
+    return "registered text" if "tie_text" in static_fns else "parsed" if "tie" in static_fns else "untied"
+
+
+def build_ledger(app, fromdoc, kind="math"):
     env = app.env
     data = _env_data(env)["ledger"]
     docs = [d for d in _reading_order(env) if d in data]
-    rows, per_chapter, n_checks = [], [], 0
+    rows, per_chapter, n_checks, mechanisms = [], [], 0, Counter()
     all_labels = {label for d in docs for label, _, _ in data[d]["labels"]}
+    want = ("math", "tie") if kind == "math" else ("implementation",)
     for doc in docs:
         labels, checks = data[doc]["labels"], data[doc]["checks"]
+        record = data[doc].get("record") or {}
+        checks = [c for c in checks if ledger_index.KIND.get(c[1], "math") in want]
         n_checks += len(checks)
         per_chapter.append((doc, len(labels), len(checks)))
         for label, _, _, _ in checks:
@@ -374,6 +462,8 @@ def build_ledger(app, fromdoc):
                 logger.warning("ledger check of %s, which is labelled on %s", label, where, location=doc)
         for label, number, anchor in labels:
             mine = [c for c in checks if c[0] == label]
+            if kind == "implementation" and not mine:
+                continue
             shown = _eq_number(env, doc, anchor, number)
             eq = _link(app, fromdoc, doc, anchor, nodes.Text(f"({shown}) " if shown else ""),
                        nodes.literal(label, label))
@@ -388,18 +478,35 @@ def build_ledger(app, fromdoc):
             else:
                 logger.warning("equation %s has no ledger check", label, location=doc)
                 checks_cell = [nodes.paragraph("", "", nodes.strong("", "MISSING: no check"))]
-            rows.append((f"ledger-{label}", [[nodes.paragraph("", "", chapter)], [nodes.paragraph("", "", eq)],
-                                             checks_cell]))
+            cells = [[nodes.paragraph("", "", chapter)], [nodes.paragraph("", "", eq)]]
+            if kind == "math":
+                lab_record = {"tie": record.get("ties", {}).get(label),
+                              "records": [r for r in record.get("records", []) if r["label"] == label]}
+                mech = _tie_mechanism(lab_record if record else None, {fn for _, fn, _, _ in mine})
+                mechanisms[mech] += 1
+                if mech == "untied":
+                    logger.warning("equation %s has no display tie", label, location=doc)
+                cells += [[nodes.paragraph("", mech)], _what_checked(lab_record if record else None), checks_cell]
+            else:
+                cells += [checks_cell]
+            rows.append((f"{'ledger' if kind == 'math' else 'impl'}-{label}", cells))
     n_eq = sum(n for _, n, _ in per_chapter)
     pages = f"{len(docs)} page" + ("s" if len(docs) != 1 else "")
-    summary = nodes.paragraph("", f"{n_eq} numbered equations on {pages}, verified by "
-                                  f"{n_checks} checks that ran when this book was built:")
+    if kind == "math":
+        ties = ", ".join(f"{n} {m}" for m, n in sorted(mechanisms.items()))
+        summary = nodes.paragraph("", f"{n_eq} numbered equations on {pages}, verified by {n_checks} math checks "
+                                      f"and display ties that ran when this book was built. Displays tied: {ties}.")
+        headers = ["Chapter", "Equation", "Display tie", "What is checked", "Checks (each links to its cell)"]
+        widths = [1, 2, 1, 3, 4]
+    else:
+        summary = nodes.paragraph("", f"{n_checks} implementation checks, for {len(rows)} of the {n_eq} equations:")
+        headers, widths = ["Chapter", "Equation", "Implementation checks"], [1, 2, 5]
     chapters = nodes.bullet_list(classes=["simple"])
     for doc, n, k in per_chapter:
         chapters += nodes.list_item("", nodes.paragraph(
             "", "", _link(app, fromdoc, doc, None, *_title_nodes(env, doc)),
-            nodes.Text(f": {n} equations, {k} checks")))
-    table = _table(["Chapter", "Equation", "Verified by"], rows, [1, 1, 1], ["ledger-table", "colwidths-auto"])
+            nodes.Text(f": {n} equations, {k} {'math checks and ties' if kind == 'math' else 'implementation checks'}")))
+    table = _table(headers, rows, widths, ["ledger-table", "colwidths-auto"])
     return [summary, chapters, table]
 
 
@@ -423,7 +530,7 @@ def build_api_chapters(app, fromdoc, node):
 
 def resolve_placeholders(app, doctree, fromdoc):
     for node in list(doctree.findall(ledger_table)):
-        node.replace_self(build_ledger(app, fromdoc))
+        node.replace_self(build_ledger(app, fromdoc, node.get("kind", "math")))
     for node in list(doctree.findall(api_chapters)):
         node.replace_self(build_api_chapters(app, fromdoc, node))
 
