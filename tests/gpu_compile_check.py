@@ -67,6 +67,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from torch._library.triton import set_wrap_triton_enabled  # noqa: E402
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 ANALYSIS_CACHE = Path(os.environ["TRITON_CACHE_DIR"]) / "gpu-check"
@@ -256,7 +257,11 @@ def capture(run) -> list[Launch]:
     real = JITFunction.run
     JITFunction.run = fake_run
     try:
-        run()
+        # The launchers launch through torch.library.wrap_triton, which outside a triton_op hands
+        # the launch to a higher-order operator (that does nothing on meta tensors): switch it off
+        # here, as triton_op does when it runs a launcher, so that the launch reaches run().
+        with set_wrap_triton_enabled(False):
+            run()
     finally:
         JITFunction.run = real
     return launches
@@ -536,6 +541,8 @@ def main(argv=None) -> int:
         except Exception as e:  # a launcher that cannot even choose its configuration
             failures.append(f"{case.op} {case.shape}: launcher raised {type(e).__name__}: {e}")
             continue
+        if not launches:
+            failures.append(f"{case.op} {case.shape}: the launcher launched nothing (no kernel to compile)")
         for launch in launches:
             key = (launch.name, describe(launch), str(launch.args), str(sorted(launch.kwargs.items(), key=str)))
             passes = {k: v for k, v in traffic(launch).items() if v}

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .softmax_stats import load_row_chunk, log1p, log_normaliser, update_stats
 
-SERIES: tl.constexpr = 1.0  # chi and omega use their series for |argument| <= SERIES
+SERIES = tl.constexpr(1.0)  # chi and omega use their series for |argument| <= SERIES
 
 
 @triton.jit

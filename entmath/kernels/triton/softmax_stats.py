@@ -15,7 +15,7 @@ import triton.language as tl
 
 # A logit offset below which e^d is 0 in every accumulation dtype (fp64 underflows below -745);
 # offsets beyond it are clamped there, so that e^d * d is 0 and never 0 * (-inf).
-DEEP: tl.constexpr = -1.0e4
+DEEP = tl.constexpr(-1.0e4)
 
 
 @triton.jit
