@@ -35,7 +35,11 @@ the backward writes the gradient over the logits themselves, so no logits-sized 
 allocated.
 
 Paths: ``cross_entropy_rows_torch`` (the reference, plain torch, in row chunks that stay in
-cache) and ``torch.ops.entmath.cross_entropy_triton`` (``entmath/kernels/triton/cross_entropy.py``).
+cache), ``torch.ops.entmath.cross_entropy_triton`` (``entmath/kernels/triton/cross_entropy.py``)
+and, for float32/bfloat16 logits on the CPU of at least ``kernels.cpu.rows.MIN_ELEMS`` entries
+with class-index targets and no soft-capping, ``torch.ops.entmath.cross_entropy_cpu`` (the C
+kernel of ``entmath/kernels/cpu/rows.c``: one read of each row from memory forward, one read and
+one write backward).  Probability targets and soft-capping on the CPU take the torch path.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ import torch
 from .._backend import resolve_backend
 from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compute_dtype, lowest, normalize_dim,
                          value_checks_active)
-from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ..kernels.cpu import rows as cpu_rows
+from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite
 
@@ -260,6 +265,8 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, inplace, backend):
         if backend == "triton":
             return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
+        if _on_cpu_kernel(z, t, softcap):
+            return torch.ops.entmath.cross_entropy_cpu(z, t, w, eps, ignore_index, want_entropy)
         return cross_entropy_rows_torch(z, t, y, w, eps, ignore_index, softcap, want_entropy)
 
     @staticmethod
@@ -267,6 +274,7 @@ class _CrossEntropy(torch.autograd.Function):
         z, t, y, w, eps, ignore_index, softcap, want_entropy, inplace, backend = inputs
         _setup(ctx, inputs[:8], output)
         ctx.inplace, ctx.backend, ctx.used = inplace, backend, False
+        ctx.cpu_kernel = backend != "triton" and _on_cpu_kernel(z, t, softcap)
 
     @staticmethod
     def backward(ctx, g_loss, g_lse, g_res, g_ent):
@@ -289,6 +297,10 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.backend == "triton":
             gy = torch.ops.entmath.cross_entropy_backward_triton(
                 grad, z, t, y, w, lse, res, ent, g_loss, g_lse, g_ent, eps, ignore_index, softcap, want_gy)
+        elif ctx.cpu_kernel:
+            torch.ops.entmath.cross_entropy_backward_cpu(grad, z, t, w, lse, res, ent, g_loss, g_lse, g_ent, eps,
+                                                         ignore_index)
+            gy = None
         else:
             gy = _vjp_into(grad, z, t, y, w, eps, ignore_index, softcap, lse, res, ent, g_loss, g_lse, g_ent, want_gy)
         if ctx.inplace:
@@ -364,6 +376,52 @@ def _(grad, z, t, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_ind
     return torch.empty_like(y) if want_grad_y else z.new_empty(0)
 
 
+# ---- the C path (CPU; class indices, no soft-capping), registered the same way --------------
+def _on_cpu_kernel(z, t, softcap) -> bool:
+    """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
+    return t is not None and not softcap and z.device.type == "cpu" and cpu_rows.enabled(z)
+
+
+@cpu_kernel_op("cross_entropy_cpu")
+def cross_entropy_cpu(z: torch.Tensor, t: torch.Tensor, w: Optional[torch.Tensor], eps: float, ignore_index: int,
+                      want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, coded lse, lse residual, entropy or empty), float32, of float32/bfloat16
+    logits (rows, n) against class indices, by the C kernel (one read of each row from memory;
+    the eager path if it cannot be built)."""
+    if not cpu_rows.available():
+        return cross_entropy_rows_torch(z, t, None, w, eps, ignore_index, 0.0, want_entropy)
+    return cpu_rows.ce_fwd(z if z.stride(-1) == 1 else z.contiguous(), t, w, eps, ignore_index, want_entropy)
+
+
+@cross_entropy_cpu.register_fake
+def _(z, t, w, eps, ignore_index, want_entropy):
+    loss = z.new_empty(z.shape[:1], dtype=torch.float32)
+    return loss, torch.empty_like(loss), torch.empty_like(loss), z.new_empty(z.shape[0] if want_entropy else 0,
+                                                                           dtype=torch.float32)
+
+
+@cpu_kernel_op("cross_entropy_backward_cpu", mutates_args=("grad",))
+def cross_entropy_backward_cpu(grad: torch.Tensor, z: torch.Tensor, t: torch.Tensor, w: Optional[torch.Tensor],
+                               lse: torch.Tensor, lse_res: torch.Tensor, ent: torch.Tensor, g_loss: torch.Tensor,
+                               g_lse: Optional[torch.Tensor], g_ent: Optional[torch.Tensor], eps: float,
+                               ignore_index: int) -> None:
+    """Write dL/dz into ``grad`` (contiguous rows; may be z itself) by the C kernel: one read of
+    each row, one write."""
+    if not cpu_rows.available():
+        _vjp_into(grad, z, t, None, w, eps, ignore_index, 0.0, lse, lse_res, ent, g_loss, g_lse, g_ent, False)
+        return
+    wc = None if w is None else w.to(torch.float32)
+    sum_u = target_mass_sum(t, None, wc, eps, ignore_index, z.shape[-1], torch.float32)
+    cpu_rows.ce_bwd(grad, z if z.stride(-1) == 1 else z.contiguous(), t, wc, eps, ignore_index, lse, lse_res,
+                    ent if g_ent is not None else None, g_loss, g_lse, g_ent,
+                    None if sum_u is None else sum_u.reshape(-1))
+
+
+@cross_entropy_backward_cpu.register_fake
+def _(grad, z, t, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_index):
+    return None
+
+
 def _setup(ctx, inputs, output):
     z, t, y, w, eps, ignore_index, softcap, want_entropy = inputs
     ctx.set_materialize_grads(False)
@@ -380,9 +438,19 @@ def _backward(ctx, g_loss, g_lse, g_res, g_ent):
     return gz, None, gy, None, None, None, None, None
 
 
-# Direct callers of torch.ops.entmath.cross_entropy_triton get autograd (the torch formula).
+# Direct callers of the registered operators get autograd (the torch formula).
 cross_entropy_triton.register_autograd(_backward, setup_context=_setup)
 register_row_vmap(cross_entropy_triton, (1, 0, 1, None, None, None, None, None))
+
+
+def _setup_cpu(ctx, inputs, output):
+    z, t, w, eps, ignore_index, want_entropy = inputs
+    _setup(ctx, (z, t, None, w, eps, ignore_index, 0.0, want_entropy), output)
+
+
+cross_entropy_cpu.register_autograd(lambda ctx, gl, gs, gr, ge: _backward(ctx, gl, gs, gr, ge)[:2]
+                                    + (None, None, None, None), setup_context=_setup_cpu)
+register_row_vmap(cross_entropy_cpu, (1, 0, None, None, None, None))
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,

@@ -13,8 +13,11 @@ also returns the log-normaliser lse (for validation, and because the backward is
 terms of it); its own gradient is d lse / dz_k = p_k.  Written in torch ops, the backward is
 differentiable, which gives the second derivatives (Hessian-vector products, gradient penalties).
 
-Paths: ``entropy_torch`` (the reference, plain torch) and ``torch.ops.entmath.entropy_triton``
-(``entmath/kernels/triton/entropy.py``), with the same autograd formula ``entropy_vjp``.
+Paths: ``entropy_torch`` (the reference, plain torch), ``torch.ops.entmath.entropy_triton``
+(``entmath/kernels/triton/entropy.py``) and, for float32/bfloat16 rows on the CPU of at least
+``kernels.cpu.rows.MIN_ELEMS`` logits, ``torch.ops.entmath.entropy_cpu`` (the C kernel of
+``entmath/kernels/cpu/rows.c``: one read of each row from memory, forward and backward), all with
+the same autograd formula ``entropy_vjp`` when a graph of the backward is recorded.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
-from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ..kernels.cpu import rows as cpu_rows
+from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite, softmax_stats
 
@@ -76,16 +80,25 @@ class _Entropy(torch.autograd.Function):
         if backend == "triton":
             h, lse = torch.ops.entmath.entropy_triton(rows_2d(z))
             return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
+        if _on_cpu_kernel(z):
+            h, lse = torch.ops.entmath.entropy_cpu(rows_2d(z))
+            return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
         return entropy_torch(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, output)
-        ctx.backend = inputs[1]
+        z, backend = inputs
+        ctx.kernel = "triton" if backend == "triton" else "cpu" if _on_cpu_kernel(z) else None
 
     @staticmethod
     def backward(ctx, grad_h, grad_lse):
-        return _backward(ctx, grad_h, grad_lse, kernel=ctx.backend == "triton"), None
+        return _backward(ctx, grad_h, grad_lse, kernel=ctx.kernel), None
+
+
+def _on_cpu_kernel(z) -> bool:
+    """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
+    return z.device.type == "cpu" and z.dim() >= 1 and cpu_rows.enabled(z.reshape(-1, z.shape[-1]))
 
 
 # ---- the Triton path, registered as operators (see _library.py) -----------------------------
@@ -118,19 +131,45 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], *output)
 
 
-def _backward(ctx, grad_h, grad_lse, kernel=True):
+def _backward(ctx, grad_h, grad_lse, kernel="triton"):
     z, h, lse = ctx.saved_tensors
     if not kernel or torch.is_grad_enabled() or grad_lse is not None or grad_h is None:
         return entropy_vjp(z, h, lse, grad_h, grad_lse)  # a graph is wanted: differentiable torch
     z2d = rows_2d(z)
-    g = torch.ops.entmath.entropy_backward_triton(z2d, h.reshape(-1), lse.reshape(-1), grad_h.reshape(-1))
+    op = torch.ops.entmath.entropy_backward_triton if kernel == "triton" else torch.ops.entmath.entropy_backward_cpu
+    g = op(z2d, h.reshape(-1), lse.reshape(-1), grad_h.reshape(-1))
     return g.view(z.shape)
 
 
-# Direct callers of torch.ops.entmath.entropy_triton get the same autograd.
+# ---- the C path (CPU), registered the same way -----------------------------------------------
+@cpu_kernel_op("entropy_cpu")
+def entropy_cpu(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, lse) of float32/bfloat16 rows z (rows, n), float32, by the C kernel (the eager path if
+    it cannot be built)."""
+    if not cpu_rows.available():
+        return entropy_torch(z)
+    return cpu_rows.entropy_fwd(z if z.stride(-1) == 1 else z.contiguous())
+
+
+@cpu_kernel_op("entropy_backward_cpu")
+def entropy_backward_cpu(z: torch.Tensor, h: torch.Tensor, lse: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
+    """dH/dz for the rows of z given dL/dH (rows,), by the C kernel: one read, one write."""
+    if not cpu_rows.available():
+        return entropy_vjp(z, h, lse, grad_h, None).contiguous()
+    return cpu_rows.entropy_bwd(z if z.stride(-1) == 1 else z.contiguous(), grad_h, h, lse)
+
+
+entropy_cpu.register_fake(lambda z: (z.new_empty(z.shape[:1], dtype=torch.float32),
+                                     z.new_empty(z.shape[:1], dtype=torch.float32)))
+entropy_backward_cpu.register_fake(lambda z, h, lse, grad_h: torch.empty_like(z, memory_format=torch.contiguous_format))
+
+# Direct callers of the registered operators get the same autograd.
 entropy_triton.register_autograd(_backward, setup_context=_setup)
+entropy_cpu.register_autograd(lambda ctx, gh, gl: _backward(ctx, gh, gl, kernel="cpu"), setup_context=_setup)
 register_row_vmap(entropy_triton, (1,))
 register_row_vmap(entropy_backward_triton, (1, 0, 0, 0))
+register_row_vmap(entropy_cpu, (1,))
+register_row_vmap(entropy_backward_cpu, (1, 0, 0, 0))
 
 
 def entropy(logits: torch.Tensor, dim: int = -1, *, keepdim: bool = False, backend: str = "auto") -> torch.Tensor:

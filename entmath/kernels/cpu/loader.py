@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import stat
@@ -131,6 +132,13 @@ def _key(source_bytes: bytes, cc: list, attempts: list, libs: list) -> str:
         h.update(b"\0")
     h.update(source_bytes)
     return h.hexdigest()[:32]
+
+
+def _local_headers(source: Path, text: bytes) -> bytes:
+    """The bytes of the headers ``source`` includes with quotes (``#include "vecmath.h"``), beside
+    it: a change to a shared header must rebuild every kernel that includes it."""
+    names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M)
+    return b"".join(b"\0" + (source.parent / n.decode()).read_bytes() for n in names)
 
 
 def _sha256(path: Path) -> str:
@@ -287,7 +295,7 @@ def load(source, attempts, *, libs=("-lm",), cc=None) -> Loaded:
     attempts = [list(a) for a in attempts]
     libs = list(libs)
     source_bytes = source.read_bytes()
-    key = _key(source_bytes, cc, attempts, libs)
+    key = _key(source_bytes + _local_headers(source, source_bytes), cc, attempts, libs)
     stem = source.stem
     directory = cache_dir()
     why = _private_dir(directory)

@@ -1,0 +1,347 @@
+/* The CPU kernels of the row ops: entropy (Chapter 1) and cross-entropy against class indices
+ * (Chapters 1 and 5), forward and backward.
+ *
+ * rows.py (beside this file) builds it like the entropy-normalization kernel and calls the
+ * entmath_* functions through ctypes on float32 or bfloat16 rows, one range of rows per call.
+ *
+ * One row at a time, in cache.  The first sweep reads a row from memory (its max and NaN flag);
+ * the second reads it from L1/L2 (a row of 32000 float32 logits is 125 KiB) and forms every sum
+ * at once; the backward reads each row once and writes its gradient once.  torch's eager
+ * log_softmax, exp, product and sum make six to eight sweeps, most of them over memory.
+ *
+ * The sums (Chapter 1, eq-ent-stable).  With m the row max and d_i = z_i - m <= 0, the entries at
+ * the max are counted (c), the rest summed on their own (T = sum e^{d_i}, A = sum e^{d_i} d_i), so
+ * S = c + T, log S = log c + log1p(T / c) keeps its relative accuracy for nearly one-hot rows, and
+ * H = log S - A / S.  The cross-entropy's target terms are sums of (m - z_j) >= 0 (Chapter 5,
+ * eq-ce-stable): nothing of the size of lse is subtracted.  Sums run in float over CHUNK entries
+ * (vectorised) and then in double.  -inf logits have weight exactly 0 and add 0 to every sum.
+ *
+ * The deep tail.  exp_nonpos flushes e^d to 0 below d = -87.68, where float's e^d is subnormal.
+ * The vector sweeps flag a row with an entry there (-inf excluded) and that row is done again by
+ * a scalar loop in double: its entropy, then, is not 0 when every other entry sits 90 below the
+ * max, and its gradient keeps its subnormal entries.  Rows without such entries never pay for it.
+ *
+ * A row without a distribution gets the coded log-normaliser validation reads (NaN: a NaN in the
+ * row; +inf: a +inf; -inf: no finite logit) and NaN results (its gradient is NaN).
+ */
+#include <float.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vecmath.h"
+
+/* Entries per float partial sum: ~32 terms per AVX2 lane keep each float sum's rounding small.
+ * A power of two (the target sums are scaled by 1 / CHUNK exactly). */
+#ifndef CHUNK
+#define CHUNK 256
+#endif
+/* Rows handed to an OpenMP thread at a time, as threads free up. */
+#define ROW_RUN 8
+/* Below this d, exp_nonpos's result is flushed or subnormal: the row is redone in double. */
+#define DEEP (-87.0f)
+
+static inline float bf16_to_float(uint16_t x)
+{
+    union { uint32_t i; float f; } u = {(uint32_t)x << 16};
+    return u.f;
+}
+
+static inline uint16_t float_to_bf16(float x)
+{
+    union { float f; uint32_t i; } u = {x};
+    if (x != x)
+        return 0x7fc0;
+    return (uint16_t)((u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16);  /* round to nearest even */
+}
+
+static inline float ld_f32(const float *p, int64_t i) { return p[i]; }
+static inline float ld_bf16(const uint16_t *p, int64_t i) { return bf16_to_float(p[i]); }
+static inline void st_f32(float *p, int64_t i, float x) { p[i] = x; }
+static inline void st_bf16(uint16_t *p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+/* The coded log-normaliser of a row with max m and NaN flag, or 0 when the row is valid. */
+static inline int row_fault(float m, int nan, float *code)
+{
+    if (nan) { *code = NAN; return 1; }
+    if (m == INFINITY || m == -INFINITY) { *code = m; return 1; }
+    return 0;
+}
+
+/* log S for S = c + T with c >= 1 maxima of weight 1 and T below them, accurate for T << c. */
+static inline double log_normaliser(double c, double t) { return log(c) + log1p(t / c); }
+
+/* What the second sweep gathers: c, T, A as above; D = sum_j w_j (m - z_j) / 2 over the classes
+ * with w_j != 0 (w = 1 without class weights; halved so that a span beyond FLT_MAX overflows only
+ * where the loss does); deep: an entry with -inf < d < DEEP. */
+typedef struct { double c, t, a, d; int deep; } row_sums;
+
+#define DEFINE_ROW_OPS(SUF, T, LD, ST)                                                             \
+                                                                                                   \
+/* Max and NaN flag of a row (the first sweep: from memory). */                                    \
+static void scan_##SUF(const T *z, int64_t n, float *m_out, int *nan_out)                          \
+{                                                                                                  \
+    float m = -INFINITY;                                                                           \
+    int nan = 0;                                                                                   \
+    _Pragma("omp simd reduction(max : m) reduction(| : nan)")                                      \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float x = LD(z, i);                                                                  \
+        m = x > m ? x : m;                                                                         \
+        nan |= x != x;                                                                             \
+    }                                                                                              \
+    *m_out = m;                                                                                    \
+    *nan_out = nan;                                                                                \
+}                                                                                                  \
+                                                                                                   \
+/* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w. */ \
+static row_sums sums_##SUF(const T *z, int64_t n, float m, int want_a, int want_d, const float *w)  \
+{                                                                                                  \
+    row_sums s = {0.0, 0.0, 0.0, 0.0, 0};                                                          \
+    const float hm = 0.5f * m;                                                                     \
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
+        float cf = 0.0f, tf = 0.0f, af = 0.0f, df = 0.0f;                                          \
+        int deep = 0;                                                                              \
+        _Pragma("omp simd reduction(+ : cf, tf, af, df) reduction(| : deep)")                      \
+        for (int64_t i = i0; i < i1; ++i) {                                                        \
+            const float x = LD(z, i);                                                              \
+            const float d = x - m;                                                                 \
+            const float dc = d < -88.0f ? -88.0f : d;                                              \
+            const float e = d < 0.0f ? exp_nonpos(dc) : 0.0f;                                      \
+            cf += d == 0.0f ? 1.0f : 0.0f;                                                         \
+            tf += e;                                                                               \
+            deep |= (d < DEEP) & (x > -INFINITY);                                                  \
+            if (want_a)                                                                            \
+                af += e * dc;                                                                      \
+            /* (m - z) / 2 <= FLT_MAX, scaled by 1 / CHUNK so that the chunk's float sum cannot \
+             * overflow (exact: a power of two); undone in double below */                       \
+            if (want_d == 1)                                                                       \
+                df += (hm - 0.5f * x) * (1.0f / CHUNK);                                            \
+            else if (want_d == 2)                                                                  \
+                df += w[i] != 0.0f ? w[i] * ((hm - 0.5f * x) * (1.0f / CHUNK)) : 0.0f;             \
+        }                                                                                          \
+        s.c += cf; s.t += tf; s.a += af; s.d += (double)df * CHUNK; s.deep |= deep;                \
+    }                                                                                              \
+    if (s.deep) {  /* the deep tail: T and A again, in double (see the top of the file) */          \
+        double t = 0.0, a = 0.0;                                                                   \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            const double d = (double)LD(z, i) - (double)m;                                         \
+            if (d < 0.0 && d > -INFINITY) {                                                        \
+                const double e = exp(d);                                                           \
+                t += e;                                                                            \
+                a += e * d;                                                                        \
+            }                                                                                      \
+        }                                                                                          \
+        s.t = t;                                                                                   \
+        s.a = a;                                                                                   \
+    }                                                                                              \
+    return s;                                                                                      \
+}                                                                                                  \
+                                                                                                   \
+static void entropy_row_##SUF(const T *z, int64_t n, float *h, float *lse)                         \
+{                                                                                                  \
+    float m, code;                                                                                 \
+    int nan;                                                                                       \
+    scan_##SUF(z, n, &m, &nan);                                                                    \
+    if (row_fault(m, nan, &code)) {                                                                \
+        *h = NAN;                                                                                  \
+        *lse = code;                                                                               \
+        return;                                                                                    \
+    }                                                                                              \
+    const row_sums s = sums_##SUF(z, n, m, 1, 0, NULL);                                            \
+    const double log_s = log_normaliser(s.c, s.t);                                                 \
+    *h = (float)(log_s - s.a / (s.c + s.t));                                                       \
+    *lse = (float)((double)m + log_s);                                                             \
+}                                                                                                  \
+                                                                                                   \
+/* One row's gradient  gz_i = p_i (coef + gh (log p_i + H')) - u_i,  log p_i = (z_i - lse) - res, \
+ * p_i = e^{z_i - lse} back with back = e^{-res}: the entropy's (coef = 0, gh = -g, res = 0, no   \
+ * u) and the cross-entropy's (u_i = gu_i for every class plus gt at class t).  In place is safe: \
+ * each entry is read before it is written.  The deep tail is redone with the libm exp. */         \
+static void grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, float back, float coef, float gh, \
+                           float h_res, const float *w, float gu, int64_t t, float gt)             \
+{                                                                                                  \
+    const float l = lse - lse == 0.0f ? lse : NAN;                                                 \
+    const float cb = coef * back, ghb = gh * back;                                                 \
+    int deep = 0;                                                                                  \
+    _Pragma("omp simd reduction(| : deep)")                                                        \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float x = LD(z, i);                                                                  \
+        const float lp = x - l;                                                                    \
+        const float lpc = lp < -88.0f ? -88.0f : lp;                                               \
+        const float p = exp_nonpos(lpc);                                                           \
+        const float u = (w ? w[i] * gu : gu) + (i == t ? gt : 0.0f);                               \
+        const int tail = (lp < DEEP) & (x > -INFINITY);                                            \
+        deep |= tail;                                                                              \
+        /* a deep entry keeps its logit until the loop below (gz may be z itself) */                \
+        ST(gz, i, tail ? x : p * (cb + ghb * (lpc + h_res)) - u);                                  \
+    }                                                                                              \
+    if (deep) {                                                                                    \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            const float x = LD(z, i);                                                              \
+            const float lp = x - l;                                                                \
+            if (lp < DEEP && x > -INFINITY) {                                                      \
+                const float lq = lp > -FLT_MAX ? lp : -FLT_MAX;  /* a span beyond the max: p = 0 */ \
+                const float p = expf(lq);                                                          \
+                const float u = (w ? w[i] * gu : gu) + (i == t ? gt : 0.0f);                       \
+                ST(gz, i, p * (cb + ghb * (lq + h_res)) - u);                                      \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+/* Cross-entropy of a row against class index t (validity decided by the caller), Chapter 5:      \
+ *   loss = (1 - eps) w_t ((m - z_t) + log S) + (eps / C) sum_j w_j ((m - z_j) + log S),           \
+ * every term >= 0; a target weight of 0 gives 0 even against z_t = -inf. */                       \
+static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float *w, double w_sum,  \
+                         float eps, float *loss, float *lse, float *res, float *h)                 \
+{                                                                                                  \
+    const int want_d = eps > 0.0f ? (w ? 2 : 1) : 0;                                               \
+    const row_sums s = sums_##SUF(z, n, m, h != NULL, want_d, w);                                  \
+    const double log_s = log_normaliser(s.c, s.t);                                                 \
+    const double keep = 1.0 - (double)eps, spread = (double)eps / (double)n;                       \
+    const double coef_t = w ? keep * (double)w[t] : keep;                                          \
+    double value = coef_t != 0.0 ? coef_t * (((double)m - (double)LD(z, t)) + log_s) : 0.0;        \
+    if (want_d)                                                                                    \
+        value += spread * (w_sum * log_s + 2.0 * s.d);                                             \
+    const double l = (double)m + log_s;                                                            \
+    *loss = (float)value;                                                                          \
+    *lse = (float)l;                                                                               \
+    /* lse's rounding (m + log S) - fl(m + log S), for log p in the backward: m - fl(..) of two  \
+     * floats is exact in double, whatever m's size (l itself would drop log S at m = 1e30) */    \
+    *res = (float)(((double)m - (double)*lse) + log_s);                                            \
+    if (h)                                                                                         \
+        *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
+}
+
+DEFINE_ROW_OPS(f32, float, ld_f32, st_f32)
+DEFINE_ROW_OPS(bf16, uint16_t, ld_bf16, st_bf16)
+
+/* ---- entry points: rows [r0, r1) of a (rows, n) array with row stride `stride` (elements) ---- */
+
+#ifdef _OPENMP
+#define PARALLEL_ROWS(threads) _Pragma("omp parallel for schedule(dynamic, ROW_RUN) num_threads(threads)")
+#else
+#define PARALLEL_ROWS(threads)
+#endif
+
+/* One thread never enters the OpenMP runtime (safe after a fork). */
+#define FOR_ROWS(r0, r1, threads, BODY)                                                            \
+    do {                                                                                           \
+        if ((threads) > 1) {                                                                       \
+            PARALLEL_ROWS(threads)                                                                 \
+            for (int64_t row = (r0); row < (r1); ++row) { BODY; }                                  \
+        } else {                                                                                   \
+            for (int64_t row = (r0); row < (r1); ++row) { BODY; }                                  \
+        }                                                                                          \
+    } while (0)
+
+int entmath_rows_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void entmath_entropy_fwd(const void *z, int64_t bf16, int64_t n, int64_t stride, int64_t r0, int64_t r1,
+                         float *h, float *lse, int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, entropy_row_bf16((const uint16_t *)z + row * stride, n, h + row, lse + row));
+    else
+        FOR_ROWS(r0, r1, threads, entropy_row_f32((const float *)z + row * stride, n, h + row, lse + row));
+}
+
+/* dH/dz = -g p (log p + H): grad_row with coef 0, gh = -g, no target mass. */
+void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64_t stride, int64_t gstride,
+                         int64_t r0, int64_t r1, const float *g, const float *h, const float *lse,
+                         int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, grad_row_bf16((const uint16_t *)z + row * stride, (uint16_t *)gz + row * gstride,
+                                                n, lse[row], 1.0f, 0.0f, -g[row], h[row], NULL, 0.0f, -1, 0.0f));
+    else
+        FOR_ROWS(r0, r1, threads, grad_row_f32((const float *)z + row * stride, (float *)gz + row * gstride, n,
+                                               lse[row], 1.0f, 0.0f, -g[row], h[row], NULL, 0.0f, -1, 0.0f));
+}
+
+/* Cross-entropy forward against class indices t: per row the loss (without z-loss), coded lse,
+ * its rounding residual and (if h) the entropy.  Ignored rows (t == ignore_index) get loss 0 and
+ * entropy 0; an out-of-range index (possible only with validation off) a NaN loss. */
+#define CE_ROW(SUF, TT)                                                                            \
+    do {                                                                                           \
+        const TT *zr = (const TT *)z + row * stride;                                               \
+        const int64_t ti = t[row];                                                                 \
+        const int valid = ti != ignore_index;                                                      \
+        float m;                                                                                   \
+        int nan;                                                                                   \
+        scan_##SUF(zr, n, &m, &nan);                                                               \
+        res[row] = 0.0f;                                                                           \
+        if (row_fault(m, nan, lse + row)) {                                                        \
+            loss[row] = valid ? NAN : 0.0f;                                                        \
+            if (h) h[row] = valid ? NAN : 0.0f;                                                    \
+            break;                                                                                 \
+        }                                                                                          \
+        const int in_range = ti >= 0 && ti < n;                                                    \
+        ce_row_##SUF(zr, n, m, in_range ? ti : 0, w, w_sum, eps, loss + row, lse + row, res + row, \
+                     h ? h + row : NULL);                                                          \
+        if (!valid) {                                                                              \
+            loss[row] = 0.0f;                                                                      \
+            if (h) h[row] = 0.0f;                                                                  \
+        } else if (!in_range) {                                                                    \
+            loss[row] = NAN;                                                                       \
+        }                                                                                          \
+    } while (0)
+
+void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf16, int64_t n, int64_t stride,
+                    int64_t r0, int64_t r1, float eps, int64_t ignore_index, float *loss, float *lse, float *res,
+                    float *h, int64_t threads)
+{
+    double w_sum = (double)n;  /* sum_j w_j: smoothing's share of the weights */
+    if (w) {
+        w_sum = 0.0;
+        for (int64_t i = 0; i < n; ++i)
+            w_sum += (double)w[i];
+    }
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, CE_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, CE_ROW(f32, float));
+}
+
+/* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):
+ *   dL/dz = p (g_loss sum u + g_lse - g_H (log p + H)) - g_loss u,
+ * u_j = (eps / C) w_j + (1 - eps) w_t [j = t].  sum_u: the rows' sums of u (NULL: 1, unweighted).
+ * Ignored rows get exactly 0; rows whose index is out of range, NaN. */
+#define CE_GRAD_ROW(SUF, TT)                                                                       \
+    do {                                                                                           \
+        const TT *zr = (const TT *)z + row * stride;                                               \
+        TT *gzr = (TT *)gz + row * gstride;                                                        \
+        const int64_t ti = t[row];                                                                 \
+        if (ti == ignore_index || ti < 0 || ti >= n) {                                             \
+            const float fill = ti == ignore_index ? 0.0f : NAN;                                    \
+            for (int64_t i = 0; i < n; ++i)                                                        \
+                st_##SUF(gzr, i, fill);                                                            \
+            break;                                                                                 \
+        }                                                                                          \
+        const float gl = g_loss[row];                                                              \
+        const float coef = gl * (sum_u ? sum_u[row] : 1.0f) + (g_lse ? g_lse[row] : 0.0f);        \
+        const float r = res[row];                                                                  \
+        const float gt = gl * keep * (w ? w[ti] : 1.0f);                                           \
+        grad_row_##SUF(zr, gzr, n, lse[row], (float)exp(-(double)r), coef, g_h ? -g_h[row] : 0.0f, \
+                       g_h ? h[row] - r : 0.0f, w, gl * spread, ti, gt);                           \
+    } while (0)
+
+void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, int64_t bf16, int64_t n,
+                    int64_t stride, int64_t gstride, int64_t r0, int64_t r1, float eps, int64_t ignore_index,
+                    const float *lse, const float *res, const float *h, const float *g_loss, const float *g_lse,
+                    const float *g_h, const float *sum_u, int64_t threads)
+{
+    const float keep = 1.0f - eps, spread = eps / (float)n;
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(f32, float));
+}

@@ -1,0 +1,185 @@
+"""The CPU kernels of the row ops (``rows.c``): entropy forward and backward, and cross-entropy
+against class indices forward and backward.
+
+Built like the entropy-normalization kernel (the same flag sets and per-user cache, ``loader``)
+and sharing its vectorised exponential (``vecmath.h``); loaded with ctypes on first use.  Rows
+are split over ``torch.get_num_threads()`` threads: torch's own OpenMP threads where the build
+shares torch's runtime, else Python threads (ctypes releases the GIL during each call).
+
+Which inputs (``enabled``): float32 or bfloat16 tensors on the CPU whose class dimension is
+contiguous (any row stride), at least ``MIN_ELEMS`` elements (below that the eager path's cost is
+its Python overhead either way).  The ops call these through registered operators
+(``torch.ops.entmath.entropy_cpu`` ...; ``entmath/ops/entropy.py``, ``cross_entropy.py``), whose
+reference is the eager torch path, held to it by tests/test_cpu_rows.py.  ``ENTMATH_COMPILE=0``
+turns the path off; without a working compiler the ops warn once and keep to their eager paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import entropy_normalization as _en
+from . import loader
+
+__all__ = ["enabled", "entropy_fwd", "entropy_bwd", "ce_fwd", "ce_bwd", "MIN_ELEMS"]
+
+SOURCE = Path(__file__).with_name("rows.c")
+#: Smallest input (rows x classes) for the C path.
+MIN_ELEMS = 1 << 12
+
+_lock = threading.Lock()
+_lib = None
+_failed = False
+_executor = None
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    # (z, bf16, n, stride, r0, r1, h, lse, threads)
+    "entmath_entropy_fwd": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
+    # (z, gz, bf16, n, stride, gstride, r0, r1, g, h, lse, threads)
+    "entmath_entropy_bwd": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I],
+    # (z, t, w, bf16, n, stride, r0, r1, eps, ignore_index, loss, lse, res, h, threads)
+    "entmath_ce_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _I],
+    # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
+    #  g_h, sum_u, threads)
+    "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I],
+}
+
+
+def build():
+    """Compile and load rows.c, or load it from the per-user cache (once per process)."""
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        cc = loader.find_compiler()
+        lib = loader.load(SOURCE, _en._attempts(cc), libs=["-lm"], cc=cc).lib
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = None, args
+        lib.entmath_rows_openmp.restype = ctypes.c_int
+        _lib = lib
+        return lib
+
+
+def _kernel():
+    global _failed
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
+        _failed = True
+        warnings.warn(f"entmath: the C kernel of the row ops could not be built ({exc}); entropy and "
+                      "cross_entropy use their eager CPU paths (ENTMATH_COMPILE=0 skips the attempt)",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
+def enabled(*tensors: torch.Tensor) -> bool:
+    """Whether these (rows, n) tensors (the logits first) take the C path.  Decided from shapes,
+    dtypes and flags alone (it is traced by torch.compile); the kernel is built by the first call
+    that uses it, and ``available`` says whether that worked."""
+    if _failed or os.environ.get("ENTMATH_COMPILE", "1") == "0":
+        return False
+    z = tensors[0]
+    return (z.dim() == 2 and z.numel() >= max(MIN_ELEMS, 1) and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.dtype == z.dtype
+        and t.dim() == 2 and t.stride(-1) == 1 and t.shape == z.shape for t in tensors))
+
+
+def available() -> bool:
+    """Build (or load) the kernel if needed; False, after one warning, if it cannot be built.  The
+    registered operators call it and fall back to the eager path on False."""
+    return _kernel() is not None
+
+
+def _pool():
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="entmath-rows")
+    return _executor
+
+
+_R0, _R1, _T = object(), object(), object()
+
+
+def _run(fn, rows: int, *args):
+    """Call ``fn`` over all rows; ``args`` holds markers where the row range and the thread count go."""
+    workers = max(1, min(torch.get_num_threads(), rows, os.cpu_count() or 1))
+
+    def fill(r0, r1, threads):
+        return [r0 if a is _R0 else r1 if a is _R1 else threads if a is _T else a for a in args]
+
+    if workers == 1 or build().entmath_rows_openmp():
+        fn(*fill(0, rows, workers))
+        return
+    bounds = [rows * k // workers for k in range(workers + 1)]
+    for job in [_pool().submit(fn, *fill(bounds[k], bounds[k + 1], 1)) for k in range(workers)]:
+        job.result()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def entropy_fwd(z: torch.Tensor):
+    """(H, coded lse), float32 (rows,), of the rows of z (rows, n)."""
+    rows, n = z.shape
+    h = torch.empty(rows, dtype=torch.float32)
+    lse = torch.empty(rows, dtype=torch.float32)
+    if rows:
+        _run(build().entmath_entropy_fwd, rows, _ptr(z), int(z.dtype == torch.bfloat16), n, z.stride(0),
+             _R0, _R1, _ptr(h), _ptr(lse), _T)
+    return h, lse
+
+
+def entropy_bwd(z: torch.Tensor, g: torch.Tensor, h: torch.Tensor, lse: torch.Tensor):
+    """dL/dz = -g p (log p + H) for the rows of z, given dL/dH (rows,)."""
+    rows, n = z.shape
+    gz = torch.empty((rows, n), dtype=z.dtype)
+    g, h, lse = _f32(g), _f32(h), _f32(lse)
+    if rows:
+        _run(build().entmath_entropy_bwd, rows, _ptr(z), _ptr(gz), int(z.dtype == torch.bfloat16), n, z.stride(0),
+             n, _R0, _R1, _ptr(g), _ptr(h), _ptr(lse), _T)
+    return gz
+
+
+def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool):
+    """Per-row (loss, coded lse, lse residual, entropy or empty), float32, of (rows, n) logits
+    against int64 class indices t (rows,), class weights w (n,) float32 or None: the contract of
+    ``ops.cross_entropy.cross_entropy_rows_torch`` for class targets without soft-capping."""
+    rows, n = z.shape
+    loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
+    t, w = t.to(torch.int64).contiguous(), _f32(w)  # (kept referenced while the kernel runs)
+    if rows:
+        _run(build().entmath_ce_fwd, rows, _ptr(z), _ptr(t), _ptr(w), int(z.dtype == torch.bfloat16), n,
+             z.stride(0), _R0, _R1, float(eps), int(ignore_index), _ptr(loss), _ptr(lse), _ptr(res),
+             _ptr(h) if want_entropy else None, _T)
+    return loss, lse, res, h
+
+
+def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_lse, g_h, sum_u):
+    """Write dL/dz into ``grad`` (rows, n; may be z itself: each row is read before it is
+    written).  g_loss (rows,); g_lse, g_h (rows,) or None; sum_u (rows,) the target mass sums,
+    None for unweighted class targets (1)."""
+    rows, n = z.shape
+    # Every float32 copy is bound to a name: it must outlive the kernel call that reads it.
+    t = t.to(torch.int64).contiguous()
+    w, lse, res, g_loss, g_lse, g_h, sum_u = map(_f32, (w, lse, res, g_loss, g_lse, g_h, sum_u))
+    h = _f32(h) if g_h is not None else None
+    if rows:
+        _run(build().entmath_ce_bwd, rows, _ptr(z), _ptr(t), _ptr(w), _ptr(grad), int(z.dtype == torch.bfloat16), n,
+             z.stride(0), grad.stride(0), _R0, _R1, float(eps), int(ignore_index), _ptr(lse), _ptr(res), _ptr(h),
+             _ptr(g_loss), _ptr(g_lse), _ptr(g_h), _ptr(sum_u), _T)
+    return grad
