@@ -22,10 +22,16 @@ Environment conventions (a dict from names to values):
   ``p^(k)``, ``Phi^-1``, ``bar z``, ``tilde p``, ``G'``, ``I_bits``, ``D_KL``;
 * a subscript that is not part of a key indexes the value (1-based; a SymPy Matrix, a ``Vec``, a
   list or a numpy array) or, for a callable, is passed to it first: ``r_j(t)`` is ``r(j)(t)``;
+* two one-letter indices, ``z_{ri}``, index twice (a list of rows) or are both passed to a callable;
+* a name with subscripts beside the same name without (``S`` and ``S_k``): the family is ``"S_"``;
+  ``p^{(k)}`` with ``k`` bound by a sum is ``"p^()"`` indexed by ``k``; ``\\mathcal{L}`` is ``calL``;
 * ``"__index__"``: the index range for sums without bounds, ``{"i": [1, 2, 3], ...}`` or a default
   list under ``"*"``; ``"__free__"``: free indices a statement must hold for (``{"i": [1, 2, 3]}``);
 * ``"__mode__"``: ``"sym"`` (SymPy), ``"mp"`` (mpmath) or ``"np"`` (numpy); literals follow it;
-* ``"__minimize__"``: a callable ``(f, start) -> value`` for ``\\min_z`` and ``\\inf_z``.
+* ``"__minimize__"``: a callable ``(f, start) -> value`` for ``\\min_z`` and ``\\inf_z`` (without it,
+  ``\\max_k`` and ``\\min_k`` run over the index range of ``k``);
+* ``"__case__"``: which branch of a ``cases`` applies when its condition is words
+  (``\\text{class index } t`` is ``"classindex"``); ``"__skip__"``: statements (1-based) not checked here.
 """
 from __future__ import annotations
 
