@@ -22,10 +22,16 @@ Environment conventions (a dict from names to values):
   ``p^(k)``, ``Phi^-1``, ``bar z``, ``tilde p``, ``G'``, ``I_bits``, ``D_KL``;
 * a subscript that is not part of a key indexes the value (1-based; a SymPy Matrix, a ``Vec``, a
   list or a numpy array) or, for a callable, is passed to it first: ``r_j(t)`` is ``r(j)(t)``;
+* two one-letter indices, ``z_{ri}``, index twice (a list of rows) or are both passed to a callable;
+* a name with subscripts beside the same name without (``S`` and ``S_k``): the family is ``"S_"``;
+  ``p^{(k)}`` with ``k`` bound by a sum is ``"p^()"`` indexed by ``k``; ``\\mathcal{L}`` is ``calL``;
 * ``"__index__"``: the index range for sums without bounds, ``{"i": [1, 2, 3], ...}`` or a default
   list under ``"*"``; ``"__free__"``: free indices a statement must hold for (``{"i": [1, 2, 3]}``);
 * ``"__mode__"``: ``"sym"`` (SymPy), ``"mp"`` (mpmath) or ``"np"`` (numpy); literals follow it;
-* ``"__minimize__"``: a callable ``(f, start) -> value`` for ``\\min_z`` and ``\\inf_z``.
+* ``"__minimize__"``: a callable ``(f, start) -> value`` for ``\\min_z`` and ``\\inf_z`` (without it,
+  ``\\max_k`` and ``\\min_k`` run over the index range of ``k``);
+* ``"__case__"``: which branch of a ``cases`` applies when its condition is words
+  (``\\text{class index } t`` is ``"classindex"``); ``"__skip__"``: statements (1-based) not checked here.
 """
 from __future__ import annotations
 
@@ -349,6 +355,8 @@ class Parser:
         if t.kind == "char":
             if t.value == "(" and self._paren_is_qualifier():
                 return False
+            if t.value == "|":
+                return not getattr(self, "_in_abs", False)
             return t.value in "(["
         if t.kind == "cmd":
             v = t.value
@@ -555,6 +563,9 @@ class Parser:
                 elif self.is_cmd("\\ne") or self.is_cmd("\\neq"):
                     self.i += 1
                     over = ("ne", self.expr())
+                elif self.is_char(":"):  # \sum_{i:\, p_i > 0}: the indices where a condition holds
+                    self.i += 1
+                    over = ("where", self.chain())
                 self.take("char", "}")
             else:
                 var = self.atom(allow_power=False)
@@ -676,6 +687,9 @@ class Parser:
                 return N("name", base="R_reals")
             if cmd == "mathbf" and content == "1":
                 return N("ones")
+            if cmd == "mathcal" and re.fullmatch(r"[A-Za-z]", content):
+                node = N("name", base="cal" + content)  # \mathcal{L}: the key "calL"
+                return node
             if cmd.startswith("operatorname") or cmd in ("mathrm", "text", "mathit", "textrm"):
                 if content in ("argmax",):
                     raise DisplayError("argmax events are not evaluated")
@@ -739,7 +753,10 @@ class Parser:
                 self.i -= 1
                 node = N("paren", self.group())
             elif t.value == "|":
+                saved = self.__dict__.get("_in_abs", False)
+                self._in_abs = True
                 inner = self.expr()
+                self._in_abs = saved
                 self.take("char", "|")
                 node = N("abs", inner)
             else:
@@ -752,8 +769,17 @@ class Parser:
         v = self.atom(allow_power=False)
         if self.is_char("_") and v.op == "name":
             self.i += 1
-            v.info["sub"] = self.sub_group()
+            v.info["sub"] = self.two_indices() or self.sub_group()
         return v
+
+    def two_indices(self):
+        """``{ri}`` after a name (not delta): two one-letter indices, row and class, or None."""
+        if not (self.is_char("{") and self.at("letter", k=1) and self.at("letter", k=2) and self.is_char("}", 3)):
+            return None
+        self.take("char", "{")
+        sub = N("tuple", self.atom(allow_power=False), self.atom(allow_power=False))
+        self.take("char", "}")
+        return sub
 
     def paren_group(self, close):
         args = self.arg_list(close)
@@ -812,7 +838,7 @@ class Parser:
                     self.take("char", "}")
                     node.info["sub"] = N("tuple", a, b)
                 elif node.op == "name":
-                    node.info["sub"] = self.sub_group()
+                    node.info["sub"] = self.two_indices() or self.sub_group()
                 else:
                     node = N("index", node, self.sub_group())
                 continue
@@ -842,7 +868,8 @@ class Parser:
                 self.i += 1
                 node.info["primes"] = node.info.get("primes", 0) + 1
                 continue
-            if self.is_char("(") and node.op in ("name", "call") and not self._paren_is_qualifier() \
+            # f(x)(y) is f(x) times (y): p_i (w_i - \bar w)(w_i - \bar w)^{\top} (no display curries a call)
+            if self.is_char("(") and node.op == "name" and not self._paren_is_qualifier() \
                     and not (node.op == "name" and node.info.get("base") == "e" and "sub" not in node.info):
                 node = N("call", node, *self.call_args())
                 continue
@@ -1035,6 +1062,13 @@ def _index(value, i):
         i = int(i)
     if isinstance(value, dict):
         return value[i]
+    if isinstance(i, tuple) and not isinstance(value, sp.MatrixBase):
+        # two indices: a row, then an entry of it (or a function of both)
+        if callable(value) and not isinstance(value, (Vec, list, tuple)):
+            return value(*i)
+        for k in i:
+            value = _index(value, k)
+        return value
     if isinstance(value, Vec):
         return value[i]
     if isinstance(value, sp.MatrixBase):
@@ -1188,7 +1222,20 @@ def evaluate(node, ctx: Ctx):
         return evaluate(a[0], ctx) - evaluate(a[1], ctx)
     if op == "mul":
         value = evaluate(a[0], ctx)
+        pending = None
+        if isinstance(value, _PowerOf):
+            pending, value = value, None
         for x in a[1:]:
+            if pending is not None:  # f^2 x, f^2(x): the power of f at the next factor
+                arg = evaluate(x, ctx)
+                arg = pending(*arg) if isinstance(arg, tuple) else pending(arg)
+                value, pending = (arg if value is None else _mul(value, arg)), None
+                continue
+            if x.op == "pow" and x.args[0].op == "name" and x is not a[-1]:
+                power = evaluate(x, ctx)
+                if isinstance(power, _PowerOf):
+                    pending = power
+                    continue
             if x.op == "event" and callable(value):
                 value = value(Event(x.args[0], ctx))
                 continue
@@ -1213,6 +1260,8 @@ def evaluate(node, ctx: Ctx):
                 return _mul(head, evaluate(N("pow", a[0].args[1], a[1]), ctx))
         base, exponent = evaluate(a[0], ctx), evaluate(a[1], ctx)
         sp = _sympy()
+        if a[0].op == "name" and callable(base) and not _is_sym(base) and not isinstance(base, (Vec, Fn)):
+            return _PowerOf(base, exponent)  # sech^2: the function squared, waiting for its argument
         if isinstance(base, sp.MatrixBase) and 1 in base.shape:  # elementwise on a vector
             return base.applyfunc(lambda e: e ** exponent)
         return base ** exponent
@@ -1269,6 +1318,12 @@ def evaluate(node, ctx: Ctx):
         return _integral(node, ctx)
     if op == "lim":
         return _limit(node, ctx)
+    if op == "extremum" and node.info["kind"] in ("max", "min") and node.info["var"].op == "name" \
+            and "__minimize__" not in ctx.env:
+        # \max_k m_k: over the index range of k
+        name = name_key(node.info["var"])
+        values = [evaluate(a[0], ctx.bind(**{name: k})) for k in ctx.indices(name)]
+        return max(values) if node.info["kind"] == "max" else min(values)
     if op == "extremum":
         f = ctx.env.get("__minimize__")
         if f is None or node.info["kind"] not in ("min", "inf"):
@@ -1277,6 +1332,15 @@ def evaluate(node, ctx: Ctx):
         return f(lambda value: evaluate(a[0], ctx.bind(**{name_key(var): value})), name_key(var))
     if op == "cases":
         for value, cond in a:
+            if not cond.rels:
+                # a case named in words (\text{class index } t): it applies where the environment
+                # says so, "__case__": "classindex"
+                word = _case_word(cond.terms[0])
+                if word is None:
+                    raise DisplayError("a case with neither a relation nor a name")
+                if ctx.env.get("__case__") == word:
+                    return evaluate(value, ctx)
+                continue
             if holds_all(cond, ctx):
                 return evaluate(value, ctx)
         raise DisplayError("no case applies")
@@ -1291,11 +1355,30 @@ def evaluate(node, ctx: Ctx):
         if "__at__" in ctx.env:  # names whose values depend on the point (w_i, a_i at t = t_k)
             over.update(ctx.env["__at__"](value))
         return evaluate(a[0], ctx.bind(**over))
+    if op == "event":  # outside P[...]: the Iverson bracket
+        return ctx.num("1") if holds_all(a[0], ctx) else ctx.num("0")
     if op == "relation":
         raise DisplayError("a relation where a value was expected")
     if op == "sim":
         raise DisplayError("~ outside an expectation")
     raise DisplayError(f"cannot evaluate {op}")
+
+
+def _case_word(node):
+    """The name that starts a condition in words: ``classindex`` for ``\\text{class index } t``."""
+    while node.op == "mul":
+        node = node.args[0]
+    return node.info["base"] if node.op == "name" else None
+
+
+class _PowerOf:
+    """``f^n`` written before its argument (``\\operatorname{sech}^2 x``): ``f(x)^n`` once applied."""
+
+    def __init__(self, f, n):
+        self.f, self.n = f, n
+
+    def __call__(self, *args):
+        return self.f(*args) ** self.n
 
 
 def _as_index(v):
@@ -1306,6 +1389,8 @@ def _as_index(v):
         return int(v)
     if isinstance(v, float) and v.is_integer():
         return int(v)
+    if isinstance(v, tuple):
+        return tuple(_as_index(x) for x in v)
     return v
 
 
@@ -1323,6 +1408,12 @@ def lookup(node, ctx):
         if _is_sym(i) or _is_sym(j):
             return _sympy().KroneckerDelta(i, j)
         return one if i == j else zero
+    if sub is not None and base_key + "_" in env:  # S_k beside S: the family is "S_"
+        return _index(env[base_key + "_"], _as_index(evaluate(sub, ctx)))
+    deco = re.fullmatch(r"\((\w)\)", info.get("deco") or "")
+    if deco and deco.group(1) in env and f"{info['base']}^()" in env:  # p^{(k)}, k bound by a sum
+        value = _index(env[f"{info['base']}^()"], _as_index(env[deco.group(1)]))
+        return value if sub is None else _index(value, _as_index(evaluate(sub, ctx)))
     if base_key in env:
         value = env[base_key]
         if sub is None:
@@ -1373,6 +1464,8 @@ def _index_values(node, ctx):
     if over is None:
         return name, full
     kind, what = over
+    if kind == "where":
+        return name, [i for i in full if holds_all(what, ctx.bind(**{name: i}))]
     value = evaluate(what, ctx)
     if kind == "in":
         return name, [int(_as_index(v)) for v in value]
@@ -1878,12 +1971,15 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
     * ``\\to``: agreement to ``__to_atol__``; ``\\ne``: disagreement.
     * ``A \\implies B``: B wherever A holds, and A somewhere; ``\\iff``: both sides hold.
     * ``tight``: a tolerance; every non-strict inequality must also come within it of equality at
-      one point at least (the equality case is sampled, so a weakened bound fails).
+      one point at least (the equality case is sampled, so a weakened bound fails); as a dict
+      ``{(statement, relation): tol}`` it names the relations, and a strict one named there must
+      be approached (a supremum).
     """
     statements = parse(text)
     global _FAST_FAIL
     _FAST_FAIL = fast_fail
     _gaps.clear()
+    _strict_gaps.clear()
     rtol = mp.mpf(10) ** (-(mp.mp.dps - 10)) if rtol is None else rtol
     atol = mp.mpf(10) ** (-(mp.mp.dps - 10)) if atol is None else atol
     rep = Report()
@@ -1975,7 +2071,8 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
     if unchecked:
         raise DisplayCheckFailed(f"statement(s) {unchecked} are skipped in every environment")
     if tight is not None:
-        for key, gap in _gaps.items():
+        strict = _strict_gaps.items() if isinstance(tight, dict) else ()
+        for key, gap in list(_gaps.items()) + [(k, g) for k, g in strict if isinstance(k[1], int) and (k[0] + 1, k[1] + 1) in tight]:
             tol = tight.get((key[0] + 1, key[1] + 1), tight.get(key[0] + 1)) if isinstance(tight, dict) else tight
             if tol is None:
                 continue
@@ -1983,6 +2080,7 @@ def check(text: str, envs, *, symbolic=False, rtol=None, atol=None, tight=None, 
                 raise DisplayCheckFailed(f"relation {key} never comes within {tol} of equality: the bound is "
                                          f"stated as attained, but the smallest gap sampled is {mp.nstr(gap, 3)}")
     _gaps.clear()
+    _strict_gaps.clear()
     for key, strict in strict_needed.items():
         if not strict:
             raise DisplayCheckFailed(f"relation {key} is never strict at the sampled points: a reversed relation "
@@ -2179,15 +2277,18 @@ def _check_relation(key, rel, a, b, nodes, gval, ctx, env, symbolic, rtol, atol,
             ok = {"<=": u <= v + ineq_tol, ">=": u >= v - ineq_tol, "<": u < v, ">": u > v}[rel]
             if not ok:
                 raise DisplayCheckFailed(f"{where}: {_show(u)} {rel} {_show(v)} is false")
+            gap = abs(v - u) / max(1, abs(u), abs(v))
             if rel in ("<=", ">="):
                 strict = u < v - ineq_tol if rel == "<=" else u > v + ineq_tol
                 strict_needed[key] = strict_needed.get(key, False) or bool(strict)
-                gap = abs(v - u) / max(1, abs(u), abs(v))
                 _gaps[key] = min(_gaps.get(key, mp.inf), gap)
+            else:  # a strict bound can be a supremum: tight={(statement, relation): tol} asks it be approached
+                _strict_gaps[key] = min(_strict_gaps.get(key, mp.inf), gap)
     rep.add(key, {"=": "numeric", "!=": "numeric (differ)"}.get(rel, "inequality"))
 
 
 _gaps: dict = {}
+_strict_gaps: dict = {}
 _FAST_FAIL = False  # mutants: look at a few numbers before trying to simplify
 
 

@@ -193,7 +193,8 @@ def tie(label: str, envs, *, symbolic: bool = False, rtol=None, atol=None, tight
     ``envs`` is one environment or a list of them (see ``displays.check`` for what a relation
     must satisfy, and ``displays`` for how names are bound).  ``symbolic`` proves the equations
     with SymPy; otherwise they are compared at every environment.  ``tight`` asks that each
-    non-strict inequality be attained (to that tolerance) somewhere.  ``equivalent`` lists the
+    non-strict inequality be attained (to that tolerance) somewhere; as ``{(statement, relation):
+    tol}`` it names the relations, and a strict one named there (a supremum) must be approached.  ``equivalent`` lists the
     one-sign or one-number changes of this display that are also true (so no check can catch
     them), each with the reason: the mutation test requires the list to be exact.
     """

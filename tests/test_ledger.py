@@ -291,3 +291,40 @@ def test_the_chapter_summary_lists_every_label(chapter):
                     and node.args and isinstance(node.args[0], ast.List)):
                 listed += [e.value for e in node.args[0].elts if isinstance(e, ast.Constant)]
     assert sorted(listed) == sorted(labels_in(text)), f"{chapter.name}: summary lists differ from the labels"
+
+
+def test_sums_over_a_condition_cases_in_words_and_the_iverson_bracket():
+    import mpmath as mp
+
+    p = displays.Vec([mp.mpf(0), mp.mpf("0.25"), mp.mpf("0.75")])
+    env = {"__mode__": "mp", "__index__": {"*": [1, 2, 3]}, "p": p}
+    displays.check(r"\sum_{i:\, p_i > 0} p_i = 1", [env])
+    with pytest.raises(displays.DisplayCheckFailed):  # the condition matters: no index has p_i > 1/2 but one
+        displays.check(r"\sum_{i:\, p_i > 0.5} p_i = 1", [env])
+    # [i = t] is 1 or 0; a case named in words applies where the environment says so
+    displays.check(r"\sum_i p_i [i = t] = 0.75", [{**env, "t": 3}])
+    cases = r"u = \begin{cases} 2 & \text{class index } t,\\ 3 & \text{probabilities } y, \end{cases}"
+    displays.check(cases, [{"__mode__": "mp", "u": 2, "__case__": "classindex"},
+                           {"__mode__": "mp", "u": 3, "__case__": "probabilities"}])
+    with pytest.raises(displays.DisplayCheckFailed):
+        displays.check(cases, [{"__mode__": "mp", "u": 2, "__case__": "probabilities"}])
+
+
+def test_two_indices_function_powers_and_absolute_values():
+    import mpmath as mp
+
+    G = [displays.Vec([1, 2]), displays.Vec([3, 4])]
+    displays.check(r"G_{ri} = 2 r + i - 2", [{"__mode__": "mp", "G": G, "__free__": {"r": [1, 2], "i": [1, 2]}}])
+    envs = [{"__mode__": "mp", "sech": mp.sech, "x": mp.mpf(v)} for v in (-3, -0.2, 0, 1.5)]
+    displays.check(r"\operatorname{sech}^2 x = \frac{4\, e^{-2|x|}}{\bigl(1 + e^{-2|x|}\bigr)^2}", envs)
+    with pytest.raises(displays.DisplayCheckFailed):
+        displays.check(r"\operatorname{sech}^2 x = \frac{4\, e^{-|x|}}{\bigl(1 + e^{-2|x|}\bigr)^2}", envs)
+
+
+def test_a_supremum_must_be_approached_when_asked():
+    import mpmath as mp
+
+    envs = [{"__mode__": "mp", "x": mp.mpf(v)} for v in (1, 10, 1e6)]
+    displays.check(r"\frac{x}{1 + x} < 1", envs, tight={(1, 1): 1e-5})
+    with pytest.raises(displays.DisplayCheckFailed):  # true, but 2 is not the supremum
+        displays.check(r"\frac{x}{1 + x} < 2", envs, tight={(1, 1): 1e-5})
