@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import block_size, num_warps
+from .rows import row_config
 from .softmax_stats import coded_lse, load_row_chunk, log_normaliser, update_stats
 
 
@@ -238,12 +238,16 @@ def cross_entropy_fwd(z2d, t1d, y2d, w, eps: float, ignore_index: int, softcap: 
     ent = torch.empty(rows if want_entropy else 0, device=z2d.device, dtype=acc)
     if rows:
         soft = y2d is not None
-        blk = block_size(n)
+        # BLOCK, warps and the register budget: the forward carries more per-row state than the
+        # other row kernels (target sums, entropy moment); at two programs per SM (64 registers)
+        # ptxas spilled 8-16 B with smoothing and the entropy, so one program per SM (128).
+        cfg = row_config(n, z2d, ctas_per_sm=1)
         wrap_triton(cross_entropy_fwd_kernel)[(rows,)](
             z2d, t1d if not soft else loss, y2d if soft else z2d, w if w is not None else loss, loss, lse, res,
             ent if want_entropy else loss, _coef(z2d, eps, softcap), n, z2d.stride(0), y2d.stride(0) if soft else 0,
             int(ignore_index), SOFT=soft, SMOOTH=(eps > 0 and not soft), WEIGHT=w is not None,
-            SOFTCAP=bool(softcap), ENTROPY=want_entropy, BLOCK=blk, ACC=_acc(z2d.dtype), num_warps=num_warps(blk))
+            SOFTCAP=bool(softcap), ENTROPY=want_entropy, BLOCK=cfg["BLOCK"], ACC=_acc(z2d.dtype),
+            num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return loss, lse, res, ent
 
 
@@ -255,7 +259,7 @@ def cross_entropy_bwd(z2d, t1d, y2d, w, lse, res, ent, g_loss, g_lse, g_ent, sum
     rows, n = z2d.shape
     if rows:
         soft = y2d is not None
-        blk = block_size(n)
+        cfg = row_config(n, z2d)
         wrap_triton(cross_entropy_bwd_kernel)[(rows,)](
             z2d, t1d if not soft else lse, y2d if soft else z2d, w if w is not None else lse, lse, res,
             ent if g_ent is not None else lse, g_loss, g_lse if g_lse is not None else g_loss,
@@ -263,4 +267,5 @@ def cross_entropy_bwd(z2d, t1d, y2d, w, lse, res, ent, g_loss, g_lse, g_ent, sum
             grad, grad_y if grad_y is not None else grad, n, z2d.stride(0), y2d.stride(0) if soft else 0,
             grad.stride(0), grad_y.stride(0) if grad_y is not None else 0, int(ignore_index),
             SOFT=soft, WEIGHT=w is not None, SOFTCAP=bool(softcap), GLSE=g_lse is not None, ENTROPY=g_ent is not None,
-            GRAD_Y=grad_y is not None, BLOCK=blk, ACC=_acc(z2d.dtype), num_warps=num_warps(blk))
+            GRAD_Y=grad_y is not None, BLOCK=cfg["BLOCK"], ACC=_acc(z2d.dtype), num_warps=cfg["num_warps"],
+            maxnreg=cfg["maxnreg"])

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import block_size, num_warps
+from .rows import row_config
 from .softmax_stats import load_row_chunk, update_stats
 
 
@@ -246,8 +246,8 @@ def logits_summary_fwd(z2d, t_rel, want_sum_z):
     acc = torch.float64 if z2d.dtype == torch.float64 else torch.float32
     outs = [torch.empty(rows, device=z2d.device, dtype=acc) for _ in range(5)]
     if rows:
-        blk = block_size(n)
+        cfg = row_config(n, z2d)  # BLOCK, warps and the register budget (ptxas spilled 8 B without it)
         wrap_triton(logits_summary_kernel)[(rows,)](
-            z2d, t_rel, *outs, n, z2d.stride(0), SUM_Z=bool(want_sum_z), BLOCK=blk, ACC=_acc(z2d.dtype),
-            num_warps=num_warps(blk))
+            z2d, t_rel, *outs, n, z2d.stride(0), SUM_Z=bool(want_sum_z), BLOCK=cfg["BLOCK"], ACC=_acc(z2d.dtype),
+            num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return outs
