@@ -1,5 +1,5 @@
-"""The C kernel of the row ops (entmath/kernels/cpu/rows.c): entropy and cross-entropy against class
-indices on float32/bfloat16 CPU rows.  Implementation checks: the C path against the eager torch
+"""The C kernel of the row ops (entmath/kernels/cpu/rows.c): entropy, kl and cross-entropy against
+class indices on float32/bfloat16 CPU rows.  Implementation checks: the C path against the eager torch
 path on the same values (its twin), the registered operators, and the cases the kernel handles
 apart (the deep tail, spans beyond the max, bad rows).  Its accuracy against mpmath is held by the
 property tests of tests/test_extremes.py and tests/test_cross_entropy.py on the path "c"."""
@@ -11,6 +11,7 @@ import entmath
 from entmath.kernels.cpu import rows as cpu_rows
 from entmath.ops import cross_entropy as ce_op
 from entmath.ops import entropy as ent_op
+from entmath.ops import kl as kl_op
 
 M = torch.finfo(torch.float32).max
 
@@ -29,7 +30,7 @@ def eager(monkeypatch):
 def calls(monkeypatch):
     """Counts of the C kernel's forward and backward entry points."""
     counts = {}
-    for name in ("entropy_fwd", "entropy_bwd", "ce_fwd", "ce_bwd"):
+    for name in ("entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd"):
         real = getattr(cpu_rows, name)
 
         def counted(*a, _real=real, _name=name, **k):
@@ -70,6 +71,32 @@ def test_entropy_c_path_matches_the_eager_path(dtype, offset, eager, calls):
 
 def kw_ignore(opts):
     return opts.get("ignore_index", -100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_kl_c_path_matches_the_eager_path(dtype, offset, eager, calls):
+    a = _rows(dtype, offset=offset)
+    b = _rows(dtype, seed=1, offset=offset)
+    b[6] = a[6] + 1e-3  # a close pair: KL of order 1e-7
+    b[7, 10:] = float("-inf")  # q has no mass where p has: +inf
+    w = torch.linspace(0.5, 2, a.shape[0])
+
+    def run(x, y):
+        k = entmath.kl(x, y)
+        (torch.where(k.isfinite(), k.float(), 0.0) * w).sum().backward()
+        return k
+
+    ac, bc = a.clone().requires_grad_(), b.clone().requires_grad_()
+    k = run(ac, bc)
+    assert calls == {"kl_fwd": 1, "kl_bwd": 1}
+    ae, be = a.clone().requires_grad_(), b.clone().requires_grad_()
+    k_e = eager(lambda: run(ae, be))
+    assert k[7].item() == float("inf") == k_e[7].item()
+    torch.testing.assert_close(k.float(), k_e.float(), **TOL[dtype])
+    tol = TOL[dtype] if offset == 0 else dict(rtol=1e-2, atol=2e-3)  # both: p = e^{a - fl(lse)} at 1e4
+    torch.testing.assert_close(ac.grad.float(), ae.grad.float(), **tol)
+    torch.testing.assert_close(bc.grad.float(), be.grad.float(), **tol)
 
 
 OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(weight=True),
@@ -121,6 +148,7 @@ def test_the_threshold_and_the_paths_it_leaves_alone():
     big = torch.randn(64, 1000)
     assert not ent_op._on_cpu_kernel(small) and ent_op._on_cpu_kernel(big)
     assert not ent_op._on_cpu_kernel(big.double()) and not ent_op._on_cpu_kernel(big.half())
+    assert kl_op._on_cpu_kernel(big, big) and not kl_op._on_cpu_kernel(big, big.bfloat16())
     t = torch.zeros(64, dtype=torch.long)
     assert ce_op._on_cpu_kernel(big, t, None)
     assert not ce_op._on_cpu_kernel(big, None, None)  # probability targets: the eager path
@@ -195,6 +223,10 @@ def test_registered_operators():
     for args in [(z, t, None, 0.0, -100, False), (z, t, w, 0.1, 5, True)]:
         torch.library.opcheck(torch.ops.entmath.cross_entropy_cpu, args)
     torch.library.opcheck(torch.ops.entmath.entropy_cpu, (z,))
+    b = z.flip(-1).contiguous()
+    torch.library.opcheck(torch.ops.entmath.kl_cpu, (z, b))
+    kl, la, lb = torch.ops.entmath.kl_cpu(z, b)
+    torch.library.opcheck(torch.ops.entmath.kl_backward_cpu, (z, b, kl, la, lb, torch.ones(4)))
     h, lse = torch.ops.entmath.entropy_cpu(z)
     torch.library.opcheck(torch.ops.entmath.entropy_backward_cpu, (z, h, lse, torch.ones(4)))
     loss, lse, res, ent = torch.ops.entmath.cross_entropy_cpu(z, t, w, 0.1, -100, True)
@@ -208,7 +240,7 @@ def test_compiles_to_one_graph_with_the_kernel_inside():
 
     def loss_fn(z):
         loss, h = entmath.cross_entropy(z, t, return_entropy=True)
-        return loss - 0.01 * h.mean() + entmath.entropy(z).mean()
+        return loss - 0.01 * h.mean() + entmath.entropy(z).mean() + entmath.kl(z, z.flip(0)).mean()
 
     explain = torch._dynamo.explain(loss_fn)(z)
     assert explain.graph_break_count == 0

@@ -17,7 +17,9 @@ numbers: 0.0 for logits at -1e38, errors of 1e-3 at an offset of 1e4).  Two read
 Backward:  dKL/da_k = p_k (log p_k - log q_k - KL),   dKL/db_k = q_k - p_k  (``kl_vjp``, in torch
 ops, so differentiable again; the Triton path uses its backward kernel when no graph is built).
 
-Paths: ``kl_torch`` (the reference, plain torch) and ``torch.ops.entmath.kl_triton``
+Paths: ``kl_torch`` (the reference, plain torch), ``torch.ops.entmath.kl_cpu`` (the C kernel of
+``entmath/kernels/cpu/rows.c``, for float32/bfloat16 CPU rows of at least
+``kernels.cpu.rows.MIN_ELEMS`` elements) and ``torch.ops.entmath.kl_triton``
 (``entmath/kernels/triton/kl.py``).
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
-from ._library import acc_dtype, register_row_vmap, triton_kernel_op
+from ..kernels.cpu import rows as cpu_rows
+from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._divergence import kl_rows
 from ._stats import clamped, log_normaliser, nan_unless_finite
@@ -92,16 +95,26 @@ class _KL(torch.autograd.Function):
         if backend == "triton":
             out = torch.ops.entmath.kl_triton(rows_2d(a), rows_2d(b))
             return tuple(t.view(a.shape[:-1]) for t in out)
+        if _on_cpu_kernel(a, b):
+            out = torch.ops.entmath.kl_cpu(rows_2d(a), rows_2d(b))
+            return tuple(t.view(a.shape[:-1]) for t in out)
         return kl_torch(a, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, output)
-        ctx.backend = inputs[2]
+        a, b, backend = inputs
+        ctx.kernel = "triton" if backend == "triton" else "cpu" if _on_cpu_kernel(a, b) else None
 
     @staticmethod
     def backward(ctx, g, g_lse_a, g_lse_b):
-        return (*_backward(ctx, g, g_lse_a, g_lse_b, kernel=ctx.backend == "triton"), None)
+        return (*_backward(ctx, g, g_lse_a, g_lse_b, kernel=ctx.kernel), None)
+
+
+def _on_cpu_kernel(a, b) -> bool:
+    """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
+    return (a.device.type == "cpu" and a.dim() >= 1 and a.shape == b.shape
+            and cpu_rows.enabled(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])))
 
 
 # ---- the Triton path, registered as operators (see _library.py) -----------------------------
@@ -135,20 +148,49 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], *output)
 
 
-def _backward(ctx, g, g_lse_a, g_lse_b, kernel=True):
+def _backward(ctx, g, g_lse_a, g_lse_b, kernel="triton"):
     a, b, kl, lse_a, lse_b = ctx.saved_tensors
     if not kernel or torch.is_grad_enabled() or g is None or g_lse_a is not None or g_lse_b is not None:
         return kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b)  # differentiable torch
     a2d, b2d = rows_2d(a), rows_2d(b)
-    ga, gb = torch.ops.entmath.kl_backward_triton(a2d, b2d, kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1),
-                                                  g.reshape(-1))
+    op = torch.ops.entmath.kl_backward_triton if kernel == "triton" else torch.ops.entmath.kl_backward_cpu
+    ga, gb = op(a2d, b2d, kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1), g.reshape(-1))
     return ga.view(a.shape), gb.view(b.shape)
 
 
-# Direct callers of torch.ops.entmath.kl_triton get the same autograd.
+# ---- the C path (CPU), registered the same way -----------------------------------------------
+@cpu_kernel_op("kl_cpu")
+def kl_cpu(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL, lse_a, lse_b), float32, of float32/bfloat16 row pairs (rows, n) by the C kernel (the
+    eager path if it cannot be built): two reads of each row, the second from cache."""
+    if not cpu_rows.available():
+        return kl_torch(a, b)
+    return cpu_rows.kl_fwd(a if a.stride(-1) == 1 else a.contiguous(), b if b.stride(-1) == 1 else b.contiguous())
+
+
+@cpu_kernel_op("kl_backward_cpu")
+def kl_backward_cpu(a: torch.Tensor, b: torch.Tensor, kl: torch.Tensor, lse_a: torch.Tensor, lse_b: torch.Tensor,
+                    g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dKL/da, dKL/db) times dL/dKL (rows,) by the C kernel: one read of a and b, one write of each."""
+    if not cpu_rows.available():
+        ga, gb = kl_vjp(a, b, kl, lse_a, lse_b, g, None, None)
+        return ga.contiguous(), gb.contiguous()
+    return cpu_rows.kl_bwd(a if a.stride(-1) == 1 else a.contiguous(), b if b.stride(-1) == 1 else b.contiguous(),
+                           g, kl, lse_a, lse_b)
+
+
+kl_cpu.register_fake(lambda a, b: tuple(a.new_empty(a.shape[:1], dtype=torch.float32) for _ in range(3)))
+kl_backward_cpu.register_fake(lambda a, b, kl, lse_a, lse_b, g: (
+    torch.empty_like(a, memory_format=torch.contiguous_format),
+    torch.empty_like(b, memory_format=torch.contiguous_format)))
+
+# Direct callers of the registered operators get the same autograd.
 kl_triton.register_autograd(_backward, setup_context=_setup)
+kl_cpu.register_autograd(lambda ctx, g, ga, gb: _backward(ctx, g, ga, gb, kernel="cpu"), setup_context=_setup)
 register_row_vmap(kl_triton, (1, 1))
 register_row_vmap(kl_backward_triton, (1, 1, 0, 0, 0, 0))
+register_row_vmap(kl_cpu, (1, 1))
+register_row_vmap(kl_backward_cpu, (1, 1, 0, 0, 0, 0))
 
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")

@@ -1,5 +1,5 @@
-/* The CPU kernels of the row ops: entropy (Chapter 1) and cross-entropy against class indices
- * (Chapters 1 and 5), forward and backward.
+/* The CPU kernels of the row ops: entropy and KL (Chapter 1) and cross-entropy against class
+ * indices (Chapters 1 and 5), forward and backward.
  *
  * rows.py (beside this file) builds it like the entropy-normalization kernel and calls the
  * entmath_* functions through ctypes on float32 or bfloat16 rows, one range of rows per call.
@@ -75,6 +75,63 @@ static inline double log_normaliser(double c, double t) { return log(c) + log1p(
  * with w_j != 0 (w = 1 without class weights; halved so that a span beyond FLT_MAX overflows only
  * where the loss does); deep: an entry with -inf < d < DEEP. */
 typedef struct { double c, t, a, d; int deep; } row_sums;
+
+/* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2)(1 + y/3 (1 + y/4 (...))), as
+ * ops/_divergence.chi: TERMS terms after the first, the remainder below the unit roundoff. */
+static inline float chi_series_f(float y)
+{
+    float s = 1.0f;
+    for (int k = 11; k > 2; --k)  /* 9 terms (float) */
+        s = s * y * (1.0f / (float)k) + 1.0f;
+    return s * y * y * 0.5f;
+}
+
+static inline double chi_d(double y)
+{
+    if (fabs(y) > 1.0)
+        return expm1(y) - y;
+    double s = 1.0;
+    for (int k = 18; k > 2; --k)  /* 16 terms (double) */
+        s = s * y * (1.0 / (double)k) + 1.0;
+    return s * y * y * 0.5;
+}
+
+/* (s, e): s = fl(x + y), s + e = x + y exactly (TwoSum; 0 for e when x or y is infinite). */
+#define TWO_SUM(FT, x, y, s, e)                                                                    \
+    do {                                                                                           \
+        const FT s_ = (x) + (y), t_ = s_ - (x);                                                    \
+        const FT e_ = ((x) - (s_ - t_)) + ((y) - t_);                                              \
+        s = s_;                                                                                    \
+        e = e_ == e_ ? e_ : (FT)0;                                                                 \
+    } while (0)
+
+/* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums):
+ * from the halved, compensated offsets of a and b, the log-ratio y = log q - log p + eta and
+ * p = e^{log p}; K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0;
+ * lost: a finite a against b = -inf.  FT is float (the vector sweep) or double (the deep tail). */
+#define KL_TERMS(FT, EXP, CHI, x, v, hma, hmb, log_sa, log_sb, half_shift, K, Z, Y, Q, lost)        \
+    do {                                                                                           \
+        FT ha, ea, hb, eb;                                                                         \
+        TWO_SUM(FT, (FT)0.5 * (x), hma, ha, ea);                                                   \
+        TWO_SUM(FT, (FT)0.5 * (v), hmb, hb, eb);                                                   \
+        const FT yh = ((hb - ha) + (eb - ea)) - (half_shift);                                      \
+        const FT lp = (FT)2 * ha - (log_sa);                                                       \
+        const FT p = EXP(lp < (FT)0 ? lp : (FT)0);                                                 \
+        const FT y = (FT)2 * yh;                                                                   \
+        const int small = y <= (FT)1 && y >= (FT)-1;                                               \
+        const FT c = CHI(small ? y : (FT)0);                                                       \
+        const FT lq = (FT)2 * ((FT)0.5 * lp + yh);                                                 \
+        const FT qmp = EXP(lq < (FT)0 ? lq : (FT)0) - p;                                           \
+        const int in_p = p > (FT)0;                                                                \
+        K += in_p ? (small ? c * p : qmp - (FT)2 * p * yh) : (FT)0;                                \
+        Z += in_p ? (small ? (c + y) * p : qmp) : (FT)0;                                           \
+        Y += in_p ? p * yh : (FT)0;                                                                \
+        const FT lqb = (FT)2 * hb - (log_sb);                                                      \
+        Q += in_p ? (FT)0 : EXP(lqb < (FT)0 ? lqb : (FT)0);                                        \
+        lost |= ((x) > -(FT)INFINITY) & ((v) == -(FT)INFINITY);                                    \
+    } while (0)
+
+static inline double exp_d(double x) { return exp(x); }
 
 #define DEFINE_ROW_OPS(SUF, T, LD, ST)                                                             \
                                                                                                    \
@@ -212,6 +269,98 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
     *res = (float)(((double)m - (double)*lse) + log_s);                                            \
     if (h)                                                                                         \
         *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
+}                                                                                                  \
+                                                                                                   \
+/* KL(softmax(a) || softmax(b)) of a row pair with valid maxima ma, mb (Chapter 1,                 \
+ * eq-ent-kl-stable): S_a, S_b in one sweep, then the non-negative terms (KL_TERMS) in another,    \
+ *   KL = K - chi(log1p Z) - log1p(-Q)   (or -2 Y when Q > 1/2),  +inf if lost.                  \
+ * A row with an entry whose p or q is subnormal in float (-inf excluded) is summed again in      \
+ * double. */                                                                                      \
+static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb, double *log_sa_out,  \
+                          double *log_sb_out)                                                      \
+{                                                                                                  \
+    double ca = 0.0, ta = 0.0, cb = 0.0, tb = 0.0;                                                 \
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
+        float caf = 0.0f, taf = 0.0f, cbf = 0.0f, tbf = 0.0f;                                      \
+        _Pragma("omp simd reduction(+ : caf, taf, cbf, tbf)")                                      \
+        for (int64_t i = i0; i < i1; ++i) {                                                        \
+            const float da = LD(a, i) - ma, db = LD(b, i) - mb;                                    \
+            caf += da == 0.0f ? 1.0f : 0.0f;                                                       \
+            taf += da < 0.0f ? exp_nonpos(da) : 0.0f;                                              \
+            cbf += db == 0.0f ? 1.0f : 0.0f;                                                       \
+            tbf += db < 0.0f ? exp_nonpos(db) : 0.0f;                                              \
+        }                                                                                          \
+        ca += caf; ta += taf; cb += cbf; tb += tbf;                                                \
+    }                                                                                              \
+    const double log_sa = log_normaliser(ca, ta), log_sb = log_normaliser(cb, tb);                 \
+    *log_sa_out = log_sa;                                                                          \
+    *log_sb_out = log_sb;                                                                          \
+    const float lsa = (float)log_sa, lsb = (float)log_sb;                                          \
+    const float half_shift = 0.5f * (lsb - lsa);                                                   \
+    const float hma = -0.5f * ma, hmb = -0.5f * mb;                                                \
+    double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
+    int lost = 0, deep = 0;                                                                        \
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
+        float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
+        int lf = 0, df = 0;                                                                        \
+        _Pragma("omp simd reduction(+ : kf, zf, yf, qf) reduction(| : lf, df)")                    \
+        for (int64_t i = i0; i < i1; ++i) {                                                        \
+            const float x = LD(a, i), v = LD(b, i);                                                \
+            KL_TERMS(float, exp_nonpos, chi_series_f, x, v, hma, hmb, lsa, lsb, half_shift, kf, zf, yf, qf, lf); \
+            df |= ((x - ma < DEEP + (float)log_sa) & (x > -INFINITY))                              \
+                  | ((v - mb < DEEP + (float)log_sb) & (v > -INFINITY));                           \
+        }                                                                                          \
+        K += kf; Z += zf; Y += yf; Q += qf; lost |= lf; deep |= df;                                \
+    }                                                                                              \
+    if (deep) {  /* the same sums in double: p and q of these entries are not flushed to 0 */       \
+        K = Z = Y = Q = 0.0;                                                                       \
+        const double dsa = (double)lsa, dsb = (double)lsb, dhs = 0.5 * ((double)lsb - (double)lsa); \
+        const double dma = -0.5 * (double)ma, dmb = -0.5 * (double)mb;                            \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            const double x = (double)LD(a, i), v = (double)LD(b, i);                               \
+            KL_TERMS(double, exp_d, chi_d, x, v, dma, dmb, dsa, dsb, dhs, K, Z, Y, Q, lost);       \
+        }                                                                                          \
+    }                                                                                              \
+    if (lost)                                                                                      \
+        return INFINITY;                                                                           \
+    const double kl = Q <= 0.5 ? K - chi_d(log1p(Z)) - log1p(-Q) : -2.0 * Y;                       \
+    return kl > 0.0 ? (float)kl : 0.0f;                                                            \
+}                                                                                                  \
+                                                                                                   \
+/* dKL/da = g p (log p - log q - KL), dKL/db = g (q - p); 0 from the KL term where KL = +inf.      \
+ * Entries whose p or q is subnormal in float are redone with the libm exp (in place is safe). */ \
+static void kl_grad_row_##SUF(const T *a, const T *b, T *ga, T *gb, int64_t n, float g, float kl,  \
+                              float lse_a, float lse_b)                                            \
+{                                                                                                  \
+    const float la = lse_a - lse_a == 0.0f ? lse_a : NAN, lb = lse_b - lse_b == 0.0f ? lse_b : NAN; \
+    const float klf = kl < INFINITY ? kl : 0.0f, ka = kl < INFINITY ? g : 0.0f;                    \
+    int deep = 0;                                                                                  \
+    _Pragma("omp simd reduction(| : deep)")                                                        \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float x = LD(a, i), v = LD(b, i);                                                    \
+        const float lp = x - la, lq = v - lb;                                                      \
+        const float lpc = lp < -88.0f ? -88.0f : lp, lqc = lq < -88.0f ? -88.0f : lq;              \
+        const float p = exp_nonpos(lpc), q = exp_nonpos(lqc);                                      \
+        const int tail = ((lp < DEEP) & (x > -INFINITY)) | ((lq < DEEP) & (v > -INFINITY));        \
+        deep |= tail;                                                                              \
+        ST(ga, i, tail ? x : ka * (p * ((lpc - lqc) - klf)));                                      \
+        ST(gb, i, tail ? v : g * (q - p));                                                         \
+    }                                                                                              \
+    if (deep) {                                                                                    \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+            const float x = LD(a, i), v = LD(b, i);                                                \
+            const float lp = x - la, lq = v - lb;                                                  \
+            if (((lp < DEEP) & (x > -INFINITY)) | ((lq < DEEP) & (v > -INFINITY))) {               \
+                const double dp = (double)x - (double)la, dq = (double)v - (double)lb;             \
+                const double p = exp(dp), q = exp(dq);                                             \
+                const double lpq = p > 0.0 ? (dp - (dq > -1e300 ? dq : -1e300)) - klf : 0.0;       \
+                ST(ga, i, (float)(ka * (p * lpq)));                                                \
+                ST(gb, i, (float)(g * (q - p)));                                                   \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
 }
 
 DEFINE_ROW_OPS(f32, float, ld_f32, st_f32)
@@ -344,4 +493,48 @@ void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, i
         FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(f32, float));
+}
+
+/* KL forward: per row KL, and the coded log-normalisers of a and b. */
+#define KL_ROW(SUF, TT)                                                                            \
+    do {                                                                                           \
+        const TT *ar = (const TT *)a + row * sa, *br = (const TT *)b + row * sb;                   \
+        float ma, mb;                                                                              \
+        int na, nb;                                                                                \
+        scan_##SUF(ar, n, &ma, &na);                                                               \
+        scan_##SUF(br, n, &mb, &nb);                                                               \
+        const int fa = row_fault(ma, na, lse_a + row), fb = row_fault(mb, nb, lse_b + row);        \
+        if (fa || fb) {                                                                            \
+            kl[row] = NAN;                                                                         \
+            if (!fa) lse_a[row] = ma;  /* a finite value stands for a valid row */                 \
+            if (!fb) lse_b[row] = mb;                                                              \
+            break;                                                                                 \
+        }                                                                                          \
+        double log_sa, log_sb;                                                                     \
+        kl[row] = kl_row_##SUF(ar, br, n, ma, mb, &log_sa, &log_sb);                               \
+        lse_a[row] = (float)((double)ma + log_sa);                                                 \
+        lse_b[row] = (float)((double)mb + log_sb);                                                 \
+    } while (0)
+
+void entmath_kl_fwd(const void *a, const void *b, int64_t bf16, int64_t n, int64_t sa, int64_t sb,
+                    int64_t r0, int64_t r1, float *kl, float *lse_a, float *lse_b, int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, KL_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, KL_ROW(f32, float));
+}
+
+void entmath_kl_bwd(const void *a, const void *b, void *ga, void *gb, int64_t bf16, int64_t n, int64_t sa,
+                    int64_t sb, int64_t r0, int64_t r1, const float *g, const float *kl, const float *lse_a,
+                    const float *lse_b, int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, kl_grad_row_bf16((const uint16_t *)a + row * sa, (const uint16_t *)b + row * sb,
+                                                   (uint16_t *)ga + row * n, (uint16_t *)gb + row * n, n, g[row],
+                                                   kl[row], lse_a[row], lse_b[row]));
+    else
+        FOR_ROWS(r0, r1, threads, kl_grad_row_f32((const float *)a + row * sa, (const float *)b + row * sb,
+                                                  (float *)ga + row * n, (float *)gb + row * n, n, g[row], kl[row],
+                                                  lse_a[row], lse_b[row]));
 }

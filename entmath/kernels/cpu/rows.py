@@ -1,5 +1,5 @@
-"""The CPU kernels of the row ops (``rows.c``): entropy forward and backward, and cross-entropy
-against class indices forward and backward.
+"""The CPU kernels of the row ops (``rows.c``): entropy, KL and cross-entropy against class
+indices, each forward and backward.
 
 Built like the entropy-normalization kernel (the same flag sets and per-user cache, ``loader``)
 and sharing its vectorised exponential (``vecmath.h``); loaded with ctypes on first use.  Rows
@@ -27,7 +27,8 @@ import torch
 from . import entropy_normalization as _en
 from . import loader
 
-__all__ = ["enabled", "entropy_fwd", "entropy_bwd", "ce_fwd", "ce_bwd", "MIN_ELEMS"]
+__all__ = ["enabled", "available", "entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd",
+           "MIN_ELEMS"]
 
 SOURCE = Path(__file__).with_name("rows.c")
 #: Smallest input (rows x classes) for the C path.
@@ -44,6 +45,10 @@ _SIGNATURES = {
     "entmath_entropy_fwd": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
     # (z, gz, bf16, n, stride, gstride, r0, r1, g, h, lse, threads)
     "entmath_entropy_bwd": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I],
+    # (a, b, bf16, n, sa, sb, r0, r1, kl, lse_a, lse_b, threads)
+    "entmath_kl_fwd": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I],
+    # (a, b, ga, gb, bf16, n, sa, sb, r0, r1, g, kl, lse_a, lse_b, threads)
+    "entmath_kl_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I],
     # (z, t, w, bf16, n, stride, r0, r1, eps, ignore_index, loss, lse, res, h, threads)
     "entmath_ce_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _I],
     # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
@@ -152,6 +157,27 @@ def entropy_bwd(z: torch.Tensor, g: torch.Tensor, h: torch.Tensor, lse: torch.Te
         _run(build().entmath_entropy_bwd, rows, _ptr(z), _ptr(gz), int(z.dtype == torch.bfloat16), n, z.stride(0),
              n, _R0, _R1, _ptr(g), _ptr(h), _ptr(lse), _T)
     return gz
+
+
+def kl_fwd(a: torch.Tensor, b: torch.Tensor):
+    """(KL, coded lse_a, coded lse_b), float32 (rows,), of the row pairs of a and b (rows, n)."""
+    rows, n = a.shape
+    kl, lse_a, lse_b = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    if rows:
+        _run(build().entmath_kl_fwd, rows, _ptr(a), _ptr(b), int(a.dtype == torch.bfloat16), n, a.stride(0),
+             b.stride(0), _R0, _R1, _ptr(kl), _ptr(lse_a), _ptr(lse_b), _T)
+    return kl, lse_a, lse_b
+
+
+def kl_bwd(a, b, g, kl, lse_a, lse_b):
+    """(dKL/da, dKL/db) times dL/dKL (rows,), contiguous, in the inputs' dtype."""
+    rows, n = a.shape
+    ga, gb = torch.empty((rows, n), dtype=a.dtype), torch.empty((rows, n), dtype=b.dtype)
+    g, kl, lse_a, lse_b = map(_f32, (g, kl, lse_a, lse_b))
+    if rows:
+        _run(build().entmath_kl_bwd, rows, _ptr(a), _ptr(b), _ptr(ga), _ptr(gb), int(a.dtype == torch.bfloat16), n,
+             a.stride(0), b.stride(0), _R0, _R1, _ptr(g), _ptr(kl), _ptr(lse_a), _ptr(lse_b), _T)
+    return ga, gb
 
 
 def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool):
