@@ -120,14 +120,15 @@ static inline double chi_d(double y)
         const FT y = (FT)2 * yh;                                                                   \
         const int small = y <= (FT)1 && y >= (FT)-1;                                               \
         const FT c = CHI(small ? y : (FT)0);                                                       \
-        const FT lq = (FT)2 * ((FT)0.5 * lp + yh);                                                 \
-        const FT qmp = EXP(lq < (FT)0 ? lq : (FT)0) - p;                                           \
         const int in_p = p > (FT)0;                                                                \
+        /* log q: through p (p e^y, no overflow) on p's support, from b's own row off it */        \
+        const FT lq = in_p ? (FT)2 * ((FT)0.5 * lp + yh) : (FT)2 * hb - (log_sb);                  \
+        const FT q = EXP(lq < (FT)0 ? lq : (FT)0);                                                 \
+        const FT qmp = q - p;                                                                      \
         K += in_p ? (small ? c * p : qmp - (FT)2 * p * yh) : (FT)0;                                \
         Z += in_p ? (small ? (c + y) * p : qmp) : (FT)0;                                           \
         Y += in_p ? p * yh : (FT)0;                                                                \
-        const FT lqb = (FT)2 * hb - (log_sb);                                                      \
-        Q += in_p ? (FT)0 : EXP(lqb < (FT)0 ? lqb : (FT)0);                                        \
+        Q += in_p ? (FT)0 : q;                                                                     \
         lost |= ((x) > -(FT)INFINITY) & ((v) == -(FT)INFINITY);                                    \
     } while (0)
 
@@ -150,8 +151,9 @@ static void scan_##SUF(const T *z, int64_t n, float *m_out, int *nan_out)       
     *nan_out = nan;                                                                                \
 }                                                                                                  \
                                                                                                    \
-/* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w. */ \
-static row_sums sums_##SUF(const T *z, int64_t n, float m, int want_a, int want_d, const float *w)  \
+/* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w.   \
+ * Always inlined, and called with constant flags: each caller gets its own branch-free loop. */  \
+static inline __attribute__((always_inline)) row_sums sums_##SUF(const T *z, int64_t n, float m, int want_a, int want_d, const float *w)  \
 {                                                                                                  \
     row_sums s = {0.0, 0.0, 0.0, 0.0, 0};                                                          \
     const float hm = 0.5f * m;                                                                     \
@@ -215,8 +217,8 @@ static void entropy_row_##SUF(const T *z, int64_t n, float *h, float *lse)      
  * p_i = e^{z_i - lse} back with back = e^{-res}: the entropy's (coef = 0, gh = -g, res = 0, no   \
  * u) and the cross-entropy's (u_i = gu_i for every class plus gt at class t).  In place is safe: \
  * each entry is read before it is written.  The deep tail is redone with the libm exp. */         \
-static void grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, float back, float coef, float gh, \
-                           float h_res, const float *w, float gu, int64_t t, float gt)             \
+static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, \
+        float back, float coef, float gh, float h_res, const float *w, float gu, int64_t t, float gt) \
 {                                                                                                  \
     const float l = lse - lse == 0.0f ? lse : NAN;                                                 \
     const float cb = coef * back, ghb = gh * back;                                                 \
@@ -254,7 +256,13 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
                          float eps, float *loss, float *lse, float *res, float *h)                 \
 {                                                                                                  \
     const int want_d = eps > 0.0f ? (w ? 2 : 1) : 0;                                               \
-    const row_sums s = sums_##SUF(z, n, m, h != NULL, want_d, w);                                  \
+    row_sums s;                                                                                    \
+    if (h)                                                                                         \
+        s = want_d == 0 ? sums_##SUF(z, n, m, 1, 0, NULL)                                          \
+          : want_d == 1 ? sums_##SUF(z, n, m, 1, 1, NULL) : sums_##SUF(z, n, m, 1, 2, w);          \
+    else                                                                                           \
+        s = want_d == 0 ? sums_##SUF(z, n, m, 0, 0, NULL)                                          \
+          : want_d == 1 ? sums_##SUF(z, n, m, 0, 1, NULL) : sums_##SUF(z, n, m, 0, 2, w);          \
     const double log_s = log_normaliser(s.c, s.t);                                                 \
     const double keep = 1.0 - (double)eps, spread = (double)eps / (double)n;                       \
     const double coef_t = w ? keep * (double)w[t] : keep;                                          \
@@ -479,8 +487,12 @@ void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf1
         const float coef = gl * (sum_u ? sum_u[row] : 1.0f) + (g_lse ? g_lse[row] : 0.0f);        \
         const float r = res[row];                                                                  \
         const float gt = gl * keep * (w ? w[ti] : 1.0f);                                           \
-        grad_row_##SUF(zr, gzr, n, lse[row], (float)exp(-(double)r), coef, g_h ? -g_h[row] : 0.0f, \
-                       g_h ? h[row] - r : 0.0f, w, gl * spread, ti, gt);                           \
+        const float back = (float)exp(-(double)r), ghr = g_h ? -g_h[row] : 0.0f;                  \
+        const float hr = g_h ? h[row] - r : 0.0f;                                                  \
+        if (w)                                                                                     \
+            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, w, gl * spread, ti, gt);     \
+        else                                                                                       \
+            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, NULL, gl * spread, ti, gt);  \
     } while (0)
 
 void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, int64_t bf16, int64_t n,
