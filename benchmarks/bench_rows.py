@@ -104,23 +104,27 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     args = ap.parse_args(argv)
-    results = []
+    rows = {}  # (op, mode, shape) -> the row of the table: times and ratio per thread count
     before = torch.get_num_threads()
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for rows, n in SHAPES:
-                for op, mode, ours, ref in cases(rows, n):
-                    a, r = interleaved([ours, ref], args.repeats)
-                    results.append({"op": op, "mode": mode, "shape": f"{rows}x{n}", "threads": threads,
-                                    "entmath_ms": a * 1e3, "torch_ms": r * 1e3, "ratio": a / r})
-                    print(table(results[-1:], ["op", "mode", "shape", "threads", "entmath_ms", "torch_ms", "ratio"]
-                                ).splitlines()[-1], flush=True)
+            for r, n in SHAPES:
+                for op, mode, ours, ref in cases(r, n):
+                    a, b = interleaved([ours, ref], args.repeats)
+                    row = rows.setdefault((op, mode, f"{r}x{n}"), {"op": op, "mode": mode, "shape": f"{r}x{n}"})
+                    row[f"entmath ms ({threads} thr)"] = a * 1e3
+                    row[f"torch ms ({threads} thr)"] = b * 1e3
+                    row[f"ratio ({threads} thr)"] = a / b
+                    print(f"{op:14s} {mode:19s} {r}x{n:<7d} {threads} thr  entmath {a * 1e3:9.3f} ms  "
+                          f"torch {b * 1e3:9.3f} ms  ratio {a / b:.2f}", flush=True)
         torch.set_num_threads(1)
         calls = overhead(args.repeats)
     finally:
         torch.set_num_threads(before)
-    print(table(results, ["op", "mode", "shape", "threads", "entmath_ms", "torch_ms", "ratio"]))
+    results = list(rows.values())
+    cols = ["op", "mode", "shape"] + [f"ratio ({t} thr)" for t in args.threads]
+    print(table(results, cols))
     print("per-call overhead (1 x 2 input, one thread):")
     print(table(calls, ["op", "entmath_us", "torch_us"]))
     print("saved", save("rows", results, overhead=calls, dtype="float32"))

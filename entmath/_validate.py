@@ -19,6 +19,7 @@ unaffected.  That is what ``torch.amp.GradScaler`` needs to notice an overflow a
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
@@ -103,22 +104,27 @@ def lowest(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
-def check_rows_finite(lse: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> None:
+def check_rows_finite(lse: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> bool:
     """Raise if some row's log-normaliser is not finite, naming ``name``, the cause and the rows.
 
     Every op returns its per-row lse *coded*: NaN if the row holds a NaN, +inf if it holds +inf,
     -inf if every logit is -inf (see ``coded_lse``).  So the cause is read off a rows-sized tensor,
     without another look at the logits (which an in-place op may already have overwritten).
     ``rows`` optionally restricts the check to a boolean mask of rows that matter.  A no-op
-    unless ``value_checks_active``.
+    unless ``value_checks_active``.  Returns True when it has verified that every lse is finite
+    (the caller may then skip its masking of bad rows), False otherwise.
     """
     if not value_checks_active(lse):
-        return
+        return False
+    # The common case in one reduction and one host read: the sum of the lse is finite iff each
+    # one is (short of overflowing the sum, which only sends the check down the full path).
+    if lse.numel() and math.isfinite(lse.sum().item()):
+        return True
     bad = ~torch.isfinite(lse.reshape(lse.shape or (1,)))  # a 1-D input has a 0-dim lse: one row
     if rows is not None:
         bad &= rows.reshape(bad.shape)
     if not bool(bad.any()):
-        return
+        return rows is None
     for test, what in ((torch.isnan, f"{name} contains NaN"),
                        (torch.isposinf, f"{name} contains +inf (softmax is undefined there)"),
                        (torch.isneginf, f"{name} has row(s) where every logit is -inf: the distribution has no support")):

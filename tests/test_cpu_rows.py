@@ -143,10 +143,15 @@ def test_cross_entropy_c_path_matches_torch_and_writes_in_place(calls):
     torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-8)
 
 
-def test_the_threshold_and_the_paths_it_leaves_alone():
+def test_the_threshold_and_the_paths_it_leaves_alone(monkeypatch):
     small = torch.randn(2, 100)
     big = torch.randn(64, 1000)
+    assert ent_op._on_cpu_kernel(small) and ent_op._on_cpu_kernel(big)  # every size by default
+    monkeypatch.setattr(cpu_rows, "MIN_ELEMS", 1000)
     assert not ent_op._on_cpu_kernel(small) and ent_op._on_cpu_kernel(big)
+    monkeypatch.setenv("ENTMATH_COMPILE", "0")
+    assert not ent_op._on_cpu_kernel(big)
+    monkeypatch.delenv("ENTMATH_COMPILE")
     assert not ent_op._on_cpu_kernel(big.double()) and not ent_op._on_cpu_kernel(big.half())
     assert kl_op._on_cpu_kernel(big, big) and not kl_op._on_cpu_kernel(big, big.bfloat16())
     t = torch.zeros(64, dtype=torch.long)

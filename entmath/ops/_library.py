@@ -79,3 +79,24 @@ def register_row_vmap(op, arg_ranks):
         return outs[0], dims[0]
 
     torch.library.register_vmap(op, rule)
+
+
+def plain_eager(*tensors) -> bool:
+    """True when an op's forward may run directly, without its autograd.Function and registered
+    operators: nothing compiles, exports, fakes or transforms (torch.func) the call, no forward-mode
+    AD level is open, and autograd records nothing for these tensors.  Those layers cost tens of
+    microseconds per call (``Function.apply`` binds its arguments with ``inspect.signature``;
+    a custom operator dispatches in Python), which is most of a call on a small input; with any
+    of the conditions false, the layers run as usual."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad):
+            return False  # a subclass (FakeTensor, DTensor, ...), a meta tensor, or one autograd tracks
+    return True
+

@@ -51,7 +51,7 @@ from .._backend import resolve_backend
 from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compute_dtype, lowest, normalize_dim,
                          value_checks_active)
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite
 
@@ -263,18 +263,14 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, inplace, backend):
-        if backend == "triton":
-            return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
-        if _on_cpu_kernel(z, t, softcap):
-            return torch.ops.entmath.cross_entropy_cpu(z, t, w, eps, ignore_index, want_entropy)
-        return cross_entropy_rows_torch(z, t, y, w, eps, ignore_index, softcap, want_entropy)
+        return _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, t, y, w, eps, ignore_index, softcap, want_entropy, inplace, backend = inputs
         _setup(ctx, inputs[:8], output)
         ctx.inplace, ctx.backend, ctx.used = inplace, backend, False
-        ctx.cpu_kernel = backend != "triton" and _on_cpu_kernel(z, t, softcap)
+        ctx.cpu_kernel = backend == "cpu"
 
     @staticmethod
     def backward(ctx, g_loss, g_lse, g_res, g_ent):
@@ -308,6 +304,19 @@ class _CrossEntropy(torch.autograd.Function):
             # counter turns its use of the overwritten values into an error, never a wrong number.
             torch.autograd.graph.increment_version(z)
         return grad, None, gy if want_gy else None, *([None] * 7)
+
+
+def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, direct=False):
+    """Per-row (loss, lse, residual, entropy) on the chosen path ("triton", "cpu": the C kernel,
+    or "torch"); ``direct``: call the C kernel itself rather than its registered operator (plain
+    eager calls only)."""
+    if backend == "triton":
+        return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
+    if backend == "cpu":
+        if direct and cpu_rows.available():
+            return cpu_rows.ce_fwd(z, t, w, eps, ignore_index, want_entropy)
+        return torch.ops.entmath.cross_entropy_cpu(z, t, w, eps, ignore_index, want_entropy)
+    return cross_entropy_rows_torch(z, t, y, w, eps, ignore_index, softcap, want_entropy)
 
 
 def _vjp_into(grad, z, t, y, w, eps, ignore_index, softcap, lse, res, ent, g_loss, g_lse, g_ent, want_gy):
@@ -610,18 +619,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
                         f"(a floating dtype), got {target.dtype}")
     backend = resolve_backend(backend, logits)
     z2d = rows_2d(z)
-    loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
-                                            inplace and not torch.compiler.is_compiling(), backend)
-    valid = None if t1d is None else t1d != ignore_index
-    check_rows_finite(lse, "logits", rows=valid)
-    if valid is None:
-        bad_row = ~torch.isfinite(lse)
+    if backend == "torch" and _on_cpu_kernel(z2d, t1d, cap):
+        backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
+    if plain_eager(z2d, y2d, w):
+        loss, lse, _, ent = _forward(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy), backend,
+                                     direct=True)
     else:
-        bad_row = valid & ~torch.isfinite(lse)
-    loss = torch.where(bad_row, float("nan"), loss)  # NaN / +inf / no finite logit: a NaN row
+        loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
+                                                inplace and not torch.compiler.is_compiling(), backend)
+    valid = None if t1d is None else t1d != ignore_index
+    all_finite = check_rows_finite(lse, "logits", rows=valid)  # True: verified, nothing to mask
+    bad_row = None
+    if not all_finite:
+        bad_row = ~torch.isfinite(lse) if valid is None else valid & ~torch.isfinite(lse)
+        loss = torch.where(bad_row, float("nan"), loss)  # NaN / +inf / no finite logit: a NaN row
     z_rows = None
     if z_loss:
-        finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)  # (bad rows are NaN already)
+        finite_lse = lse if all_finite else torch.where(torch.isfinite(lse), lse, 0.0)  # (bad rows: NaN already)
         z_rows = z_loss * finite_lse * finite_lse
         if valid is not None:
             z_rows = torch.where(valid, z_rows, 0.0)
@@ -629,7 +643,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     out_dtype = output_dtype(logits)
     out = (out.view(lead) if reduction == "none" else out).to(out_dtype)
     if return_entropy:
-        return out, torch.where(bad_row, float("nan"), ent).view(lead).to(out_dtype)
+        ent = ent if bad_row is None else torch.where(bad_row, float("nan"), ent)
+        return out, ent.view(lead).to(out_dtype)
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite, softmax_stats
 
@@ -77,23 +77,30 @@ class _Entropy(torch.autograd.Function):
 
     @staticmethod
     def forward(z, backend):
-        if backend == "triton":
-            h, lse = torch.ops.entmath.entropy_triton(rows_2d(z))
-            return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
-        if _on_cpu_kernel(z):
-            h, lse = torch.ops.entmath.entropy_cpu(rows_2d(z))
-            return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
-        return entropy_torch(z)
+        return _forward(z, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, output)
-        z, backend = inputs
-        ctx.kernel = "triton" if backend == "triton" else "cpu" if _on_cpu_kernel(z) else None
+        ctx.kernel = inputs[1] if inputs[1] in ("triton", "cpu") else None
 
     @staticmethod
     def backward(ctx, grad_h, grad_lse):
         return _backward(ctx, grad_h, grad_lse, kernel=ctx.kernel), None
+
+
+def _forward(z, backend, direct=False):
+    """(H, lse) on the chosen path ("triton", "cpu": the C kernel, or "torch"); ``direct``: call
+    the C kernel itself rather than its registered operator (plain eager calls only)."""
+    if backend == "triton":
+        h, lse = torch.ops.entmath.entropy_triton(rows_2d(z))
+    elif backend == "cpu":
+        z2d = rows_2d(z)
+        h, lse = (cpu_rows.entropy_fwd(z2d) if direct and cpu_rows.available()
+                  else torch.ops.entmath.entropy_cpu(z2d))
+    else:
+        return entropy_torch(z)
+    return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
 
 
 def _on_cpu_kernel(z) -> bool:
@@ -211,8 +218,11 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, keepdim: bool = False, backe
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
     backend = resolve_backend(backend, logits)
-    h, lse = _Entropy.apply(logits.movedim(dim, -1), backend)
-    check_rows_finite(lse, "logits")
-    h = torch.where(torch.isfinite(lse), h, float("nan"))  # a bad row is NaN, not a stray number
+    z = logits.movedim(dim, -1)
+    if backend == "torch" and _on_cpu_kernel(z):
+        backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
+    h, lse = _forward(z, backend, direct=True) if plain_eager(z) else _Entropy.apply(z, backend)
+    if not check_rows_finite(lse, "logits"):  # (verified finite: nothing to mask)
+        h = torch.where(torch.isfinite(lse), h, float("nan"))  # a bad row is NaN, not a stray number
     h = h.to(output_dtype(logits))
     return h.unsqueeze(dim) if keepdim else h

@@ -29,7 +29,7 @@ import torch
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._divergence import kl_rows
 from ._stats import clamped, log_normaliser, nan_unless_finite
@@ -92,23 +92,30 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def forward(a, b, backend):
-        if backend == "triton":
-            out = torch.ops.entmath.kl_triton(rows_2d(a), rows_2d(b))
-            return tuple(t.view(a.shape[:-1]) for t in out)
-        if _on_cpu_kernel(a, b):
-            out = torch.ops.entmath.kl_cpu(rows_2d(a), rows_2d(b))
-            return tuple(t.view(a.shape[:-1]) for t in out)
-        return kl_torch(a, b)
+        return _forward(a, b, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup(ctx, inputs, output)
-        a, b, backend = inputs
-        ctx.kernel = "triton" if backend == "triton" else "cpu" if _on_cpu_kernel(a, b) else None
+        ctx.kernel = inputs[2] if inputs[2] in ("triton", "cpu") else None
 
     @staticmethod
     def backward(ctx, g, g_lse_a, g_lse_b):
         return (*_backward(ctx, g, g_lse_a, g_lse_b, kernel=ctx.kernel), None)
+
+
+def _forward(a, b, backend, direct=False):
+    """(KL, lse_a, lse_b) on the chosen path ("triton", "cpu": the C kernel, or "torch");
+    ``direct``: call the C kernel itself rather than its registered operator (plain eager calls)."""
+    if backend == "triton":
+        out = torch.ops.entmath.kl_triton(rows_2d(a), rows_2d(b))
+    elif backend == "cpu":
+        a2d, b2d = rows_2d(a), rows_2d(b)
+        out = (cpu_rows.kl_fwd(a2d, b2d) if direct and cpu_rows.available()
+               else torch.ops.entmath.kl_cpu(a2d, b2d))
+    else:
+        return kl_torch(a, b)
+    return tuple(t.view(a.shape[:-1]) for t in out)
 
 
 def _on_cpu_kernel(a, b) -> bool:
@@ -247,10 +254,12 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, reducti
     if a.dtype != b.dtype:  # mixed dtypes (e.g. from autocast): promote, as F.kl_div does
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
-    kl, lse_a, lse_b = _KL.apply(a.movedim(dim, -1), b.movedim(dim, -1), backend)
-    check_rows_finite(lse_a, "p_logits")
-    check_rows_finite(lse_b, "q_logits")
-    kl = torch.where(torch.isfinite(lse_a) & torch.isfinite(lse_b), kl, float("nan"))  # bad rows: NaN
+    a, b = a.movedim(dim, -1), b.movedim(dim, -1)
+    if backend == "torch" and _on_cpu_kernel(a, b):
+        backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
+    kl, lse_a, lse_b = _forward(a, b, backend, direct=True) if plain_eager(a, b) else _KL.apply(a, b, backend)
+    if not (check_rows_finite(lse_a, "p_logits") & check_rows_finite(lse_b, "q_logits")):
+        kl = torch.where(torch.isfinite(lse_a) & torch.isfinite(lse_b), kl, float("nan"))  # bad rows: NaN
     if reduction != "none":
         kl = kl.sum()
         if reduction == "batchmean":

@@ -31,9 +31,15 @@ __all__ = ["enabled", "available", "entropy_fwd", "entropy_bwd", "kl_fwd", "kl_b
            "MIN_ELEMS"]
 
 SOURCE = Path(__file__).with_name("rows.c")
-#: Smallest input (rows x classes) for the C path.
-MIN_ELEMS = 1 << 12
+#: Smallest input (rows x classes) for the C path: every size (on a small input the eager path's
+#: dozens of torch calls cost far more than one kernel call).  Tests raise it to reach the eager path.
+MIN_ELEMS = 1
 
+_DTYPES = (torch.float32, torch.bfloat16)
+#: Where each entry point takes n, the row length (for the thread count in ``_run``).
+_N_ARG = {"entmath_entropy_fwd": 2, "entmath_entropy_bwd": 3, "entmath_kl_fwd": 3, "entmath_kl_bwd": 5,
+          "entmath_ce_fwd": 4, "entmath_ce_bwd": 5}
+_CPUS = os.cpu_count() or 1
 _lock = threading.Lock()
 _lib = None
 _failed = False
@@ -92,9 +98,12 @@ def enabled(*tensors: torch.Tensor) -> bool:
     if _failed or os.environ.get("ENTMATH_COMPILE", "1") == "0":
         return False
     z = tensors[0]
-    return (z.dim() == 2 and z.numel() >= max(MIN_ELEMS, 1) and all(
-        t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.dtype == z.dtype
-        and t.dim() == 2 and t.stride(-1) == 1 and t.shape == z.shape for t in tensors))
+    if z.dim() != 2 or z.numel() < max(MIN_ELEMS, 1) or z.dtype not in _DTYPES:
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != z.dtype or t.shape != z.shape or t.stride(-1) != 1:
+            return False
+    return True
 
 
 def available() -> bool:
@@ -107,16 +116,23 @@ def _pool():
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="entmath-rows")
+            _executor = ThreadPoolExecutor(max_workers=_CPUS, thread_name_prefix="entmath-rows")
     return _executor
 
 
 _R0, _R1, _T = object(), object(), object()
 
 
+#: Elements per thread below which more threads cost more than they save (waking a thread
+#: pool is tens of microseconds idle, milliseconds on a busy machine).
+GRAIN = 1 << 15
+
+
 def _run(fn, rows: int, *args):
-    """Call ``fn`` over all rows; ``args`` holds markers where the row range and the thread count go."""
-    workers = max(1, min(torch.get_num_threads(), rows, os.cpu_count() or 1))
+    """Call ``fn`` over all rows; ``args`` holds markers where the row range and the thread count
+    go.  ``torch.get_num_threads()`` threads at most, one per GRAIN elements of the first tensor."""
+    elems = rows * args[_N_ARG[fn.__name__]]
+    workers = max(1, min(torch.get_num_threads(), rows, _CPUS, elems // GRAIN))
 
     def fill(r0, r1, threads):
         return [r0 if a is _R0 else r1 if a is _R1 else threads if a is _T else a for a in args]
