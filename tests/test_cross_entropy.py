@@ -688,10 +688,7 @@ def test_a_span_beyond_the_max_overflows_only_where_the_loss_does(backend):
     assert ce(z, torch.tensor([2]), label_smoothing=0.3).item() == pytest.approx(0.7 * M32 + 0.3 * M32, rel=1e-6)
 
 
-@pytest.mark.parametrize("backend", [
-    "torch", pytest.param("triton", marks=pytest.mark.xfail(
-        reason="the shared online statistics (kernels/triton/softmax_stats.py) give A = 0 * -inf beyond a span of "
-               "the max; fixed there with entropy and kl (issue 19, item 2)", strict=False))])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_from_the_same_pass_across_a_span_beyond_the_max(backend):
     z = torch.tensor([[M32, -M32, 0.0]])
     loss, ent = entmath.cross_entropy(z, torch.tensor([0]), return_entropy=True, reduction="none", backend=backend)
