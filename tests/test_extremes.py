@@ -38,6 +38,7 @@ from tests.strategies import NEG_INF, extreme_row_pairs, extreme_rows, round_to
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 C_BOUND = 32
+M32 = torch.finfo(torch.float32).max
 
 
 @st.composite
@@ -87,7 +88,7 @@ def excess(got: float, want, rows, dtype) -> float:
     sigma, sigma_out = acc.smallest_normal * acc.eps, out.smallest_normal * out.eps
     if math.isnan(got):
         return math.inf
-    if want == mp.inf or abs(want) > out.max:  # +inf exactly, or beyond the output dtype
+    if want == mp.inf or abs(want) >= ref.overflow_threshold(dtype):  # +inf exactly, or rounds to inf
         return 0.0 if got == math.inf else math.inf
     if math.isinf(got) or (got == 0 and abs(want) > mp.mpf(sigma_out) / 2):
         return math.inf
@@ -127,6 +128,18 @@ CASES = {
     "kl": (_kl, pairs_for),
     "jsd": (_jsd, lambda dtype: st.tuples(pairs_for(dtype), BETAS)),
 }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_result_just_above_the_max_rounds_to_the_max(backend):
+    """KL of [M, 0 x5] against [-M, 0 x5] is M + log 5: above the float32 max, below its overflow
+    threshold max + ulp/2, so it rounds to M, which both backends return.  The bound's check once
+    demanded inf for every exact value above max (and failed this correct result)."""
+    a, b = [M32] + [0.0] * 5, [-M32] + [0.0] * 5
+    got, want, rows = _kl((a, b), torch.float32, backend)
+    assert want > M32 and got == M32
+    assert excess(got, want, rows, torch.float32) == 0.0
+    assert excess(math.inf, want, rows, torch.float32) == math.inf
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
