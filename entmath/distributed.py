@@ -10,7 +10,8 @@ combine them (eq-lh-allreduce):
 
 * a MAX of one number per row (two for ``kl``), the row maximum;
 * a SUM of four to six numbers per row: the rescaled sums and moments, the target's logit,
-  the sum of the logits (label smoothing), a count of NaN shards.
+  for label smoothing the sum of M - z_j (each rank's sum of m_k - z_j moved to the global
+  maximum M: no sum of raw logits, whose offset would cancel), a count of NaN shards.
 
 So a row costs a few dozen bytes of communication instead of the V_k logits per rank an
 all-gather would move.  The backward needs no communication at all: with the row's global

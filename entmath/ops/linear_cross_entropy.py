@@ -9,8 +9,9 @@ N x V logits: at d = 4096, V = 152064 they are 2.5 MB per token in fp32, 9.7 GB 
 Forward.  The logits are formed one (rows x vocabulary) tile at a time.  A tile is reduced to a
 summary (m, R, A) per row (``_stats.chunk_summary``: the maximum, S = 1 + R, the first moment),
 which is merged into the row's running summary (``_stats.merge_summaries``, eq-lh-merge), and to
-the target's logit z_t (from the one tile that holds it) and, with label smoothing, the row's sum
-of logits.  From the summary, lse = m + log1p(R) and H = log1p(R) - A / (1 + R) (eq-lh-stats); the
+the target's logit z_t (from the one tile that holds it) and, with label smoothing, the row's
+sum of m - z_j (moved to each new maximum; lse - mean z = log S + that sum / V, with no
+cancellation at any offset).  From the summary, lse = m + log1p(R) and H = log1p(R) - A / (1 + R) (eq-lh-stats); the
 loss is that of ``cross_entropy`` (``loss_from_statistics``).
 
 Backward.  The loss and the entropy depend on the logits only through per-row statistics whose

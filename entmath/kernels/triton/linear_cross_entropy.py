@@ -12,8 +12,9 @@ axis 0, because update_stats reduces over axis 0).  Per row and split it writes 
 (m, R, A) of Chapter 6 (R = c - 1 + T: the count at the maximum minus one plus the mass below),
 the target's logit z_t (only the split holding the target adds to it) and, for label smoothing,
 the gap G = sum_j (m - z_j) of its columns (terms >= 0, moved to the new maximum whenever it rises:
-a plain sum of the logits would carry the rounding of their offset, and lse - mean z would cancel).  The splits are merged afterwards by ``_shards.combine_summaries``, the same
-merge the ranks of a process group perform with an all-reduce.
+a plain sum of the logits would carry the rounding of their offset, and lse - mean z would cancel).
+The splits are merged afterwards by ``_shards.combine_summaries``, the same merge the ranks of a
+process group perform with an all-reduce.
 HBM traffic: every row block streams its split of W (and re-reads its own rows of h, which stay in
 L1/L2), so W is read N / BLOCK_M times in all unless the programs in flight share it through the
 L2 cache, as a GEMM's programs do when they walk the columns in step; at the very least h and W
