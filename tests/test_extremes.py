@@ -192,15 +192,6 @@ def measure(examples: int) -> None:
                       f"(allowed there {worst[1]:.0f} u)", flush=True)
 
 
-if __name__ == "__main__":
-    import os
-    import warnings
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    warnings.filterwarnings("ignore")
-    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
-
-
 # ---- ops that form their own logits: linear_cross_entropy and attention_entropy -----------
 # Their inputs are h, W, b (logits (W h + b) / T) or q, k and a scale (logits scale q . k): the
 # exact result is that of the exact logits of the given input values.  The logits the op forms
@@ -302,3 +293,12 @@ def test_attention_entropy_within_its_stated_bound(backend, dtype, data):
         rows = ([float(v) for v in zf],)
         assert excess(got[i].double().item(), want, rows, dtype, slack) <= _allowed(rows, dtype), (
             i, got[i].item(), float(want), q, k, scale)
+
+
+if __name__ == "__main__":
+    import os
+    import warnings
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    warnings.filterwarnings("ignore")
+    measure(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
