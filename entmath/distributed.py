@@ -10,7 +10,8 @@ combine them (eq-lh-allreduce):
 
 * a MAX of one number per row (two for ``kl``), the row maximum;
 * a SUM of four to six numbers per row: the rescaled sums and moments, the target's logit,
-  the sum of the logits (label smoothing), a count of NaN shards.
+  for label smoothing the sum of M - z_j (each rank's sum of m_k - z_j moved to the global
+  maximum M: no sum of raw logits, whose offset would cancel), a count of NaN shards.
 
 So a row costs a few dozen bytes of communication instead of the V_k logits per rank an
 all-gather would move.  The backward needs no communication at all: with the row's global
@@ -104,9 +105,11 @@ def _first_order_only():
                            "slices and is not implemented (backward with create_graph=True)")
 
 
-def _merged(m, r, a, extra, group):
-    """The global (m, log S, entropy, summed extras) of rows whose summaries are split over ranks."""
-    M, R, A, sums = combine_summaries(m, r, a, extra, *_reducers(group))
+def _merged(m, r, a, extra, group, gap=None):
+    """The global (m, log S, entropy, summed extras) of rows whose summaries are split over ranks;
+    ``gap`` = (G, n): this rank's sum_j (m - z_j) over its n logits, moved to the global maximum
+    and summed last (``combine_summaries``)."""
+    M, R, A, sums = combine_summaries(m, r, a, extra, *_reducers(group), gap=gap)
     log_s = torch.log1p(R)
     return M, log_s, log_s - A / (1.0 + R), sums
 
@@ -166,8 +169,8 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, group=None, backend: str = "
 class _DistCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(z2d, t, start, n_vocab, eps, ignore_index, z_loss, want_entropy, group, backend):
-        m, r, a, z_t, sum_z = logits_summary(z2d, t - start, eps > 0, want_entropy, backend)
-        M, log_s, h, sums = _merged(m, r, a, [z_t, sum_z], group)
+        m, r, a, z_t, gap = logits_summary(z2d, t - start, eps > 0, want_entropy, backend)
+        M, log_s, h, sums = _merged(m, r, a, [z_t], group, gap=(gap, z2d.shape[1]))
         loss, lse, ent = _rows(M, log_s, h, sums, t, n_vocab, eps, ignore_index, z_loss, want_entropy)
         return loss, lse, ent
 
@@ -317,10 +320,10 @@ class _DistLinearCrossEntropy(torch.autograd.Function):
     def forward(h2d, w, b, t, start, n_vocab, eps, ignore_index, z_loss, inv_t, want_entropy, group, backend):
         t_rel = t - start
         if backend == "triton":
-            m, r, a, z_t, sum_z = torch.ops.entmath.linear_softmax_summary_triton(h2d, w, b, t_rel, inv_t, eps > 0)
+            m, r, a, z_t, gap = torch.ops.entmath.linear_softmax_summary_triton(h2d, w, b, t_rel, inv_t, eps > 0)
         else:
-            m, r, a, z_t, sum_z = linear_summary_torch(h2d, w, b, t_rel, inv_t, eps > 0, want_entropy)
-        M, log_s, h, sums = _merged(m, r, a, [z_t, sum_z], group)
+            m, r, a, z_t, gap = linear_summary_torch(h2d, w, b, t_rel, inv_t, eps > 0, want_entropy)
+        M, log_s, h, sums = _merged(m, r, a, [z_t], group, gap=(gap, w.shape[0]))
         return _rows(M, log_s, h, sums, t, n_vocab, eps, ignore_index, z_loss, want_entropy)
 
     @staticmethod

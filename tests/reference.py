@@ -144,3 +144,13 @@ def softmax_exact(z, softcap=None):
     """softmax(z) (of c tanh(z / c) with ``softcap``), each entry accurate at any offset."""
     zz = soft_capped(z, softcap) if softcap is not None else z
     return [mp.mpf(0) if lp == mp.ninf else mp.exp(lp) for lp in log_softmax_exact(zz)]
+
+
+def overflow_threshold(dtype):
+    """The least real number that rounds to +inf in ``dtype`` (round to nearest): max + ulp(max) / 2.
+    An exact result below it is representable (it rounds to max at worst), so a correct op returns
+    a finite number there; at or above it, +inf."""
+    import torch
+
+    fi = torch.finfo(dtype)
+    return mp.mpf(fi.max) + mp.mpf(fi.max) * fi.eps / (2 * (2 - fi.eps))

@@ -258,6 +258,20 @@ def test_bad_values_raise_and_name_the_input(backend):
         attention_entropy(q, k, scale=1e38, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_entries_whose_logits_fit_are_accepted(backend):
+    """q with entries of 1e20 against keys of 1e-19: logits of order 10, far inside float32.  The
+    overflow check formed norm(q) from squares (1e40: inf in float32) and refused it; the norms
+    are now scaled by each row's largest entry."""
+    g = torch.Generator().manual_seed(14)
+    q, k = torch.randn(1, 3, 4, generator=g) * 1e20, torch.randn(1, 5, 4, generator=g) * 1e-19
+    got = attention_entropy(q, k, scale=1.0, backend=backend)
+    want = entmath.entropy((q.double() @ k.double().transpose(-1, -2)), dim=-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="may overflow"):  # 1e20 x 1e19 x 4 = 4e39: the check still trips
+        attention_entropy(q, k * 1e38, scale=1.0, backend=backend)
+
+
 # ---------------------------------------------------------------------------- log-n attention
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal,offset,kw", [(False, 0, {}), (True, 0, {}), (True, 5, {}),

@@ -282,19 +282,22 @@ def test_solve_gamma_is_inf_only_at_the_edge(backend):
     assert float(g[0]) == M32
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True,
-                   reason="_check_target converts the target with float(); the fix belongs there (see the issue's notes)")
-def test_a_huge_integer_target_is_the_uniform_edge_or_a_clear_error():
-    """A target of 10**400 (a Python int beyond float) must give the documented value for a target
-    past log|S| (the uniform distribution on the support) or a ValueError naming the target, not
-    OverflowError.  Strict: it fails once _check_target is fixed, to drop the marker."""
-    z = torch.randn(2, 5)
-    try:
-        p = entmath.entropy_normalize(z, 10**400)
-    except ValueError as exc:
-        assert "target" in str(exc)
-        return
-    assert torch.allclose(p, torch.full_like(p, 0.2))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_a_huge_integer_target_is_the_uniform_edge_or_a_clear_error(backend):
+    """A target of 10**400 (a Python int beyond float; it raised OverflowError) is past log|S|:
+    the documented value, the uniform distribution on the support and gamma = 0.  -10**400 is a
+    negative target: a ValueError naming it."""
+    z = torch.randn(2, 5, generator=torch.Generator().manual_seed(6))
+    z[1, 3] = -math.inf
+    p = entmath.entropy_normalize(z, 10**400, backend=backend)
+    want = torch.tensor([[0.2] * 5, [0.25, 0.25, 0.25, 0.0, 0.25]])
+    torch.testing.assert_close(p, want)
+    assert solve_gamma(z, 10**400, backend=backend).tolist() == [0.0, 0.0]
+    for op in (entmath.entropy_normalize, solve_gamma):
+        with pytest.raises(ValueError, match="target must be >= 0"):
+            op(z, -10**400, backend=backend)
+    with pytest.raises(ValueError, match="target_entropy must be >= 0"):
+        entmath.sample(z, -10**400)
 
 
 @pytest.mark.parametrize("path", ["eager", "c", pytest.param("triton", marks=needs_triton)])

@@ -63,6 +63,12 @@ def _cases(backend):
                                                                              **b), [z, probs, cw]),
         "entropy_normalize": (lambda x, t: entmath.entropy_normalize(x, t, **b), [z, torch.full((4,), 0.7)]),
         "solve_gamma": (lambda x, t: entmath.solve_gamma(x, t, **b), [z, torch.tensor([0.3, 0.7, 1.0, 1.5])]),
+        # (draws from one seeded generator: equal draws for equal probabilities; float32 takes the
+        # C kernel's direct path, float64 the operator's)
+        "sample": (lambda x, t: entmath.sample(x, t, 3, torch.Generator().manual_seed(0), **b),
+                   [z, torch.tensor([0.3, 0.7, 1.0, 1.5])]),
+        "sample-float32": (lambda x, t: entmath.sample(x, t, 3, torch.Generator().manual_seed(0), **b),
+                           [z.float(), torch.tensor([0.3, 0.7, 1.0, 1.5])]),
         "noise_softmax": (lambda x, s: entmath.noise_softmax(x, "normal", nodes=8, scale=s, **b),
                           [z, torch.rand(4, 1, dtype=torch.float64) + 0.5]),
         "attention_entropy": (lambda qq, kk, s: entmath.attention_entropy(qq, kk, scale=s, **b),

@@ -7,6 +7,7 @@ tests/test_distributed.py.)
 from __future__ import annotations
 
 import itertools
+import math
 
 import mpmath as mp
 import pytest
@@ -138,7 +139,7 @@ def test_tiled_summary_equals_one_tile(small_tiles):
     torch.testing.assert_close(tiled[1], whole[1], rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(tiled[2], whole[2], rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(tiled[3], z.gather(1, t[:, None]).squeeze(1), rtol=1e-15, atol=0)
-    torch.testing.assert_close(tiled[4], z.sum(-1), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(tiled[4], (tiled[0][:, None] - z).sum(-1), rtol=1e-14, atol=1e-14)  # sum (m - z_j)
 
 
 def test_pairwise_merges_and_the_p_way_merge_agree():
@@ -323,3 +324,56 @@ def test_an_empty_batch(backend):
                                              backend=backend)
     loss.backward()
     assert loss.item() == 0.0 and ent.shape == (0,) and hh.grad.shape == (0, 5)
+
+
+# ---- issue 19, item 6 on the linear head: label smoothing at an offset -----------------------
+def _exact_logits_at(offset: float, n_rows: int = 6, n_vocab: int = 300, seed: int = 11):
+    """h (N, 1), W = 1 (V, 1) and b (V,) in float32 whose logits h_r + b_j are exact float32
+    numbers near ``offset`` (integers h, b on the grid of 4 ulps of the offset): the op's error
+    is then its own, not the matmul's."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-3, 4, (n_rows, 1), generator=g).float()
+    ulp = 2.0 ** (math.frexp(offset)[1] - 24) if offset else 2.0 ** -20
+    b = (offset + torch.round(torch.randn(n_vocab, generator=g, dtype=F64) * 3 / (4 * ulp)) * 4 * ulp).float()
+    t = torch.randint(0, n_vocab, (n_rows,), generator=g)
+    z64 = h.double() + b.double()
+    assert torch.equal((h + b).double(), z64)
+    return h, torch.ones(n_vocab, 1), b, t, z64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_label_smoothing_keeps_its_digits_at_an_offset(backend, offset, small_tiles):
+    """lse - mean z is formed as log S + sum_j (m - z_j) / V, the gaps moved to each new maximum
+    across tiles and kernel splits (terms >= 0).  The sum of the logits it replaced carried the
+    offset's rounding: 9e-6 relative at 1e4 and 1e-4 at 1e5 (F.cross_entropy: 1e-7)."""
+    h, W, b, t, z64 = _exact_logits_at(offset)
+    want = F.cross_entropy(z64, t, label_smoothing=0.1, reduction="none")
+    for splits in ((None,) if backend == "torch" else (1, 3)):
+        if splits is None:
+            got = entmath.linear_cross_entropy(h, W, t, b, label_smoothing=0.1, reduction="none", backend=backend)
+        else:
+            m, r, a, z_t, gap = lce.triton_summary(h, W, b, t, 1.0, True, splits=splits)
+            got = lce.summary_to_rows(m, r, a, z_t, gap, t, W.shape[0], 0.1, -100, 0.0, False)[0]
+        assert ((got.double() - want).abs() <= 4e-7 * want).all(), (splits, ((got.double() - want) / want).tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_label_smoothing_at_an_offset(backend):
+    """entmath.distributed's path without the process group: logits_summary per shard, the gaps
+    moved to the global maximum in combine_summaries (stacked shards for the all-reduce), then the
+    loss; one shard's row entirely -inf (a class of mass eps / V at -inf: the loss is +inf)."""
+    from entmath.ops._shards import logits_summary
+
+    h, W, b, t, z64 = _exact_logits_at(1e4, n_vocab=30)
+    z = (h + b).contiguous()
+    z[5, 20:] = -math.inf
+    cuts = [(0, 10), (10, 20), (20, 30)]
+    parts = [logits_summary(z[:, lo:hi].contiguous(), t - lo, True, False, backend) for lo, hi in cuts]
+    m, r, a, z_t, gap = (torch.stack(x) for x in zip(*parts))
+    counts = torch.tensor([[float(hi - lo)] for lo, hi in cuts], dtype=m.dtype)
+    M, R, A, sums = combine_summaries(m, r, a, [z_t], *stacked(0), gap=(gap, counts))
+    loss = lce.loss_from_statistics(M, torch.log1p(R), None, sums[..., 0], sums[..., 1], t, 30, 0.1, -100, 0.0)[0]
+    want = F.cross_entropy(z64, t, label_smoothing=0.1, reduction="none")
+    assert ((loss[:5].double() - want[:5]).abs() <= 4e-7 * want[:5]).all(), ((loss[:5].double() - want[:5]) / want[:5])
+    assert loss[5].item() == math.inf

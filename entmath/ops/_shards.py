@@ -27,7 +27,7 @@ import torch
 from .._validate import compute_dtype
 from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, rows_2d
-from ._stats import chunk_summary
+from ._stats import chunk_summary, rebase_gap
 from .cross_entropy import CHUNK_BYTES
 
 __all__ = ["combine_summaries", "combine_kl", "stacked", "logits_summary"]
@@ -45,12 +45,14 @@ def _rescale(m_k: torch.Tensor, M: torch.Tensor):
     return delta, delta.exp(), m_k == M
 
 
-def combine_summaries(m_k, r_k, a_k, extra, reduce_max, reduce_sum):
+def combine_summaries(m_k, r_k, a_k, extra, reduce_max, reduce_sum, gap=None):
     """Merge per-shard summaries (m_k, R_k, A_k) of each row into the row's (M, R, A).
 
     ``extra``: further per-shard tensors (e.g. the target's logit, held by one shard, and the sum
-    of the logits) that are summed over the shards in the same reduction.  Returns
-    ``(M, R, A, sums)`` with ``sums[..., j]`` the sum of ``extra[j]``.  Two reductions: a
+    of the logits) that are summed over the shards in the same reduction.  ``gap``: optionally
+    (G_k, n_k), each shard's sum_i (m_k - z_i) over its n_k logits; it is moved to the row's
+    maximum, G_k + n_k (M - m_k) (terms >= 0), and summed last.  Returns ``(M, R, A, sums)`` with
+    ``sums[..., j]`` the sum of ``extra[j]`` (then of the gaps: sum_i (M - z_i) over the row).  Two reductions: a
     maximum of one number per row and a sum of 4 + len(extra) numbers per row.  M is NaN for a
     row with a NaN in some shard, +inf for a +inf, -inf when every shard's row is empty (all -inf).
     """
@@ -58,6 +60,8 @@ def combine_summaries(m_k, r_k, a_k, extra, reduce_max, reduce_sum):
     delta, w, top = _rescale(m_k, M)
     s_k = 1.0 + r_k
     live = w > 0  # shards whose row is empty (m_k = -inf) add nothing, not 0 * NaN
+    if gap is not None:
+        extra = [*extra, rebase_gap(gap[0], gap[1], m_k, M)]
     parts = [torch.where(top, r_k, torch.where(live, w * s_k, 0.0)),  # R: the top shard's 1 left out
              top.to(w.dtype),  # shards at the maximum; their 1's beyond the first go back into R
              torch.where(live, w * (a_k + delta * s_k), 0.0),
@@ -103,8 +107,9 @@ def combine_kl(kl_k, lse_a_k, lse_b_k, reduce_max, reduce_sum):
 
 
 # ---- the summary of one shard of rows already in memory -------------------------------------
-def logits_summary_torch(z2d: torch.Tensor, t_rel: torch.Tensor, want_sum_z: bool, want_moment: bool = True):
-    """Per-row (m, R, A, z_t, sum z) of the rows of z2d (rows, n) in the accumulation dtype, in row
+def logits_summary_torch(z2d: torch.Tensor, t_rel: torch.Tensor, want_gap: bool, want_moment: bool = True):
+    """Per-row (m, R, A, z_t, G) of the rows of z2d (rows, n) in the accumulation dtype, with
+    G = sum_j (m - z_j) (0 unless ``want_gap``; +inf for a row with -inf logits), in row
     chunks (a copy of one chunk at a time; the input is not modified).  ``t_rel``: each row's
     target column, any value outside [0, n) for none (z_t = 0).  Rows that are entirely -inf
     (a shard the row has no mass in) give m = -inf, which ``combine_summaries`` weighs by 0."""
@@ -118,8 +123,8 @@ def logits_summary_torch(z2d: torch.Tensor, t_rel: torch.Tensor, want_sum_z: boo
         col = t_rel[rs]
         inside = (col >= 0) & (col < n)
         z_t = torch.where(inside, z.gather(1, col.clamp(0, n - 1).unsqueeze(1)).squeeze(1), 0.0)
-        sum_z = z.sum(-1) if want_sum_z else torch.zeros_like(z_t)
-        pieces.append((*chunk_summary(z, masked=True, moment=want_moment), z_t, sum_z))
+        m, r, a, *g = chunk_summary(z, masked=True, moment=want_moment, gap=want_gap)
+        pieces.append((m, r, a, z_t, g[0] if want_gap else torch.zeros_like(z_t)))
     if not pieces:
         empty = z2d.new_empty(0, dtype=acc)
         return (empty,) * 5
@@ -129,14 +134,14 @@ def logits_summary_torch(z2d: torch.Tensor, t_rel: torch.Tensor, want_sum_z: boo
 
 
 @triton_kernel_op("logits_summary_triton")
-def logits_summary_triton(z: torch.Tensor, t_rel: torch.Tensor, want_sum_z: bool) -> tuple[
+def logits_summary_triton(z: torch.Tensor, t_rel: torch.Tensor, want_gap: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (m, R, A, z_t, sum z) of the rows of z (rows, n): one read of each row."""
-    return tuple(kernels("linear_cross_entropy").logits_summary_fwd(rows_2d(z), t_rel.contiguous(), want_sum_z))
+    """Per-row (m, R, A, z_t, G = sum_j (m - z_j)) of the rows of z (rows, n): one read of each row."""
+    return tuple(kernels("linear_cross_entropy").logits_summary_fwd(rows_2d(z), t_rel.contiguous(), want_gap))
 
 
 @logits_summary_triton.register_fake
-def _(z, t_rel, want_sum_z):
+def _(z, t_rel, want_gap):
     m = z.new_empty(z.shape[:1], dtype=acc_dtype(z))
     return tuple(torch.empty_like(m) for _ in range(5))
 
@@ -144,8 +149,8 @@ def _(z, t_rel, want_sum_z):
 register_row_vmap(logits_summary_triton, (1, 0, None))
 
 
-def logits_summary(z2d, t_rel, want_sum_z: bool, want_moment: bool, backend: str):
+def logits_summary(z2d, t_rel, want_gap: bool, want_moment: bool, backend: str):
     """The shard summary on either backend (the kernel always computes the moment)."""
     if backend == "triton":
-        return torch.ops.entmath.logits_summary_triton(z2d, t_rel, want_sum_z)
-    return logits_summary_torch(z2d, t_rel, want_sum_z, want_moment)
+        return torch.ops.entmath.logits_summary_triton(z2d, t_rel, want_gap)
+    return logits_summary_torch(z2d, t_rel, want_gap, want_moment)

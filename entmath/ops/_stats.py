@@ -59,8 +59,10 @@ def clamped(x: torch.Tensor) -> torch.Tensor:
 # out of R so that log S = log1p(R) stays accurate) and A = sum_i e^{z_i - m} (z_i - m).  Then
 # lse = m + log1p(R) and H = log1p(R) - A / (1 + R): Chapter 3 (eq-ln-rescale), Chapter 6.
 
-def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True):
-    """(m, R, A) of each row of one block of logits z (rows x columns), overwriting z.
+def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True, gap: bool = False):
+    """(m, R, A) of each row of one block of logits z (rows x columns), overwriting z; with
+    ``gap`` also G = sum_i (m - z_i) >= 0 (+inf if some z_i = -inf), the sum of the logits that
+    label smoothing needs, held relative to the maximum (``rebase_gap`` moves it to another).
 
     The statistics of ``softmax_stats`` (max, e^{z-m} with the first maximal entry left out,
     first moment), computed in place: on CPU each pass over a block costs about as much as the
@@ -70,13 +72,26 @@ def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True):
     """
     m, idx = z.max(-1, keepdim=True)
     d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
+    g = None
+    if gap:  # a sum of terms >= 0: sum_i z_i itself would carry the offset's rounding (lse - mean z cancels)
+        g = d.sum(-1).neg_()
+        g = torch.where(torch.isneginf(m.squeeze(-1)), float("inf"), g)  # an all -inf row: -inf logits
     if masked and moment:
         d.clamp_min_(lowest(d.dtype))  # -inf -> lowest finite: e = 0 and e * d = 0, not NaN
     e = d.exp()
     e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
     r = e.sum(-1)
     a = e.mul_(d).sum(-1) if moment else torch.zeros_like(r)  # sum e d; the maxima have d = 0 anyway
-    return m.squeeze(-1), r, a
+    return (m.squeeze(-1), r, a, g) if gap else (m.squeeze(-1), r, a)
+
+
+def rebase_gap(g, n, m, new_m):
+    """sum_i (new_m - z_i) over n logits, from g = sum_i (m - z_i) and new_m >= m: g + n (new_m - m),
+    a sum of terms >= 0 (label smoothing's sum of the logits, merged across tiles, splits or ranks
+    without the offset's cancellation).  +inf stays +inf; n = 0 adds nothing."""
+    if isinstance(n, (int, float)) and n == 0:
+        return g
+    return torch.where(m == new_m, g, g + n * (new_m - m))
 
 
 def merge_summaries(run, new):

@@ -622,6 +622,16 @@ def _prepare(logits, target, dim, backend, name="target"):
     return z, t, dim, backend
 
 
+def _target_float(target: numbers.Real) -> float:
+    """A real number as a float; one beyond float64 (an int such as 10**400) as +-inf, so that a
+    huge target is the documented edge (uniform on the support) and a huge negative one the
+    "must be >= 0" error, never an OverflowError."""
+    try:
+        return float(target)
+    except OverflowError:
+        return math.inf if target > 0 else -math.inf
+
+
 def _check_target(target, rows_shape, z, name):
     """``target`` as a tensor of the rows' shape (differentiable if it was), or a clear error."""
     if isinstance(target, torch.Tensor):
@@ -632,7 +642,7 @@ def _check_target(target, rows_shape, z, name):
     elif isinstance(target, numbers.Real) and not isinstance(target, bool):
         # A Python number keeps its double precision: log(2) must stay log(2) for a fp32 row
         # whose two maxima make log(2) its infimum.
-        t = torch.tensor(float(target), dtype=torch.float64, device=z.device)
+        t = torch.tensor(_target_float(target), dtype=torch.float64, device=z.device)
     else:
         raise TypeError(f"{name} must be a real number or a tensor, got {type(target).__name__}")
     try:
@@ -760,10 +770,7 @@ def _prepare_sampling(logits, target, dim, backend):
     check_float_tensor(logits, "logits")
     dim = normalize_dim(logits, dim, "logits")
     backend = resolve_backend(backend, logits)
-    try:
-        value = float(target)
-    except OverflowError:  # an int beyond float64 (10**400): as flat as possible
-        value = math.inf if target > 0 else -math.inf
+    value = _target_float(target)
     if math.isnan(value):
         raise ValueError("target_entropy contains NaN; an entropy target must be a number >= 0 (nats)")
     if value < 0:

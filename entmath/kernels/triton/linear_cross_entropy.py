@@ -10,9 +10,11 @@ the tensor cores, ``tl.dot`` over BLOCK_K-wide slices of d, and folds the tile i
 statistics with ``softmax_stats.update_stats`` (the tile is computed transposed, vocabulary along
 axis 0, because update_stats reduces over axis 0).  Per row and split it writes the summary
 (m, R, A) of Chapter 6 (R = c - 1 + T: the count at the maximum minus one plus the mass below),
-the target's logit z_t (only the split holding the target adds to it) and the sum of the logits
-(label smoothing).  The splits are merged afterwards by ``_shards.combine_summaries``, the same
-merge the ranks of a process group perform with an all-reduce.
+the target's logit z_t (only the split holding the target adds to it) and, for label smoothing,
+the gap G = sum_j (m - z_j) of its columns (terms >= 0, moved to the new maximum whenever it rises:
+a plain sum of the logits would carry the rounding of their offset, and lse - mean z would cancel).
+The splits are merged afterwards by ``_shards.combine_summaries``, the same merge the ranks of a
+process group perform with an all-reduce.
 HBM traffic: every row block streams its split of W (and re-reads its own rows of h, which stay in
 L1/L2), so W is read N / BLOCK_M times in all unless the programs in flight share it through the
 L2 cache, as a GEMM's programs do when they walk the columns in step; at the very least h and W
@@ -32,7 +34,7 @@ Dot precision: fp16/bf16 inputs go to the tensor cores with fp32 accumulation; f
 ``input_precision="ieee"`` (FMA, no TF32 rounding: the op promises fp32 accuracy); fp64 stays fp64.
 
 ``logits_summary_kernel`` is the row kernel of ``entmath.distributed``: the same summary
-(m, R, A, z_t, sum z) of rows of logits that are already in memory (one shard of a vocabulary).
+(m, R, A, z_t, G) of rows of logits that are already in memory (one shard of a vocabulary).
 """
 import torch
 import triton
@@ -64,7 +66,7 @@ def _logits_tile_t(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_h, stride
 @triton.jit
 def linear_summary_kernel(h_ptr, w_ptr, b_ptr, t_ptr, coef_ptr, m_ptr, r_ptr, a_ptr, zt_ptr, sz_ptr,
                           N, V, D, cols_per_split, stride_h, stride_w,
-                          HAS_BIAS: tl.constexpr, SUM_Z: tl.constexpr, BLOCK_M: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, GAP: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -77,7 +79,7 @@ def linear_summary_kernel(h_ptr, w_ptr, b_ptr, t_ptr, coef_ptr, m_ptr, r_ptr, a_
     T = tl.zeros([BLOCK_M], ACC)
     A = tl.zeros([BLOCK_M], ACC)
     z_t = tl.zeros([BLOCK_M], ACC)
-    sum_z = tl.zeros([BLOCK_M], ACC)
+    gap = tl.zeros([BLOCK_M], ACC)  # sum_j (m - z_j) over the columns seen
     n_nan = tl.zeros([BLOCK_M], tl.int32)
     v_lo = split * cols_per_split
     v_hi = tl.minimum(V, v_lo + cols_per_split)
@@ -93,17 +95,20 @@ def linear_summary_kernel(h_ptr, w_ptr, b_ptr, t_ptr, coef_ptr, m_ptr, r_ptr, a_
         nan = (x != x) & col_ok[:, None]
         n_nan += tl.sum(nan.to(tl.int32), axis=0)
         x = tl.where(col_ok[:, None] & ~nan, x, float("-inf"))
+        m_old = m
         m, c, T, A = update_stats(m, c, T, A, x)
         # (columns past the split's end may equal a target of the next split: masked)
         z_t += tl.sum(tl.where((cols[:, None] == t[None, :]) & col_ok[:, None], x, 0.0), axis=0)
-        if SUM_Z:
-            sum_z += tl.sum(tl.where(col_ok[:, None], x, 0.0), axis=0)
+        if GAP:  # the v0 - v_lo columns seen move to the new maximum; the tile's add m - x >= 0
+            gap = tl.where((m == m_old) | (v0 == v_lo), gap, gap + (v0 - v_lo) * (m - m_old))
+            gap += tl.sum(tl.where(col_ok[:, None], tl.where(x == float("-inf"), float("inf"), m[None, :] - x), 0.0),
+                          axis=0)
     out = split * N + rows
     tl.store(m_ptr + out, tl.where(n_nan > 0, float("nan"), m), mask=row_ok)
     tl.store(r_ptr + out, (c - 1.0) + T, mask=row_ok)  # S = c + T = 1 + R
     tl.store(a_ptr + out, A, mask=row_ok)
     tl.store(zt_ptr + out, z_t, mask=row_ok)
-    tl.store(sz_ptr + out, sum_z, mask=row_ok)
+    tl.store(sz_ptr + out, gap, mask=row_ok)
 
 
 @triton.jit
@@ -139,8 +144,8 @@ def linear_grad_logits_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, cp_p
 
 @triton.jit
 def logits_summary_kernel(z_ptr, t_ptr, m_ptr, r_ptr, a_ptr, zt_ptr, sz_ptr, n_cols, stride_row,
-                          SUM_Z: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    # One program per row of logits in memory, one read of the row: (m, R, A, z_t, sum z).
+                          GAP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # One program per row of logits in memory, one read of the row: (m, R, A, z_t, G).
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_row
     cols = tl.arange(0, BLOCK)
@@ -149,21 +154,24 @@ def logits_summary_kernel(z_ptr, t_ptr, m_ptr, r_ptr, a_ptr, zt_ptr, sz_ptr, n_c
     c = tl.zeros([], ACC)
     T = tl.zeros([], ACC)
     A = tl.zeros([], ACC)
-    sum_z = tl.zeros([], ACC)
+    gap = tl.zeros([], ACC)  # sum_j (m - z_j) over the columns read, as in linear_summary_kernel
     n_nan = tl.zeros([], tl.int32)
     for start in range(0, n_cols, BLOCK):
         x, k = load_row_chunk(z_row + start, cols, n_cols - start, ACC)
         n_nan += k
+        m_old = m
         m, c, T, A = update_stats(m, c, T, A, x)
-        if SUM_Z:
-            sum_z += tl.sum(tl.where(start + cols < n_cols, x, 0.0), axis=0)
+        if GAP:
+            gap = tl.where((m == m_old) | (start == 0), gap, gap + start * (m - m_old))
+            gap += tl.sum(tl.where(start + cols < n_cols, tl.where(x == float("-inf"), float("inf"), m - x), 0.0),
+                          axis=0)
     in_row = (t >= 0) & (t < n_cols)
     z_t = tl.where(in_row, tl.load(z_row + tl.where(in_row, t, 0)).to(ACC), 0.0)
     tl.store(m_ptr + row, tl.where(n_nan > 0, float("nan"), m))
     tl.store(r_ptr + row, (c - 1.0) + T)
     tl.store(a_ptr + row, A)
     tl.store(zt_ptr + row, z_t)
-    tl.store(sz_ptr + row, sum_z)
+    tl.store(sz_ptr + row, gap)
 
 
 def _acc(dtype):
@@ -194,9 +202,10 @@ def linear_config(N, V, D, on_gpu, dtype=torch.bfloat16):
     return _blocks(N, 64), _blocks(V, 64), _blocks(D, 32), 4, 2
 
 
-def linear_summary_fwd(h2d, w, b, t_rel, inv_t, want_sum_z, splits=None):
+def linear_summary_fwd(h2d, w, b, t_rel, inv_t, want_gap, splits=None):
     """Per-row, per-split summaries of the logits (h2d W^T + b) * inv_t: five tensors
-    (splits, N) in the accumulation dtype (m, R, A, z_t, sum z).  h2d (N, d) and w (V, d) share a
+    (splits, N) in the accumulation dtype (m, R, A, z_t, G = sum_j (m - z_j) over the split), and
+    each split's number of columns (splits, 1).  h2d (N, d) and w (V, d) share a
     dtype and have unit stride along d; b (V,) contiguous or None; t_rel (N,) int64 contiguous."""
     N, D = h2d.shape
     V = w.shape[0]
@@ -214,10 +223,11 @@ def linear_summary_fwd(h2d, w, b, t_rel, inv_t, want_sum_z, splits=None):
         coef = torch.tensor([inv_t], dtype=acc, device=h2d.device)
         wrap_triton(linear_summary_kernel)[(row_blocks, splits)](
             h2d, w, b if b is not None else w, t_rel, coef, *outs, N, V, D, cols_per_split,
-            h2d.stride(0), w.stride(0), HAS_BIAS=b is not None, SUM_Z=bool(want_sum_z),
+            h2d.stride(0), w.stride(0), HAS_BIAS=b is not None, GAP=bool(want_gap),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACC=_acc(h2d.dtype), DOT=_dot_precision(h2d.dtype),
             num_warps=warps, num_stages=stages)
-    return outs
+    starts = torch.arange(splits, device=h2d.device, dtype=acc).unsqueeze(1) * cols_per_split
+    return (*outs, (V - starts).clamp_max(cols_per_split))
 
 
 def linear_grad_logits(h2d, w, b, t_rel, lse, ent, c_p, c_e, c_t, c_s, inv_t, out):
@@ -239,8 +249,8 @@ def linear_grad_logits(h2d, w, b, t_rel, lse, ent, c_p, c_e, c_t, c_s, inv_t, ou
     return out
 
 
-def logits_summary_fwd(z2d, t_rel, want_sum_z):
-    """(m, R, A, z_t, sum z) of each row of z2d (rows, n) with unit column stride, in the
+def logits_summary_fwd(z2d, t_rel, want_gap):
+    """(m, R, A, z_t, G = sum_j (m - z_j)) of each row of z2d (rows, n) with unit column stride, in the
     accumulation dtype; t_rel (rows,) int64: the target's column, or any value outside [0, n)."""
     rows, n = z2d.shape
     acc = torch.float64 if z2d.dtype == torch.float64 else torch.float32
@@ -248,6 +258,6 @@ def logits_summary_fwd(z2d, t_rel, want_sum_z):
     if rows:
         cfg = row_config(n, z2d)  # BLOCK, warps and the register budget (ptxas spilled 8 B without it)
         wrap_triton(logits_summary_kernel)[(rows,)](
-            z2d, t_rel, *outs, n, z2d.stride(0), SUM_Z=bool(want_sum_z), BLOCK=cfg["BLOCK"], ACC=_acc(z2d.dtype),
+            z2d, t_rel, *outs, n, z2d.stride(0), GAP=bool(want_gap), BLOCK=cfg["BLOCK"], ACC=_acc(z2d.dtype),
             num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
     return outs
