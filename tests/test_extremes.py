@@ -1,4 +1,5 @@
-"""entropy, kl and jsd at the extremes of the floating-point range, on both backends.
+"""entropy, kl, jsd, linear_cross_entropy and attention_entropy at the extremes of the
+floating-point range, on both backends.
 
 The standard (issue 19): for any finite inputs (and -inf masks) the result is within the bound
 stated in the op's docstring of the exact result for those same input values (mpmath on the
