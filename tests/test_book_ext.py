@@ -163,3 +163,14 @@ def test_the_run_record_is_read_from_the_glue_file(tmp_path):
     app = SimpleNamespace(outdir=str(out))
     assert ext._run_record(app, "book/ch09_x") == {"ties": {"eq-x": {"how": "text"}}, "records": []}
     assert ext._run_record(app, "book/ch10_missing") == {}
+
+
+def test_the_ledger_page_shows_an_f_string_description_as_the_run_filled_it():
+    records = [{"label": "eq-a", "what": "H > 0 on all 17 random rows (50 digits)"},
+               {"label": "eq-b", "what": "H > 0 on all 99 random rows (50 digits)"}]
+    template = "H > 0 on all {len(others)} random rows ({digits} digits)"
+    assert ext._filled(template, "eq-a", records) == "H > 0 on all 17 random rows (50 digits)"
+    assert ext._filled(template, "eq-b", records) == "H > 0 on all 99 random rows (50 digits)"
+    # No record of that equation matches: the template stays (and the browser check reports it).
+    assert ext._filled(template, "eq-c", records) == template
+    assert ext._filled("H > 0 on every row", "eq-a", records) == "H > 0 on every row"

@@ -443,6 +443,25 @@ def _tie_mechanism(record, static_fns) -> str:
     return "registered text" if "tie_text" in static_fns else "parsed" if "tie" in static_fns else "untied"
 
 
+_FIELD = re.compile(r"\{[^{}]*\}")
+
+
+def _filled(what: str, label: str, records: list) -> str:
+    """A check's description as the chapter's run printed it.
+
+    The source gives an f-string's text with each field as ``{expr}`` (``ledger_index._what``);
+    the run's record of the same equation has the values filled in.  The first record whose text
+    matches the template (a field matching anything) replaces it; a template that no record
+    matches is left as it is (the browser check reports it)."""
+    if not _FIELD.search(what):
+        return what
+    parts = _FIELD.split(what)
+    pattern = re.compile("(.+?)".join(map(re.escape, parts)), re.S)
+    return next((r["what"] for r in records
+                 if r.get("label") == label and isinstance(r.get("what"), str) and pattern.fullmatch(r["what"])),
+                what)
+
+
 def build_ledger(app, fromdoc, kind="math"):
     env = app.env
     data = _env_data(env)["ledger"]
@@ -473,6 +492,7 @@ def build_ledger(app, fromdoc, kind="math"):
                 items = nodes.bullet_list(classes=["simple", "ledger-checks"])
                 for _, fn, what, cell in mine:
                     call = _link(app, fromdoc, doc, cell, nodes.literal(f"ledger.{fn}", f"ledger.{fn}"))
+                    what = _filled(what, label, record.get("records", []))
                     items += nodes.list_item("", nodes.paragraph("", "", call, nodes.Text(f" {what}")))
                 checks_cell = [items]
             else:
