@@ -184,6 +184,11 @@ def test_the_parser_finds_what_it_should():
     assert displays_in(text) == {"eq-a": "x = 1"}
     tagged = "```{code-cell} ipython3\n:tags: [ledger-notation]\n\nx = 1\n```\n\n```{code-cell} ipython3\ny = 2\n```\n"
     assert [c.strip() for c in notation_cells(tagged)] == ["x = 1"]
+    # Cell metadata as a YAML block (a figure's caption): the block is not code, its tags count.
+    yaml_cell = ("```{code-cell} ipython3\n---\nmystnb:\n  figure:\n    caption: H against x\n"
+                 "tags: [hide-input, ledger-notation]\n---\nledger.close(\"eq-a\", 1, 1, what=\"w\")\n```\n")
+    assert checks_in(yaml_cell) == {"eq-a": ["close"]}
+    assert [c.strip() for c in notation_cells(yaml_cell + tagged)][0] == 'ledger.close("eq-a", 1, 1, what="w")'
 
 
 def test_ledger_checks_can_fail():
