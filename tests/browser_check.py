@@ -150,15 +150,20 @@ LAYOUT_JS = r"""
     .map(t => t.slice(0, 60));
   // Figures: images in cell outputs (and figure directives); a caption and an alt text that says something.
   const imgs = [...article.querySelectorAll('div.cell_output img, figure img')];
-  const uncaptioned = imgs.filter(i => { const f = i.closest('figure'); return !(f && f.querySelector('figcaption')); }).length;
-  const badAlt = imgs.filter(i => !i.alt || /\.(png|svg|jpe?g)$|[0-9a-f]{16}/.test(i.alt)).length;
+  const src = i => (i.getAttribute('src') || '').split('/').pop().slice(0, 40);
+  const uncaptioned = imgs.filter(i => { const f = i.closest('figure'); return !(f && f.querySelector('figcaption')); }).map(src);
+  const badAlt = imgs.filter(i => !i.alt || /\.(png|svg|jpe?g)$|[0-9a-f]{16}/.test(i.alt)).map(src);
   // Unfilled placeholders in the text a reader sees (not code, not math).
   const skip = 'pre, code, script, style, mjx-container, .highlight, .math';
   const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT,
     {acceptNode: n => n.parentElement && !n.parentElement.closest(skip) ? NodeFilter.FILTER_ACCEPT : NodeFilter.FILTER_REJECT});
   const placeholders = [];
+  // A field is a Python expression in braces, not a TeX group: not after ^ or _ (2^{d}), and no
+  // two words side by side ({z_i - max z} is mathematics written in plain text).
   for (let n; (n = walker.nextNode());) {
-    for (const m of n.nodeValue.matchAll(/\{[A-Za-z_][\w.()\[\]'", +*\/-]*\}/g)) placeholders.push(m[0]);
+    for (const m of n.nodeValue.matchAll(/(^|[^^_\\\w])\{([A-Za-z_][\w.()\[\]'", +*\/:-]*)\}/g)) {
+      if (!/[\w)\]]\s+[A-Za-z_(]/.test(m[2])) placeholders.push('{' + m[2] + '}');
+    }
   }
   // Visible code's share of the page height.
   const codeHeight = [...article.querySelectorAll('div.cell_input')].filter(visible)
@@ -182,6 +187,8 @@ ENFORCED = {
     "stray": "stray output",
     "placeholders": "unfilled placeholder",
     "title_tex": "raw TeX in the page title",
+    "uncaptioned": "figure without a caption",
+    "bad_alt": "image whose alt text is a file name",
 }
 
 
@@ -381,8 +388,8 @@ def layout_table(layouts: dict) -> str:
             total[k] += n(m[k])
         lines.append(f"{page.removeprefix('book/'):<36}{n(m['wide_eq']):>8}{n(m['wide_eq_narrow']):>6}"
                      f"{m['displays']:>6}{m['wide_code']:>10}{m['wide_code_narrow']:>6}{m['code_cells']:>7}"
-                     f"{m['long_lines']:>7}{n(m['stray']):>7}{m['uncaptioned']:>7}{m['figures']:>6}"
-                     f"{m['bad_alt']:>5}{n(m['placeholders']):>6}{n(m['title_tex']):>9}{m['code_share']:>7.0%}")
+                     f"{m['long_lines']:>7}{n(m['stray']):>7}{n(m['uncaptioned']):>7}{m['figures']:>6}"
+                     f"{n(m['bad_alt']):>5}{n(m['placeholders']):>6}{n(m['title_tex']):>9}{m['code_share']:>7.0%}")
     t = total
     lines.append(f"{'total':<36}{t['wide_eq']:>8}{t['wide_eq_narrow']:>6}{t['displays']:>6}{t['wide_code']:>10}"
                  f"{t['wide_code_narrow']:>6}{t['code_cells']:>7}{t['long_lines']:>7}{t['stray']:>7}"
@@ -490,6 +497,8 @@ PLANTED = {
 PLANTED_IN_ARTICLE = {
     "stray output": '<div class="cell_output"><div class="output text_plain"><pre>True\n</pre></div></div>',
     "unfilled placeholder": '<p>checked on {len(others)} rows</p>',
+    "figure without a caption": '<div class="cell_output"><img alt="d41d8cd98f00b204e9800998ecf8427e.png" src='
+                                '"data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"></div>',
 }
 
 

@@ -447,19 +447,27 @@ _FIELD = re.compile(r"\{[^{}]*\}")
 
 
 def _filled(what: str, label: str, records: list) -> str:
-    """A check's description as the chapter's run printed it.
+    """A check's description with the values the chapter's run put in it.
 
     The source gives an f-string's text with each field as ``{expr}`` (``ledger_index._what``);
-    the run's record of the same equation has the values filled in.  The first record whose text
-    matches the template (a field matching anything) replaces it; a template that no record
-    matches is left as it is (the browser check reports it)."""
+    the run's records of the same equation have the values filled in, followed by what the check
+    function adds (``close``: ``": N point(s), max |err| = ..."``, ``sym_zero``: ``"; residual =
+    ..."``).  The fields are taken from the first record that matches the template (a field
+    matching anything); a template that no record matches is left as it is (the browser check
+    reports it)."""
     if not _FIELD.search(what):
         return what
     parts = _FIELD.split(what)
-    pattern = re.compile("(.+?)".join(map(re.escape, parts)), re.S)
-    return next((r["what"] for r in records
-                 if r.get("label") == label and isinstance(r.get("what"), str) and pattern.fullmatch(r["what"])),
-                what)
+    pattern = re.compile("(.+?)".join(map(re.escape, parts)) + r"(?:(?:: |; ).*)?", re.S)
+    for r in records:
+        text = r.get("what")
+        if r.get("label") != label or not isinstance(text, str):
+            continue
+        m = pattern.fullmatch(text)
+        if m:
+            values = iter(m.groups())
+            return _FIELD.sub(lambda _: next(values), what)
+    return what
 
 
 def build_ledger(app, fromdoc, kind="math"):
@@ -924,6 +932,35 @@ def dedupe_scripts(app, pagename, templatename, context, doctree):
     files[:] = unique
 
 
+# ------------------------------------------------------------------------------------------------
+# Search: the chapters quote Chinese terms (熵, 熵归一化); English word splitting keeps a run of
+# CJK characters as one word, so a search for 熵 found nothing.
+
+CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def cjk_terms(text: str) -> list:
+    """Each run of CJK characters in ``text`` as its characters and its two-character pieces (the
+    run itself is already a word), so that a query of one or two characters finds it."""
+    out = []
+    for run in CJK_RUN.findall(text):
+        if len(run) > 1:
+            out += list(run) + [run[i:i + 2] for i in range(len(run) - 1) if len(run) > 2]
+    return out
+
+
+def _english_with_cjk():
+    from sphinx.search.en import SearchEnglish
+
+    class SearchEnglishCJK(SearchEnglish):
+        """English search, with Chinese terms indexed by character and by character pair."""
+
+        def split(self, input: str) -> list:
+            return super().split(input) + cjk_terms(input)
+
+    return SearchEnglishCJK
+
+
 def add_static(app):
     app.config.html_static_path.append(str(Path(__file__).parent / "static"))
 
@@ -939,6 +976,7 @@ def setup(app):
     # MathJax on every page: a chapter title with math ($\log n$) is in every page's navigation.
     app.set_html_assets_policy("always")
     app.add_css_file("entmath_book.css")
+    app.add_search_language(_english_with_cjk())
     app.connect("source-read", generate_sources)
     app.connect("doctree-read", collect)
     app.connect("env-purge-doc", purge)
