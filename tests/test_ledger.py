@@ -19,6 +19,7 @@ Here, without running the chapters:
 import ast
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -296,3 +297,18 @@ def test_the_chapter_summary_lists_every_label(chapter):
                     and node.args and isinstance(node.args[0], ast.List)):
                 listed += [e.value for e in node.args[0].elts if isinstance(e, ast.Constant)]
     assert sorted(listed) == sorted(labels_in(text)), f"{chapter.name}: summary lists differ from the labels"
+
+
+def test_a_display_set_on_several_lines_parses_like_one_line():
+    import displays
+
+    one_line = r"a = b + 1, \qquad c = 2 a"
+    gathered = "\\begin{gathered}\na = b + 1, \\\\\nc = 2 a\n\\end{gathered}"
+    def shape(text):  # the statements without the tokens' positions in the text
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(gathered) == shape(one_line)
+    env = {"a": 3, "b": 2, "c": 6}
+    displays.check(gathered, [env])
+    with pytest.raises(AssertionError):
+        displays.check(gathered.replace("2 a", "3 a"), [env])
