@@ -367,6 +367,32 @@ def measure_layout(dt: DevTools, session: str, page: str, shots: Path | None) ->
     return wide
 
 
+# Searches a reader makes: an English word, and the Chinese terms the chapters quote (the default
+# splitter kept a run of CJK characters as one word, so a single character found nothing).
+SEARCHES = ("entropy", "熵", "归一化")
+SEARCH_JS = r"""
+(async () => {
+  const t0 = Date.now(), sleep = ms => new Promise(r => setTimeout(r, ms));
+  // The search page lists its hits one by one, then says it has finished.
+  while (Date.now() - t0 < 30000) {
+    const summary = document.querySelector('#search-results .search-summary');
+    if (summary && /found|did not match/i.test(summary.textContent))
+      return document.querySelectorAll('#search-results ul.search li').length;
+    await sleep(100);
+  }
+  return 0;
+})()
+"""
+
+
+def search_hits(dt: DevTools, session: str, base: str, query: str) -> int:
+    """How many pages the site's own search page lists for ``query``."""
+    dt.events = [ev for ev in dt.events if ev.get("sessionId") != session]
+    dt.send("Page.navigate", {"url": base + "search.html?q=" + urllib.parse.quote(query)}, session)
+    dt.wait_for("Page.loadEventFired", session)
+    return int(dt.evaluate(session, SEARCH_JS) or 0)
+
+
 def layout_problems(layout: dict) -> list:
     """The ENFORCED layout faults of one page, as problem strings."""
     return [f"{what}: {item!r}" for kind, what in ENFORCED.items() for item in layout[kind][:10]]
@@ -462,6 +488,13 @@ def check_site(root: Path, pages: list, shots: Path | None, log_path: Path, verb
                     if verbose:
                         print(f"{'FAIL' if found else 'ok  '}  {page}  ({time.monotonic() - t0:.1f} s, "
                               f"{seen['typeset']} formulas typeset, {seen['images']} images{shot})", flush=True)
+            if layouts is not None and "search.html" in pages:
+                for query in SEARCHES:
+                    hits = search_hits(dt, sessions[0], base, query)
+                    if verbose:
+                        print(f"{'ok  ' if hits else 'FAIL'}  search for {query!r}: {hits} page(s)", flush=True)
+                    if not hits:
+                        failures.setdefault("search.html", []).append(f"search for {query!r} finds nothing")
         finally:
             dt.close()
         # Internal links: the file must be served, and an #anchor must be an id on that page.
