@@ -192,3 +192,9 @@ def test_a_description_keeps_its_own_text_when_the_check_appended_to_it():
     assert ext._filled("50 digits, {len(rows)} random rows", "eq-a", records) == "50 digits, 300 random rows"
     assert ext._filled("sympy: dH/dz_{k + 1} == -p_{k + 1} (log p_{k + 1} + H)", "eq-b", records) == \
         "sympy: dH/dz_1 == -p_1 (log p_1 + H)"
+
+
+def test_benchmark_method_names_are_shown_in_the_books_words():
+    assert "seed" not in ext._md("seed scheme") and "post" in ext._md("seed scheme")
+    assert ext._md("Monte Carlo") == "Monte Carlo"
+    assert ext._row_label({"method": "seed scheme", "ms": 1.0}, skip=()) == "source post's scheme"
