@@ -1,4 +1,4 @@
-"""CPU benchmark of the fused cross-entropy (issue: Chapter 5) against torch, in one run.
+"""CPU benchmark of the fused cross-entropy (Chapter 5) against torch, in one run.
 
 Forward + backward of the mean loss on 4096 x 32000 fp32 logits (class-index targets):
 

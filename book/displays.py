@@ -82,8 +82,15 @@ class Tok:
 _TOKEN = re.compile(r"\\([A-Za-z]+\*?)|\\(.)|(\d+(?:\.\d+)?)|([A-Za-z])|(\S)", re.S)
 
 
+# A layout-only environment: a long display is set on several lines as
+# \begin{gathered} a = b, \\ c = d \end{gathered}.  Its lines are statements like any others
+# (``\\`` separates statements), so the wrapper is blanked to spaces (positions are kept).
+_LAYOUT_ENV = re.compile(r"\\(?:begin|end)\{gathered\}")
+
+
 def tokenize(text: str) -> list:
     """LaTeX math as tokens; ``\\text{...}`` and its kin keep their argument as one token."""
+    text = _LAYOUT_ENV.sub(lambda m: " " * len(m.group(0)), text)
     toks, i = [], 0
     while i < len(text):
         if text[i].isspace():

@@ -63,20 +63,20 @@ def _record(store, label, what, fn="check", kind="predicate", points=None, digit
     RECORDS.append({"label": label, "fn": fn, "kind": kind, "what": what, "points": points, "digits": digits})
 
 
-def check(label: str, ok: bool, what: str = "") -> bool:
+def check(label: str, ok: bool, what: str = "") -> None:
     """Record a passed check of equation ``label``; raise if ``ok`` is false."""
     if not isinstance(label, str) or not label:
         raise TypeError("label must be a non-empty string")
     if not bool(ok):
         raise AssertionError(f"check of equation ({label}) FAILED: {what}")
     _record(CHECKS, label, what or "check", **_kind)
-    return True
+    return None
 
 
 _kind: dict = {}
 
 
-def sym_zero(label: str, expr, what: str = "sympy: simplify(expr) == 0") -> bool:
+def sym_zero(label: str, expr, what: str = "sympy: simplify(expr) == 0") -> None:
     """Check that a SymPy expression simplifies to exactly zero."""
     import sympy as sp
 
@@ -95,7 +95,7 @@ def _as(kind, f):
         _kind = saved
 
 
-def sym_equal(label: str, lhs, rhs, what: str = "sympy: simplify(lhs - rhs) == 0") -> bool:
+def sym_equal(label: str, lhs, rhs, what: str = "sympy: simplify(lhs - rhs) == 0") -> None:
     """Check ``sp.simplify(lhs - rhs) == 0``."""
     return sym_zero(label, lhs - rhs, what)
 
@@ -120,7 +120,7 @@ def _compare(label, got, want, rtol, atol, what, kind):
     return f"{what or 'numeric'}: {len(gots)} point(s), max |err| = {mp.nstr(worst, 3)}", len(gots)
 
 
-def close(label: str, got, want, *, rtol: float = 1e-12, atol: float = 0.0, what: str = "") -> bool:
+def close(label: str, got, want, *, rtol: float = 1e-12, atol: float = 0.0, what: str = "") -> None:
     """Check ``|got - want| <= atol + rtol * |want|`` elementwise (floats, mpf, numpy, torch)."""
     import mpmath as mp
 
@@ -128,7 +128,7 @@ def close(label: str, got, want, *, rtol: float = 1e-12, atol: float = 0.0, what
     return _as(dict(fn="close", kind="numeric", points=n, digits=mp.mp.dps), lambda: check(label, True, text))
 
 
-def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float = 0.0, what: str = "") -> bool:
+def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float = 0.0, what: str = "") -> None:
     """An implementation check: two implementations agree, or a count of work is within bounds.
 
     With ``want``, ``got`` and ``want`` are compared like ``close``; without it, ``got`` is a
@@ -138,10 +138,10 @@ def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float
         if not bool(got):
             raise AssertionError(f"implementation check of ({label}) FAILED: {what}")
         _record(IMPLEMENTATION, label, what or "implementation check", fn="implementation", kind="implementation")
-        return True
+        return None
     text, n = _compare(label, got, want, rtol, atol, what, "implementation")
     _record(IMPLEMENTATION, label, text, fn="implementation", kind="implementation", points=n)
-    return True
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ OVERRIDE: dict = {}
 
 
 def tie(label: str, envs, *, symbolic: bool = False, rtol=None, atol=None, tight=None,
-        equivalent: dict | None = None, what: str = "") -> bool:
+        equivalent: dict | None = None, what: str = "") -> None:
     """Tie the display ``label`` to the checked objects: parse it and verify every relation in it.
 
     ``envs`` is one environment or a list of them (see ``displays.check`` for what a relation
@@ -219,7 +219,7 @@ def tie(label: str, envs, *, symbolic: bool = False, rtol=None, atol=None, tight
     TIES[label]["relation_kinds"] = dict(report.kinds)
     if MUTATE:
         _merge_mutations(label, _mutation_run(label, text, envs, opts, equivalent or {}))
-    return True
+    return None
 
 
 def _merge_mutations(label, runs):
@@ -256,7 +256,7 @@ def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def tie_text(label: str, canonical: str, what: str) -> bool:
+def tie_text(label: str, canonical: str, what: str) -> None:
     """Tie a display that is prose as much as mathematics: its text must be ``canonical``
     (whitespace aside); ``what`` says which math checks of the label state its content."""
     text = display(label)
@@ -269,7 +269,7 @@ def tie_text(label: str, canonical: str, what: str) -> bool:
     if MUTATE:
         MUTATIONS[label] = [(desc, _normalize(m) != _normalize(canonical), "text differs")
                             for desc, m in displays.mutants(text)]
-    return True
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,22 +280,29 @@ def random_points(n: int, sampler: Callable[[random.Random], object], seed: int 
     return [sampler(rng) for _ in range(n)]
 
 
-def summary(labels: Iterable[str] | None = None) -> None:
-    """Print the ledger; with ``labels``, also fail if one of them has no math check or no tie."""
+def summary(labels: Iterable[str] | None = None, *, table: bool = False) -> None:
+    """Say in one line how many checks passed (the verification ledger page has the table; with
+    ``table=True`` it is printed here too); with ``labels``, fail if one of them has no math check
+    or no tie."""
     wanted = list(labels) if labels is not None else sorted(CHECKS)
     missing = [lab for lab in wanted if lab not in CHECKS]
     untied = [lab for lab in wanted if lab not in TIES]
-    width = max((len(lab) for lab in wanted), default=5)
-    print(f"{'equation':<{width}}  tie     math  impl  first math check")
-    for lab in wanted:
-        got = CHECKS.get(lab, [])
-        tie_how = TIES.get(lab, {}).get("how", "NONE")
-        print(f"{lab:<{width}}  {tie_how:<6} {len(got):>5} {len(IMPLEMENTATION.get(lab, [])):>5}  "
-              f"{got[0] if got else 'MISSING'}")
+    if table:
+        width = max((len(lab) for lab in wanted), default=5)
+        print(f"{'equation':<{width}}  tie     math  impl  first math check")
+        for lab in wanted:
+            got = CHECKS.get(lab, [])
+            tie_how = TIES.get(lab, {}).get("how", "NONE")
+            print(f"{lab:<{width}}  {tie_how:<6} {len(got):>5} {len(IMPLEMENTATION.get(lab, [])):>5}  "
+                  f"{got[0] if got else 'MISSING'}")
     if missing:
         raise AssertionError(f"equations with no passing check: {missing}")
     if untied:
         raise AssertionError(f"equations whose display is not tied to a check: {untied}")
+    n_math = sum(len(CHECKS.get(lab, [])) for lab in wanted)
+    n_impl = sum(len(IMPLEMENTATION.get(lab, [])) for lab in wanted)
+    print(f"{len(wanted)} numbered equations, each tied to its display: {n_math} mathematical checks "
+          f"and {n_impl} implementation checks passed (the verification ledger lists them).")
     _glue(wanted)
 
 

@@ -32,7 +32,12 @@ _TRITON = _find_triton()
 
 
 def triton_available() -> bool:
-    """True if the ``triton`` package can be imported (checked at import, without importing it)."""
+    """True if the ``triton`` package can be imported (checked at import, without importing it).
+
+    Examples:
+        >>> entmath.triton_available() in (True, False)
+        True
+    """
     return _TRITON
 
 

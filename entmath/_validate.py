@@ -31,7 +31,12 @@ _state = threading.local()
 
 
 def is_validation_enabled() -> bool:
-    """Whether entmath's value checks are on in this thread (the default)."""
+    """Whether entmath's value checks are on in this thread (the default).
+
+    Examples:
+        >>> entmath.is_validation_enabled()
+        True
+    """
     return getattr(_state, "enabled", True)
 
 
@@ -42,6 +47,12 @@ def set_validation(enabled: bool) -> None:
     op synchronises with the GPU; NaN, +inf and rows without a finite logit give NaN for those
     rows, as in torch, instead of a ``ValueError``.  Structural errors (types, shapes, options)
     are raised either way.
+
+    Examples:
+        >>> entmath.set_validation(False)
+        >>> entmath.entropy(torch.tensor([[float("nan"), 0.0]]))  # no error: NaN for that row
+        tensor([nan])
+        >>> entmath.set_validation(True)
     """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -51,7 +62,14 @@ def set_validation(enabled: bool) -> None:
 @contextlib.contextmanager
 def validation(enabled: bool):
     """Context manager: ``with entmath.validation(False): ...`` runs the block without value
-    checks and restores the previous setting afterwards (see ``set_validation``)."""
+    checks and restores the previous setting afterwards (see ``set_validation``).
+
+    Examples:
+        >>> with entmath.validation(False):
+        ...     h = entmath.entropy(torch.tensor([[float("nan"), 0.0]]))
+        >>> h, entmath.is_validation_enabled()  # the setting is restored after the block
+        (tensor([nan]), True)
+    """
     previous = is_validation_enabled()
     set_validation(enabled)
     try:

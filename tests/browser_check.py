@@ -22,6 +22,21 @@ A page fails if
 * the console shows a JavaScript error (an uncaught exception, ``console.error``, or an error the
   browser logs).
 
+It also measures the layout of every page, at 1280 px and at 390 px (a phone), and prints a table
+per page (``--layout-json`` stores it):
+
+* display equations wider than the text column (``eq>col``), at each width;
+* code cells whose lines are wider than the column, and source lines over 88 characters;
+* stray outputs: a cell output that is only ``True``/``False``/``None`` or shows an object repr
+  (``<torch._C.Generator object at 0x...>``);
+* figures (images in cell outputs) without a caption, and alt text that is a file name or hash;
+* unfilled f-string placeholders such as ``{len(others)}`` in the text a reader sees;
+* raw TeX in the page title (the browser tab and the search index show it unrendered);
+* the share of the page's height taken by visible code.
+
+The kinds in ``ENFORCED`` fail the page; the others are reported so that they can be brought down
+and then enforced.
+
 A full-page screenshot of every page under ``book/`` (every chapter, the front page and the back
 matter) is saved as ``<screenshots>/<page>.png``.
 """
@@ -107,6 +122,74 @@ INSPECT_JS = r"""
   };
 })()
 """.replace("RAW", json.dumps(RAW_TEX))
+
+
+# Layout measurements (see the module docstring); one call per viewport width.
+LAYOUT_JS = r"""
+(async () => {
+  await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  const visible = e => !e.checkVisibility || e.checkVisibility();
+  const article = document.querySelector('.bd-article') || document.querySelector('main') || document.body;
+  const name = e => { const m = e.closest('[id]'); return m ? m.id : '?'; };
+  // Display equations: the typeset math against the width of the block it sits in (the column).
+  const displays = [...article.querySelectorAll('mjx-container[display="true"]')].filter(visible);
+  const wideEq = displays.filter(c => {
+    const inner = c.querySelector('mjx-math') || c;
+    const col = (c.closest('div.math') || c.parentElement);
+    return inner.getBoundingClientRect().width > col.clientWidth + 1;
+  }).map(c => name(c));
+  // Code cells: a <pre> that must scroll sideways.
+  const pres = [...article.querySelectorAll('div.cell_input pre')];
+  const widePre = pres.filter(p => visible(p) && p.scrollWidth > p.clientWidth + 1).length;
+  const longLines = pres.map(p => p.textContent.split('\n').filter(l => l.length > 88).length)
+                        .reduce((a, b) => a + b, 0);
+  // Stray outputs: a text output that is only booleans/None, or an object repr anywhere.
+  const outs = [...article.querySelectorAll('div.cell_output div.output pre')];
+  const stray = outs.map(p => p.textContent.trim()).filter(t =>
+    /^((True|False|None)\s*)+$/.test(t) || /<[\w.]+( object)? at 0x[0-9a-fA-F]+>/.test(t))
+    .map(t => t.slice(0, 60));
+  // Figures: images in cell outputs (and figure directives); a caption and an alt text that says something.
+  const imgs = [...article.querySelectorAll('div.cell_output img, figure img')];
+  const src = i => (i.getAttribute('src') || '').split('/').pop().slice(0, 40);
+  const uncaptioned = imgs.filter(i => { const f = i.closest('figure'); return !(f && f.querySelector('figcaption')); }).map(src);
+  const badAlt = imgs.filter(i => !i.alt || /\.(png|svg|jpe?g)$|[0-9a-f]{16}/.test(i.alt)).map(src);
+  // Unfilled placeholders in the text a reader sees (not code, not math).
+  const skip = 'pre, code, script, style, mjx-container, .highlight, .math';
+  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT,
+    {acceptNode: n => n.parentElement && !n.parentElement.closest(skip) ? NodeFilter.FILTER_ACCEPT : NodeFilter.FILTER_REJECT});
+  const placeholders = [];
+  // A field is a Python expression in braces, not a TeX group: not after ^ or _ (2^{d}), and no
+  // two words side by side ({z_i - max z} is mathematics written in plain text).
+  for (let n; (n = walker.nextNode());) {
+    for (const m of n.nodeValue.matchAll(/(^|[^^_\\\w])\{([A-Za-z_][\w.()\[\]'", +*\/:-]*)\}/g)) {
+      if (!/[\w)\]]\s+[A-Za-z_(]/.test(m[2])) placeholders.push('{' + m[2] + '}');
+    }
+  }
+  // Visible code's share of the page height.
+  const codeHeight = [...article.querySelectorAll('div.cell_input')].filter(visible)
+    .reduce((a, c) => a + c.getBoundingClientRect().height, 0);
+  const title = document.title;
+  return {
+    displays: displays.length, wide_eq: wideEq,
+    code_cells: pres.length, wide_code: widePre, long_lines: longLines,
+    stray: stray, figures: imgs.length, uncaptioned: uncaptioned, bad_alt: badAlt,
+    placeholders: placeholders,
+    title_tex: /\\[A-Za-z(\[]|\$/.test(title) ? [title.slice(0, 80)] : [],
+    code_share: article.scrollHeight ? codeHeight / article.scrollHeight : 0,
+  };
+})()
+"""
+NARROW = 390  # a phone's CSS width
+
+# Layout faults that fail a page (fixed in the book; they must not come back).  The rest of the
+# measurements are reported only.
+ENFORCED = {
+    "stray": "stray output",
+    "placeholders": "unfilled placeholder",
+    "title_tex": "raw TeX in the page title",
+    "uncaptioned": "figure without a caption",
+    "bad_alt": "image whose alt text is a file name",
+}
 
 
 class DevTools:
@@ -245,12 +328,12 @@ def status_of(url: str) -> int:
         return e.code
 
 
-def screenshot(dt: DevTools, session: str, path: Path):
+def screenshot(dt: DevTools, session: str, path: Path, width: int = WIDTH):
     """The whole page, not just the viewport: resize the viewport to the content, then capture."""
     size = dt.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
     height = min(int(size["height"]) + 1, 60000)
     dt.send("Emulation.setDeviceMetricsOverride",
-            {"width": WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < WIDTH}, session)
     try:
         shot = dt.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": False,
                                                  "optimizeForSpeed": True}, session, 120)
@@ -267,10 +350,84 @@ def find_chromium() -> str:
     sys.exit("browser check: no chromium on PATH (Debian: apt-get install --no-install-recommends chromium)")
 
 
+def measure_layout(dt: DevTools, session: str, page: str, shots: Path | None) -> dict:
+    """LAYOUT_JS at WIDTH and at NARROW; a narrow screenshot of each chapter as ``<page>-390.png``."""
+    wide = dt.evaluate(session, LAYOUT_JS)
+    dt.send("Emulation.setDeviceMetricsOverride",
+            {"width": NARROW, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": True}, session)
+    try:
+        narrow = dt.evaluate(session, LAYOUT_JS)
+        if shots is not None and Path(page).name.startswith("ch"):
+            screenshot(dt, session, shots / f"{Path(page).stem}-{NARROW}.png", NARROW)
+    finally:
+        dt.send("Emulation.setDeviceMetricsOverride",
+                {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False}, session)
+    wide["wide_eq_narrow"] = narrow["wide_eq"]
+    wide["wide_code_narrow"] = narrow["wide_code"]
+    return wide
+
+
+# Searches a reader makes: an English word, and the Chinese terms the chapters quote (the default
+# splitter kept a run of CJK characters as one word, so a single character found nothing).
+SEARCHES = ("entropy", "熵", "归一化")
+SEARCH_JS = r"""
+(async () => {
+  const t0 = Date.now(), sleep = ms => new Promise(r => setTimeout(r, ms));
+  // The search page lists its hits one by one, then says it has finished.
+  while (Date.now() - t0 < 30000) {
+    const summary = document.querySelector('#search-results .search-summary');
+    if (summary && /found|did not match/i.test(summary.textContent))
+      return document.querySelectorAll('#search-results ul.search li').length;
+    await sleep(100);
+  }
+  return 0;
+})()
+"""
+
+
+def search_hits(dt: DevTools, session: str, base: str, query: str) -> int:
+    """How many pages the site's own search page lists for ``query``."""
+    dt.events = [ev for ev in dt.events if ev.get("sessionId") != session]
+    dt.send("Page.navigate", {"url": base + "search.html?q=" + urllib.parse.quote(query)}, session)
+    dt.wait_for("Page.loadEventFired", session)
+    return int(dt.evaluate(session, SEARCH_JS) or 0)
+
+
+def layout_problems(layout: dict) -> list:
+    """The ENFORCED layout faults of one page, as problem strings."""
+    return [f"{what}: {item!r}" for kind, what in ENFORCED.items() for item in layout[kind][:10]]
+
+
+def layout_table(layouts: dict) -> str:
+    """One line per page that has something to measure: the numbers of the module docstring."""
+    head = (f"{'page':<36}{'eq>col':>8}{'@390':>6}{'/eqs':>6}{'code>col':>10}{'@390':>6}{'/cells':>7}"
+            f"{'>88ch':>7}{'stray':>7}{'nocap':>7}{'/figs':>6}{'alt':>5}{'{..}':>6}{'titleTeX':>9}{'code%':>7}")
+    lines = [head]
+    total = dict.fromkeys(["wide_eq", "wide_eq_narrow", "displays", "wide_code", "wide_code_narrow",
+                           "code_cells", "long_lines", "stray", "uncaptioned", "figures", "bad_alt",
+                           "placeholders", "title_tex"], 0)
+    n = lambda v: len(v) if isinstance(v, list) else v  # noqa: E731
+    for page, m in sorted(layouts.items()):
+        if not (m["displays"] or m["code_cells"] or m["figures"] or m["placeholders"] or m["title_tex"]):
+            continue
+        for k in total:
+            total[k] += n(m[k])
+        lines.append(f"{page.removeprefix('book/'):<36}{n(m['wide_eq']):>8}{n(m['wide_eq_narrow']):>6}"
+                     f"{m['displays']:>6}{m['wide_code']:>10}{m['wide_code_narrow']:>6}{m['code_cells']:>7}"
+                     f"{m['long_lines']:>7}{n(m['stray']):>7}{n(m['uncaptioned']):>7}{m['figures']:>6}"
+                     f"{n(m['bad_alt']):>5}{n(m['placeholders']):>6}{n(m['title_tex']):>9}{m['code_share']:>7.0%}")
+    t = total
+    lines.append(f"{'total':<36}{t['wide_eq']:>8}{t['wide_eq_narrow']:>6}{t['displays']:>6}{t['wide_code']:>10}"
+                 f"{t['wide_code_narrow']:>6}{t['code_cells']:>7}{t['long_lines']:>7}{t['stray']:>7}"
+                 f"{t['uncaptioned']:>7}{t['figures']:>6}{t['bad_alt']:>5}{t['placeholders']:>6}{t['title_tex']:>9}")
+    return "\n".join(lines)
+
+
 def check_site(root: Path, pages: list, shots: Path | None, log_path: Path, verbose: bool = True,
-               tabs: int = TABS):
+               tabs: int = TABS, layouts: dict | None = None):
     """Open ``pages`` (paths under ``root``) one by one; return ``({page: [problem, ...]}, n_links)``.
-    With ``shots``, save a full-page screenshot of each page under ``book/`` there."""
+    With ``shots``, save a full-page screenshot of each page under ``book/`` there.  With
+    ``layouts`` (a dict), store each page's layout measurements in it."""
     server = serve(root)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     profile = tempfile.mkdtemp(prefix="browser-check-")
@@ -313,6 +470,9 @@ def check_site(root: Path, pages: list, shots: Path | None, log_path: Path, verb
                     found += [f"math not typeset: {m!r}" for m in seen["untypeset"]]
                     found += [f"raw TeX in the text: {t!r}" for t in seen["rawtex"]]
                     found += [f"image did not load: {src}" for src in seen["broken_images"]]
+                    if layouts is not None:
+                        layouts[page] = measure_layout(dt, session, page, shots)
+                        found += layout_problems(layouts[page])
                     ids[page] = set(seen["ids"])
                     for url in seen["links"] + seen["resources"]:
                         if url.startswith(base):
@@ -328,6 +488,13 @@ def check_site(root: Path, pages: list, shots: Path | None, log_path: Path, verb
                     if verbose:
                         print(f"{'FAIL' if found else 'ok  '}  {page}  ({time.monotonic() - t0:.1f} s, "
                               f"{seen['typeset']} formulas typeset, {seen['images']} images{shot})", flush=True)
+            if layouts is not None and "search.html" in pages:
+                for query in SEARCHES:
+                    hits = search_hits(dt, sessions[0], base, query)
+                    if verbose:
+                        print(f"{'ok  ' if hits else 'FAIL'}  search for {query!r}: {hits} page(s)", flush=True)
+                    if not hits:
+                        failures.setdefault("search.html", []).append(f"search for {query!r} finds nothing")
         finally:
             dt.close()
         # Internal links: the file must be served, and an #anchor must be an id on that page.
@@ -359,6 +526,13 @@ PLANTED = {
     "no element with id": '<a href="#no-such-anchor">planted</a>',
     "JS exception": '<script>throw new Error("planted")</script>',
 }
+# Layout faults are measured in the page's article (the text column), so they are planted there.
+PLANTED_IN_ARTICLE = {
+    "stray output": '<div class="cell_output"><div class="output text_plain"><pre>True\n</pre></div></div>',
+    "unfilled placeholder": '<p>checked on {len(others)} rows</p>',
+    "figure without a caption": '<div class="cell_output"><img alt="d41d8cd98f00b204e9800998ecf8427e.png" src='
+                                '"data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"></div>',
+}
 
 
 def self_test(root: Path, log_path: Path) -> list:
@@ -381,12 +555,14 @@ def self_test(root: Path, log_path: Path) -> list:
                 if entry.name != page.name:
                     (tmp / page.parts[0] / entry.name).symlink_to(entry)
         html = (root / page).read_text()
+        html = re.sub(r'(<[^>]*class="[^"]*\bbd-article\b[^"]*"[^>]*>)',
+                      lambda m: m[1] + "".join(PLANTED_IN_ARTICLE.values()), html, count=1)
         (tmp / page).write_text(html.replace("</body>", "".join(PLANTED.values()) + "</body>", 1))
-        failures, _ = check_site(tmp, [page.as_posix()], None, log_path, verbose=False)
+        failures, _ = check_site(tmp, [page.as_posix()], None, log_path, verbose=False, layouts={})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     found = "\n".join(failures.get(page.as_posix(), []))
-    return [fault for fault in PLANTED if fault not in found]
+    return [fault for fault in {**PLANTED, **PLANTED_IN_ARTICLE} if fault not in found]
 
 
 def main(argv=None) -> int:
@@ -395,6 +571,7 @@ def main(argv=None) -> int:
     ap.add_argument("--screenshots", type=Path, default=None, help="default: <html>/../screenshots")
     ap.add_argument("--no-self-test", action="store_true", help="skip planting faults in a copy first")
     ap.add_argument("--tabs", type=int, default=TABS, help="pages loading at once (default %(default)s)")
+    ap.add_argument("--layout-json", type=Path, default=None, help="store the layout measurements here")
     args = ap.parse_args(argv)
     root = args.html.resolve()
     shots = (args.screenshots or root.parent / "screenshots").resolve()
@@ -410,11 +587,18 @@ def main(argv=None) -> int:
             print(f"browser check self-test: planted faults NOT detected: {missed}")
             print("browser: 0 passed, 1 failed")
             return 1
-        print(f"browser check self-test: all {len(PLANTED)} planted faults detected "
+        print(f"browser check self-test: all {len(PLANTED) + len(PLANTED_IN_ARTICLE)} planted faults detected "
               f"({time.monotonic() - t_start:.1f} s)")
     pages = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html")
                    if not p.relative_to(root).parts[0].startswith("_"))
-    failures, n_links = check_site(root, pages, shots, log_path, tabs=args.tabs)
+    layouts: dict = {}
+    failures, n_links = check_site(root, pages, shots, log_path, tabs=args.tabs, layouts=layouts)
+    print("\nlayout (eq>col: display equations wider than the column at 1280 px, @390 at 390 px; "
+          "code>col: code cells that scroll sideways; >88ch: source lines over 88 characters; "
+          "nocap: figures without a caption; alt: alt text that is a file name)")
+    print(layout_table(layouts))
+    if args.layout_json:
+        args.layout_json.write_text(json.dumps(layouts, indent=1, sort_keys=True))
     for page, problems in failures.items():
         print(f"\n{page}:")
         for p in problems:

@@ -163,3 +163,38 @@ def test_the_run_record_is_read_from_the_glue_file(tmp_path):
     app = SimpleNamespace(outdir=str(out))
     assert ext._run_record(app, "book/ch09_x") == {"ties": {"eq-x": {"how": "text"}}, "records": []}
     assert ext._run_record(app, "book/ch10_missing") == {}
+
+
+def test_the_ledger_page_shows_an_f_string_description_as_the_run_filled_it():
+    records = [{"label": "eq-a", "what": "H > 0 on all 17 random rows (50 digits)"},
+               {"label": "eq-b", "what": "H > 0 on all 99 random rows (50 digits)"}]
+    template = "H > 0 on all {len(others)} random rows ({digits} digits)"
+    assert ext._filled(template, "eq-a", records) == "H > 0 on all 17 random rows (50 digits)"
+    assert ext._filled(template, "eq-b", records) == "H > 0 on all 99 random rows (50 digits)"
+    # No record of that equation matches: the template stays (and the browser check reports it).
+    assert ext._filled(template, "eq-c", records) == template
+    assert ext._filled("H > 0 on every row", "eq-a", records) == "H > 0 on every row"
+
+
+def test_chinese_terms_are_searchable_by_character():
+    assert sorted(ext.cjk_terms("entropy normalization (熵归一化) and 熵")) == sorted(
+        ["熵", "归", "一", "化", "熵归", "归一", "一化"])
+    assert ext.cjk_terms("no Chinese here") == []
+    splitter = ext._english_with_cjk()({})
+    words = splitter.split("the entropy (熵) of softmax, 熵归一化")
+    assert "熵" in words and "熵归一化" in words and "归一" in words and "entropy" in words
+
+
+def test_a_description_keeps_its_own_text_when_the_check_appended_to_it():
+    # close() appends ": N point(s), max |err| = ..." and sym_zero "; residual = ..." to the text
+    records = [{"label": "eq-a", "what": "50 digits, 300 random rows: 300 point(s), max |err| = 1e-40"},
+               {"label": "eq-b", "what": "sympy: dH/dz_1 == -p_1 (log p_1 + H); residual = 0"}]
+    assert ext._filled("50 digits, {len(rows)} random rows", "eq-a", records) == "50 digits, 300 random rows"
+    assert ext._filled("sympy: dH/dz_{k + 1} == -p_{k + 1} (log p_{k + 1} + H)", "eq-b", records) == \
+        "sympy: dH/dz_1 == -p_1 (log p_1 + H)"
+
+
+def test_benchmark_method_names_are_shown_in_the_books_words():
+    assert "seed" not in ext._md("seed scheme") and "post" in ext._md("seed scheme")
+    assert ext._md("Monte Carlo") == "Monte Carlo"
+    assert ext._row_label({"method": "seed scheme", "ms": 1.0}, skip=()) == "source post's scheme"

@@ -19,6 +19,7 @@ Here, without running the chapters:
 import ast
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -184,6 +185,11 @@ def test_the_parser_finds_what_it_should():
     assert displays_in(text) == {"eq-a": "x = 1"}
     tagged = "```{code-cell} ipython3\n:tags: [ledger-notation]\n\nx = 1\n```\n\n```{code-cell} ipython3\ny = 2\n```\n"
     assert [c.strip() for c in notation_cells(tagged)] == ["x = 1"]
+    # Cell metadata as a YAML block (a figure's caption): the block is not code, its tags count.
+    yaml_cell = ("```{code-cell} ipython3\n---\nmystnb:\n  figure:\n    caption: H against x\n"
+                 "tags: [hide-input, ledger-notation]\n---\nledger.close(\"eq-a\", 1, 1, what=\"w\")\n```\n")
+    assert checks_in(yaml_cell) == {"eq-a": ["close"]}
+    assert [c.strip() for c in notation_cells(yaml_cell + tagged)][0] == 'ledger.close("eq-a", 1, 1, what="w")'
 
 
 def test_ledger_checks_can_fail():
@@ -328,3 +334,18 @@ def test_a_supremum_must_be_approached_when_asked():
     displays.check(r"\frac{x}{1 + x} < 1", envs, tight={(1, 1): 1e-5})
     with pytest.raises(displays.DisplayCheckFailed):  # true, but 2 is not the supremum
         displays.check(r"\frac{x}{1 + x} < 2", envs, tight={(1, 1): 1e-5})
+
+
+def test_a_display_set_on_several_lines_parses_like_one_line():
+    import displays
+
+    one_line = r"a = b + 1, \qquad c = 2 a"
+    gathered = "\\begin{gathered}\na = b + 1, \\\\\nc = 2 a\n\\end{gathered}"
+    def shape(text):  # the statements without the tokens' positions in the text
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(gathered) == shape(one_line)
+    env = {"a": 3, "b": 2, "c": 6}
+    displays.check(gathered, [env])
+    with pytest.raises(AssertionError):
+        displays.check(gathered.replace("2 a", "3 a"), [env])

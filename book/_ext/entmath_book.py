@@ -443,6 +443,33 @@ def _tie_mechanism(record, static_fns) -> str:
     return "registered text" if "tie_text" in static_fns else "parsed" if "tie" in static_fns else "untied"
 
 
+_FIELD = re.compile(r"\{[^{}]*\}")
+
+
+def _filled(what: str, label: str, records: list) -> str:
+    """A check's description with the values the chapter's run put in it.
+
+    The source gives an f-string's text with each field as ``{expr}`` (``ledger_index._what``);
+    the run's records of the same equation have the values filled in, followed by what the check
+    function adds (``close``: ``": N point(s), max |err| = ..."``, ``sym_zero``: ``"; residual =
+    ..."``).  The fields are taken from the first record that matches the template (a field
+    matching anything); a template that no record matches is left as it is (the browser check
+    reports it)."""
+    if not _FIELD.search(what):
+        return what
+    parts = _FIELD.split(what)
+    pattern = re.compile("(.+?)".join(map(re.escape, parts)) + r"(?:(?:: |; ).*)?", re.S)
+    for r in records:
+        text = r.get("what")
+        if r.get("label") != label or not isinstance(text, str):
+            continue
+        m = pattern.fullmatch(text)
+        if m:
+            values = iter(m.groups())
+            return _FIELD.sub(lambda _: next(values), what)
+    return what
+
+
 def build_ledger(app, fromdoc, kind="math"):
     env = app.env
     data = _env_data(env)["ledger"]
@@ -473,6 +500,7 @@ def build_ledger(app, fromdoc, kind="math"):
                 items = nodes.bullet_list(classes=["simple", "ledger-checks"])
                 for _, fn, what, cell in mine:
                     call = _link(app, fromdoc, doc, cell, nodes.literal(f"ledger.{fn}", f"ledger.{fn}"))
+                    what = _filled(what, label, record.get("records", []))
                     items += nodes.list_item("", nodes.paragraph("", "", call, nodes.Text(f" {what}")))
                 checks_cell = [items]
             else:
@@ -581,6 +609,10 @@ def api_markdown(app, docname) -> str:
     return "\n".join(out)
 
 
+# Names the benchmark scripts store, as the book calls them ("seed" is the source post).
+DISPLAY_NAMES = {"seed scheme": "source post's scheme"}
+
+
 def _md(value) -> str:
     """Text for a Markdown table cell: numbers at 4 significant digits, punctuation escaped."""
     if isinstance(value, float):
@@ -588,7 +620,7 @@ def _md(value) -> str:
     elif isinstance(value, (dict, list)):
         text = json.dumps(value)
     else:
-        text = "" if value is None else str(value)
+        text = "" if value is None else DISPLAY_NAMES.get(str(value), str(value))
     return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
 
 
@@ -609,7 +641,7 @@ def _row_label(row: dict, skip) -> str:
     for key, value in row.items():
         if key in skip or isinstance(value, float):
             continue
-        parts.append(str(value) if isinstance(value, str) else f"{key}={value}")
+        parts.append(DISPLAY_NAMES.get(value, value) if isinstance(value, str) else f"{key}={value}")
     return " | ".join(parts) or "row"
 
 
@@ -904,6 +936,35 @@ def dedupe_scripts(app, pagename, templatename, context, doctree):
     files[:] = unique
 
 
+# ------------------------------------------------------------------------------------------------
+# Search: the chapters quote Chinese terms (熵, 熵归一化); English word splitting keeps a run of
+# CJK characters as one word, so a search for 熵 found nothing.
+
+CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def cjk_terms(text: str) -> list:
+    """Each run of CJK characters in ``text`` as its characters and its two-character pieces (the
+    run itself is already a word), so that a query of one or two characters finds it."""
+    out = []
+    for run in CJK_RUN.findall(text):
+        if len(run) > 1:
+            out += list(run) + [run[i:i + 2] for i in range(len(run) - 1) if len(run) > 2]
+    return out
+
+
+def _english_with_cjk():
+    from sphinx.search.en import SearchEnglish
+
+    class SearchEnglishCJK(SearchEnglish):
+        """English search, with Chinese terms indexed by character and by character pair."""
+
+        def split(self, input: str) -> list:
+            return super().split(input) + cjk_terms(input)
+
+    return SearchEnglishCJK
+
+
 def add_static(app):
     app.config.html_static_path.append(str(Path(__file__).parent / "static"))
 
@@ -919,6 +980,7 @@ def setup(app):
     # MathJax on every page: a chapter title with math ($\log n$) is in every page's navigation.
     app.set_html_assets_policy("always")
     app.add_css_file("entmath_book.css")
+    app.add_search_language(_english_with_cjk())
     app.connect("source-read", generate_sources)
     app.connect("doctree-read", collect)
     app.connect("env-purge-doc", purge)

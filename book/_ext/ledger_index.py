@@ -37,7 +37,9 @@ __all__ = [
 DOLLAR_LABEL = re.compile(r"^\s*\$\$\s*\(([^)\s]+)\)\s*$", re.M)
 DIRECTIVE_LABEL = re.compile(r"^```\{math\}[^\n]*\n(?::[a-z]+:[^\n]*\n)*?:label:\s*(\S+)", re.M)
 CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```", re.M | re.S)
-CELL_OPTION = re.compile(r"\A((?::[\w-]+:[^\n]*\n)*)")
+# A cell's options: ``:key: value`` lines, or a YAML block between ``---`` lines (needed for nested
+# metadata such as myst-nb's ``mystnb: figure: caption``).
+CELL_OPTION = re.compile(r"\A(---\n.*?^---\n|(?::[\w-]+:[^\n]*\n)*)", re.M | re.S)
 NOTATION_TAG = "ledger-notation"
 CHECK_CALL = re.compile(r"\bledger\.(\w+)\(\s*[\"']([^\"']+)[\"']")
 #: the ``ledger`` functions that verify an equation (``summary`` and ``random_points`` do not).
@@ -83,11 +85,12 @@ def code_cells(text: str) -> list:
 
 
 def cell_tags(text: str) -> list:
-    """The tags of each ``{code-cell}`` block, in order (``:tags: [a, b]``)."""
+    """The tags of each ``{code-cell}`` block, in order (``:tags: [a, b]``, or ``tags: [a, b]`` in
+    a YAML block)."""
     out = []
     for body in CODE_CELL.findall(text):
         options = CELL_OPTION.match(body).group(1)
-        m = re.search(r"^:tags:\s*\[([^\]]*)\]", options, re.M)
+        m = re.search(r"^:?tags:?\s*\[([^\]]*)\]", options, re.M)
         out.append([t.strip().strip("'\"") for t in m.group(1).split(",")] if m else [])
     return out
 

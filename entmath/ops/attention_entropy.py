@@ -316,6 +316,11 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
             ``scale``, NaN/inf in q or k, or
             inputs whose logits could overflow the accumulation dtype (checked conservatively
             with ``abs(scale_i) * norm(q_i) * norm(k_j)`` >= the dtype's max).
+
+    Examples:
+        >>> q, k = torch.zeros(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+        >>> entmath.attention_entropy(q, k, is_causal=True)  # equal scores: log(i + 1) for query i
+        tensor([[[0.0000, 0.6931, 1.0986, 1.3863]]])
     """
     for t, name in ((q, "q"), (k, "k")):
         check_float_tensor(t, name)

@@ -209,9 +209,10 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, keepdim: bool = False, backe
             or +inf; a row is entirely ``-inf`` (no distribution).  The message names the rows.
             With validation off (``entmath.set_validation(False)``) such rows give NaN instead.
 
-    Example:
-        >>> entmath.entropy(torch.zeros(2, 4))  # uniform over 4 classes: log 4
-        tensor([1.3863, 1.3863])
+    Examples:
+        >>> logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 0.0, float("-inf")]])
+        >>> entmath.entropy(logits)  # uniform over 4 classes: log 4; a -inf class adds nothing
+        tensor([1.3863, 0.1773])
     """
     check_float_tensor(logits, "logits")
     dim = normalize_dim(logits, dim, "logits")

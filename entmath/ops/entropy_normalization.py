@@ -703,6 +703,14 @@ def entropy_normalize(logits: torch.Tensor, target, dim: int = -1, *, backend: s
     Warns:
         RuntimeWarning: (torch backend) a row used all of its evaluations of H without meeting the
             tolerance; the warning names the rows.
+
+    Examples:
+        >>> logits = torch.tensor([[3.0, 1.0, 0.0, -2.0]])
+        >>> p = entmath.entropy_normalize(logits, 1.0)  # flattened to exactly 1 nat, order kept
+        >>> p
+        tensor([[0.6314, 0.2088, 0.1201, 0.0397]])
+        >>> -(p * p.log()).sum(-1)
+        tensor([1.])
     """
     z, t, dim, backend = _prepare(logits, target, dim, backend)
     p, _ = _normalize(z, t, backend)
@@ -720,6 +728,14 @@ def solve_gamma(logits: torch.Tensor, target, dim: int = -1, keepdim: bool = Fal
     softmax(gamma * logits) is understood as its limit, the uniform distribution on the arg-max
     set).  For a constant row every gamma gives the same distribution and the rule above picks
     0 or +inf.  Differentiable (implicit function theorem), with gradient 0 at the two edges.
+
+    Examples:
+        >>> logits = torch.tensor([[3.0, 1.0, 0.0, -2.0]])
+        >>> gamma = entmath.solve_gamma(logits, 1.0)
+        >>> gamma
+        tensor([0.5533])
+        >>> entmath.entropy(gamma[:, None] * logits)
+        tensor([1.])
     """
     z, t, dim, backend = _prepare(logits, target, dim, backend)
     _, gamma = _normalize(z, t, backend)
@@ -837,6 +853,13 @@ def sample(logits: torch.Tensor, target_entropy, num_samples: int = 1, generator
             the errors of :func:`entropy_normalize`.
         ValueError: ``num_samples < 1``, or ``num_samples`` exceeds a row's support when
             ``replacement=False``, and the errors of :func:`entropy_normalize`.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> logits = torch.tensor([[3.0, 1.0, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0]])
+        >>> idx = entmath.sample(logits, 1.0, num_samples=5, generator=g)  # each row at 1 nat
+        >>> idx.shape, idx.dtype
+        (torch.Size([2, 5]), torch.int64)
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")

@@ -214,6 +214,11 @@ def jsd(p_logits: torch.Tensor, q_logits: torch.Tensor, beta: float = 0.5, dim: 
             class dimension, ``beta`` outside [0, 1], unknown ``reduction``; NaN, +inf or all
             ``-inf`` logits in a row that is not ignored (naming ``p_logits`` or ``q_logits``).
             With validation off (``entmath.set_validation(False)``) such rows give NaN instead.
+
+    Examples:
+        >>> p, q = torch.tensor([[3.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+        >>> entmath.jsd(p, q), entmath.jsd(q, p)  # symmetric at beta = 0.5, and below log 2
+        (tensor([0.4795]), tensor([0.4795]))
     """
     check_float_tensor(p_logits, "p_logits")
     check_float_tensor(q_logits, "q_logits")

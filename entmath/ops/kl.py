@@ -240,6 +240,13 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, reducti
         ValueError: shape mismatch, bad ``dim``, empty class dimension, unknown ``reduction``;
             NaN, +inf or all ``-inf`` rows (naming ``p_logits`` or ``q_logits``).  With validation off
             (``entmath.set_validation(False)``) such rows give NaN instead.
+
+    Examples:
+        >>> p, q = torch.tensor([[1.0, 0.0, -1.0]]), torch.zeros(1, 3)
+        >>> entmath.kl(p, q)  # KL(softmax(p) || uniform) = log 3 - H(softmax(p))
+        tensor([0.2662])
+        >>> torch.log(torch.tensor(3.0)) - entmath.entropy(p)
+        tensor([0.2662])
     """
     check_float_tensor(p_logits, "p_logits")
     check_float_tensor(q_logits, "q_logits")

@@ -574,6 +574,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
             ``ignore_index``; NaN or inf in hidden, weight or bias; logits that overflow.  With
             validation off (``entmath.set_validation(False)``) the value errors are not raised
             and such rows give NaN.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden, weight = torch.randn(4, 8, generator=g), torch.randn(50, 8, generator=g)
+        >>> target = torch.tensor([3, 14, 15, 9])
+        >>> loss = entmath.linear_cross_entropy(hidden, weight, target)  # no 4 x 50 logits stored
+        >>> torch.allclose(loss, entmath.cross_entropy(hidden @ weight.T, target))
+        True
     """
     t1d = check_linear_head(hidden, weight, bias, target)
     eps, z_loss, inv_t = check_options(label_smoothing, z_loss, temperature, reduction, ignore_index)

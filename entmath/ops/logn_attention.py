@@ -75,6 +75,12 @@ def logn_scale(n, d: int, train_length: int, *, kappa: float | None = None,
             ``dtype`` not a floating-point dtype.
         ValueError: ``d < 1``, ``train_length < 2``, ``kappa`` not finite and positive, or some
             ``n < 1`` (or NaN).
+
+    Examples:
+        >>> entmath.logn_scale(512, d=64, train_length=512)  # 1/sqrt(d) at the training length
+        tensor(0.1250)
+        >>> entmath.logn_scale([512, 4096], d=64, train_length=512)  # grows with log n beyond it
+        tensor([0.1250, 0.1667])
     """
     _check_int(d, "d", 1)
     _check_int(train_length, "train_length", 2)  # log(1) = 0 cannot calibrate anything
@@ -138,6 +144,12 @@ def query_lengths(L: int, S: int, *, is_causal: bool = False, offset: int = 0, d
         TypeError: ``L``, ``S`` or ``offset`` not ints, ``is_causal`` not a bool.
         ValueError: ``L < 0``, ``S < 1``, ``offset < 0``, ``offset`` without ``is_causal``, or
             ``offset + L > S``.
+
+    Examples:
+        >>> entmath.query_lengths(4, 4, is_causal=True)
+        tensor([1, 2, 3, 4])
+        >>> entmath.query_lengths(2, 6, is_causal=True, offset=4)  # two new queries, 4 cached keys
+        tensor([5, 6])
     """
     _check_int(L, "L", 0)
     _check_int(S, "S", 1)
@@ -293,6 +305,13 @@ def logn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
             L, S) (for instance one with a larger batch) or sits on another device,
             ``dropout_p`` outside [0, 1], ``scale`` not finite and > 0 or given with ``kappa``,
             bad ``train_length``/``kappa``.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))  # (B, heads, L, d)
+        >>> out = entmath.logn_attention(q, k, v, is_causal=True, train_length=8)
+        >>> out.shape
+        torch.Size([1, 2, 16, 8])
     """
     _check_qkv(q, k, v, enable_gqa)
     L, S, d = q.shape[-2], k.shape[-2], q.shape[-1]

@@ -470,6 +470,13 @@ def noise_softmax(mu: torch.Tensor, noise: str = "normal", dim: int = -1, nodes:
             infinite, on another device, not broadcasting to ``mu``'s shape or varying along
             ``dim``; ``dim`` out of range or empty class dimension; a row of ``mu`` contains NaN
             or +inf, or is entirely ``-inf``.  The message names the argument (and the rows).
+
+    Examples:
+        >>> mu = torch.tensor([[1.0, 0.0, -1.0]])
+        >>> entmath.noise_softmax(mu, "gumbel")  # the Gumbel-max trick: softmax(mu)
+        tensor([[0.6652, 0.2447, 0.0900]])
+        >>> entmath.noise_softmax(mu, "normal")  # Gaussian noise (multinomial probit), by quadrature
+        tensor([[0.7288, 0.2241, 0.0472]])
     """
     check_float_tensor(mu, "mu")
     if not isinstance(noise, str):
