@@ -388,7 +388,7 @@ def _(grad, z, t, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_ind
 # ---- the C path (CPU; class indices, no soft-capping), registered the same way --------------
 def _on_cpu_kernel(z, t, softcap) -> bool:
     """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
-    return t is not None and not softcap and z.device.type == "cpu" and cpu_rows.enabled(z)
+    return t is not None and not softcap and cpu_rows.takes(z)
 
 
 @cpu_kernel_op("cross_entropy_cpu")

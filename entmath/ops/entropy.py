@@ -105,7 +105,7 @@ def _forward(z, backend, direct=False):
 
 def _on_cpu_kernel(z) -> bool:
     """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
-    return z.device.type == "cpu" and z.dim() >= 1 and cpu_rows.enabled(z.reshape(-1, z.shape[-1]))
+    return cpu_rows.takes(z)
 
 
 # ---- the Triton path, registered as operators (see _library.py) -----------------------------

@@ -120,8 +120,7 @@ def _forward(a, b, backend, direct=False):
 
 def _on_cpu_kernel(a, b) -> bool:
     """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
-    return (a.device.type == "cpu" and a.dim() >= 1 and a.shape == b.shape
-            and cpu_rows.enabled(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])))
+    return a.shape == b.shape and a.dtype == b.dtype and cpu_rows.takes(a) and cpu_rows.takes(b)
 
 
 # ---- the Triton path, registered as operators (see _library.py) -----------------------------

@@ -66,6 +66,8 @@ _SIGNATURES = {
 def build():
     """Compile and load rows.c, or load it from the per-user cache (once per process)."""
     global _lib
+    if _lib is not None:  # (no lock on the hot path: set once, never unset)
+        return _lib
     with _lock:
         if _lib is not None:
             return _lib
@@ -104,6 +106,13 @@ def enabled(*tensors: torch.Tensor) -> bool:
         if t.device.type != "cpu" or t.dtype != z.dtype or t.shape != z.shape or t.stride(-1) != 1:
             return False
     return True
+
+
+def takes(z: torch.Tensor) -> bool:
+    """``enabled`` for one tensor of any number of dimensions, classes last (the ops' quick test)."""
+    return (not _failed and z.dtype in _DTYPES and z.device.type == "cpu" and z.dim() >= 1
+            and z.numel() >= max(MIN_ELEMS, 1) and z.stride(-1) == 1
+            and os.environ.get("ENTMATH_COMPILE", "1") != "0")
 
 
 def available() -> bool:
@@ -156,8 +165,7 @@ def _f32(t):
 def entropy_fwd(z: torch.Tensor):
     """(H, coded lse), float32 (rows,), of the rows of z (rows, n)."""
     rows, n = z.shape
-    h = torch.empty(rows, dtype=torch.float32)
-    lse = torch.empty(rows, dtype=torch.float32)
+    h, lse = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
     if rows:
         _run(build().entmath_entropy_fwd, rows, _ptr(z), int(z.dtype == torch.bfloat16), n, z.stride(0),
              _R0, _R1, _ptr(h), _ptr(lse), _T)
