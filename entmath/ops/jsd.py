@@ -35,6 +35,7 @@ from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, log_normaliser, nan_unless_finite
 from .kl import _KL
+from .kl import _on_cpu_kernel as _kl_on_cpu_kernel
 
 __all__ = ["jsd"]
 
@@ -257,10 +258,12 @@ def jsd(p_logits: torch.Tensor, q_logits: torch.Tensor, beta: float = 0.5, dim: 
         # routes them a zero gradient whatever they held (as cross_entropy's ignore_index).
         keep = valid.unsqueeze(-1)
         a, b = torch.where(keep, a, 0.0), torch.where(keep, b, 0.0)
+    # beta = 0 and 1 are kl itself, on kl's path (its C kernel on float32/bfloat16 CPU rows)
+    kl_backend = "cpu" if backend == "torch" and _kl_on_cpu_kernel(a, b) else backend
     if beta == 0.0:
-        out, lse_a, lse_b = _KL.apply(a, b, backend)
+        out, lse_a, lse_b = _KL.apply(a, b, kl_backend)
     elif beta == 1.0:
-        out, lse_b, lse_a = _KL.apply(b, a, backend)
+        out, lse_b, lse_a = _KL.apply(b, a, kl_backend)
     else:
         out, _, _, lse_a, lse_b = _JSD.apply(a, b, beta, backend)
     check_rows_finite(lse_a, "p_logits", rows=valid)
