@@ -298,8 +298,8 @@ def attention_entropy(q: torch.Tensor, k: torch.Tensor, *, scale=None, is_causal
     exact logits of the given q, k and scale, with query offsets up to 1e30 and the dtype's max
     / 64, spreads from 1e-20 to 30): each query's entropy is within the bound of
     ``entmath.entropy`` on its logits, plus H (e^{2 delta} - 1) for the rounding of the logits,
-    delta = (d + 3) u |scale_i| max_j sum_k |q_ik k_jk| (u the unit roundoff of the accumulation
-    dtype): the entropy moves by at most 2 H max_j |dz_j| when its logits move by dz.  Never NaN
+    delta = (d + 3) u abs(scale_i) max_j sum_k abs(q_ik k_jk) (u the unit roundoff of the accumulation
+    dtype): the entropy moves by at most 2 H max_j abs(dz_j) when its logits move by dz.  Never NaN
     for finite inputs.
 
     Returns:

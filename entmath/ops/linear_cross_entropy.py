@@ -550,9 +550,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Accuracy (tests/test_extremes.py, both backends, fp32/fp64/bf16, against mpmath on the
     exact logits of the given hidden, weight, bias and temperature, with bias offsets up to 1e30
     and the dtype's max / 8, spreads from 1e-20 to 30): with u the unit roundoff of the
-    accumulation dtype and delta = (d + 3) u max_j (sum_k |h_k W_jk| + |b_j|) / T the rounding of
+    accumulation dtype and delta = (d + 3) u max_j (sum_k abs(h_k W_jk) + abs(b_j)) / T the rounding of
     the logits the op forms, each row's loss L is within 8 u (L + H) + 2 delta of the exact one
-    (cross_entropy's bound, and the loss moves by at most 2 max_j |dz_j|), and its entropy H
+    (cross_entropy's bound, and the loss moves by at most 2 max_j abs(dz_j)), and its entropy H
     within the bound of ``entmath.entropy`` plus H (e^{2 delta} - 1); plus the rounding to the
     output dtype.  Label smoothing adds no offset-sized error: lse - mean z is formed as
     log S + sum_j (m - z_j) / V.
