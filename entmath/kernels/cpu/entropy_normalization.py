@@ -29,7 +29,6 @@ import os
 import platform
 import subprocess
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,14 +126,9 @@ def enabled(z2d: torch.Tensor, min_elems: int | None = None) -> bool:
 def _kernel():
     """The loaded kernel, or None (after one warning) if it cannot be built."""
     global _failed
-    try:
-        return build()
-    except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
-        _failed = True
-        warnings.warn(f"entmath: the C kernel of entropy_normalize could not be built ({exc}); "
-                      "it uses its eager CPU path (ENTMATH_COMPILE=0 skips the attempt)",
-                      RuntimeWarning, stacklevel=4)
-        return None
+    lib = loader.build_or_warn(build, "entropy_normalize")
+    _failed = lib is None
+    return lib
 
 
 def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):

@@ -67,6 +67,17 @@ class Loaded:
     cached: bool
 
 
+def build_or_warn(build, what: str):
+    """``build()``'s library, or None after one RuntimeWarning naming ``what`` (the kernels' one
+    fallback policy: any build failure means the op uses its eager path)."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
+        warnings.warn(f"entmath: the C kernel of {what} could not be built ({exc}); it uses its eager CPU "
+                      "path (ENTMATH_COMPILE=0 skips the attempt)", RuntimeWarning, stacklevel=5)
+        return None
+
+
 def find_compiler() -> list:
     """The C compiler as an argument list: ``$CC`` (which may carry a wrapper or flags, e.g.
     ``ccache gcc``), else the first of ``cc``, ``gcc``, ``clang`` on the PATH.  RuntimeError if none."""

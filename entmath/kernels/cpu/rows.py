@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,15 +81,11 @@ def build():
 
 
 def _kernel():
+    """The loaded kernel, or None (after one warning) if it cannot be built."""
     global _failed
-    try:
-        return build()
-    except Exception as exc:  # noqa: BLE001 - any build failure means "use the eager path"
-        _failed = True
-        warnings.warn(f"entmath: the C kernel of the row ops could not be built ({exc}); entropy and "
-                      "cross_entropy use their eager CPU paths (ENTMATH_COMPILE=0 skips the attempt)",
-                      RuntimeWarning, stacklevel=4)
-        return None
+    lib = loader.build_or_warn(build, "entropy, kl and cross_entropy")
+    _failed = lib is None
+    return lib
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
