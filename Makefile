@@ -13,7 +13,7 @@ NBDIR  := _build/nbval
 CHAPTERS := $(sort $(wildcard book/ch*.md))
 # No GPU here: Triton kernels run on the CPU through Triton's interpreter.
 export TRITON_INTERPRET ?= 1
-export PYTHONPATH := $(CURDIR)/book$(if $(PYTHONPATH),:$(PYTHONPATH))
+# (The chapters import only the installed package: entmath.ledger is part of it.)
 export PYTHONHASHSEED := 0
 
 # The browser check (tests/browser_check.py) drives Debian's Chromium; a CJK font lets its

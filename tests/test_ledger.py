@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
-sys.path[:0] = [str(BOOK), str(BOOK / "_ext")]
-import displays  # noqa: E402
-import ledger  # noqa: E402
+from entmath import ledger  # noqa: E402
+from entmath.ledger import displays  # noqa: E402
 # The parser is shared with the book's generated verification-ledger page (book/_ext/entmath_book.py).
-from ledger_index import (CHECK_FUNCTIONS, KIND, WHAT_DEFAULT, WHAT_POSITION, _blank_magics, checks_in,  # noqa: E402
-                          checks_in_code, code_cells, displays_in, labels_in, notation_cells, tie_calls_in_code)
+from entmath.ledger.index import (CHECK_FUNCTIONS, KIND, WHAT_DEFAULT, WHAT_POSITION, _blank_magics, checks_in,  # noqa: E402
+                                  checks_in_code, code_cells, display_table as displays_table, displays_in,
+                                  labels_in, notation_cells, tie_calls_in_code)
 
 CHAPTERS = sorted(BOOK.glob("ch*.md"))
 MUTATION_TOTALS: dict = {}
@@ -39,6 +39,15 @@ MUTATION_TOTALS: dict = {}
 
 def test_there_are_chapters():
     assert CHAPTERS, "no chapters found in book/"
+
+
+def test_the_packaged_table_of_displays_is_the_chapters_displays():
+    """entmath.ledger ships the displays for notebooks run without the book (``python -m
+    entmath.ledger --write`` rewrites the table after a display changes)."""
+    import json
+
+    packaged = json.loads(ledger.PACKAGED_DISPLAYS.read_text(encoding="utf-8"))
+    assert packaged == displays_table(BOOK), "run: python -m entmath.ledger --write"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
@@ -337,8 +346,6 @@ def test_a_supremum_must_be_approached_when_asked():
 
 
 def test_a_display_set_on_several_lines_parses_like_one_line():
-    import displays
-
     one_line = r"a = b + 1, \qquad c = 2 a"
     gathered = "\\begin{gathered}\na = b + 1, \\\\\nc = 2 a\n\\end{gathered}"
     def shape(text):  # the statements without the tokens' positions in the text

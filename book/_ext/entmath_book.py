@@ -14,7 +14,7 @@ file or a benchmark result added later shows up with no hand edits:
   points and digits, inequalities on sampled regimes ...) and the ``ledger.<fn>("<label>", ...)``
   calls (linked to the code cell that makes them).  With ``:kind: implementation`` it lists the
   implementation checks instead (Triton against torch, C against eager, chunking, counts).
-  Labels and checks are read from each chapter's doctree with the parser in ``ledger_index.py``,
+  Labels and checks are read from each chapter's doctree with the parser in ``entmath/ledger/index.py``,
   the same one ``tests/test_ledger.py`` uses.  An equation with no check or no tie is a build warning.
 * **API reference** - the ``{entmath-api}`` block is replaced by autodoc entries for every public
   name in ``entmath.__all__`` (and in the ``__all__`` of a submodule listed there).  Each entry says which chapter derives it (from the chapter numbers
@@ -47,7 +47,7 @@ from sphinx.errors import ExtensionError
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
-import ledger_index
+from entmath.ledger import index as ledger_index
 
 logger = logging.getLogger(__name__)
 
