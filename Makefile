@@ -22,7 +22,7 @@ export PYTHONHASHSEED := 0
 BROWSER_DEBS := chromium fonts-wqy-microhei
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install book test unit nbval browser browser-deps gpu-check clean
+.PHONY: install book test unit nbval browser browser-deps gpu-check pdf clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ browser-deps:
 # internal links or anchors, JS console errors.  Screenshots land in _build/screenshots/.
 browser: book browser-deps
 	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
+
+# The whole book as one PDF (A4, page numbers, folded check cells left out, wide equations scaled
+# to the column), printed by headless Chromium from the built site: _build/pdf/entmath.pdf.
+pdf: book browser-deps
+	$(BIN)/python tests/print_book.py _build/html _build/pdf/entmath.pdf
 
 # Every Triton kernel compiled for sm_80/sm_90/sm_100 at the launchers' configurations, without a
 # GPU: fails on a compile error or a spill, stores the table the book's GPU appendix reads.  The
