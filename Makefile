@@ -74,7 +74,12 @@ pdf: book browser-deps
 gpu-check: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python tests/gpu_compile_check.py --json benchmarks/results/gpu_compile.json
 
-test: gpu-check unit nbval book browser
+# Two lanes at once (make -j2): the unit tests and nbval use both cores through pytest-xdist, while
+# the book build and the GPU compile check are mostly one process each, so running them side by
+# side fills the idle core.  Output is grouped per step (--output-sync).  The book and its browser
+# check start first: they are the longest chain of steps that must run one after another.
+test: $(STAMP)
+	$(MAKE) --no-print-directory -j2 --output-sync=target browser unit gpu-check nbval
 
 clean:
 	rm -rf _build
