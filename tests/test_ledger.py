@@ -364,6 +364,10 @@ def test_an_aligned_chain_parses_like_one_line():
     displays.check(aligned, [env])
     with pytest.raises(AssertionError):  # the continued line is checked: a wrong c - 2 fails
         displays.check(aligned.replace("c - 1", "c - 2"), [env])
+    # a line that starts with + or - continues the expression of the line before it
+    broken = "\\begin{aligned}\na &= b \\\\\n&\\quad + 1, \\\\\nd &= 2 a\n\\end{aligned}"
+    assert shape(broken) == shape(r"a = b + 1, \qquad d = 2 a")
+    displays.check(broken, [env])
     # a cases environment inside a display keeps its alignment marks
     cases = r"n_i = \begin{cases} S & \text{not causal}, \\ i + 1 & \text{causal}. \end{cases}"
     assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
