@@ -359,8 +359,6 @@ def test_a_display_set_on_several_lines_parses_like_one_line():
 
 
 def test_an_aligned_chain_parses_like_one_line():
-    import displays
-
     one_line = r"a = b + 1 = c - 1, \qquad d = 2 a"
     aligned = "\\begin{aligned}\na &= b + 1 \\\\\n&= c - 1, \\\\\nd &= 2 a\n\\end{aligned}"
     def shape(text):
@@ -378,3 +376,20 @@ def test_an_aligned_chain_parses_like_one_line():
     # a cases environment inside a display keeps its alignment marks
     cases = r"n_i = \begin{cases} S & \text{not causal}, \\ i + 1 & \text{causal}. \end{cases}"
     assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
+
+
+def test_a_long_sum_or_an_implication_carried_over_parses_like_one_line():
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    one_line = r"a = b + 1 - c"
+    carried = "\\begin{aligned}\na &= b + 1\n\\\\\n&\\qquad - c\n\\end{aligned}"
+    assert shape(carried) == shape(one_line)
+    env = {"a": 1, "b": 2, "c": 2}
+    displays.check(carried, [env])
+    with pytest.raises(AssertionError):  # the carried-over term is checked: + c fails
+        displays.check(carried.replace("- c", "+ c"), [env])
+    implied = "\\begin{gathered}\na = b + 1\n\\\\\n\\Longrightarrow\\quad a - 1 = b\n\\end{gathered}"
+    assert shape(implied) == shape(r"a = b + 1 \quad\Longrightarrow\quad a - 1 = b")
+    # a statement that starts with a sign on a new line, without the indent, stays a new statement
+    assert shape("x = 1, \\\\ -y = 2") == shape(r"x = 1, \qquad -y = 2")

@@ -142,7 +142,22 @@ def tokenize(text: str) -> list:
         else:
             toks.append(Tok("char", m.group(5), m.start(), m.end()))
         i = m.end()
-    return [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    toks = [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    return [t for k, t in enumerate(toks) if not _continues(toks, k)]
+
+
+def _continues(toks, k):
+    """Whether token k is a line break inside one statement: ``\\\\`` before a relation or an
+    implication (``a = b \\\\ = c``), or before an indented sign (``a + b \\\\ \\qquad - c``: a long
+    sum carried over), or the indent itself."""
+    nxt = toks[k + 1] if k + 1 < len(toks) else None
+    if toks[k].value == "\\\\" and nxt is not None:
+        if nxt.value in RELATIONS or nxt.value in IMPLICATIONS:
+            return True
+        return (nxt.value in ("\\quad", "\\qquad") and k + 2 < len(toks)
+                and toks[k + 2].value in ("+", "-"))
+    return (toks[k].value in ("\\quad", "\\qquad") and k > 0 and toks[k - 1].value == "\\\\"
+            and nxt is not None and nxt.value in ("+", "-"))
 
 
 # ------------------------------------------------------------------------------------------------
