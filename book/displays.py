@@ -85,12 +85,24 @@ _TOKEN = re.compile(r"\\([A-Za-z]+\*?)|\\(.)|(\d+(?:\.\d+)?)|([A-Za-z])|(\S)", r
 # A layout-only environment: a long display is set on several lines as
 # \begin{gathered} a = b, \\ c = d \end{gathered}.  Its lines are statements like any others
 # (``\\`` separates statements), so the wrapper is blanked to spaces (positions are kept).
-_LAYOUT_ENV = re.compile(r"\\(?:begin|end)\{gathered\}")
+# In \begin{aligned} a &= b \\ &= c \end{aligned} the alignment marks are blanked too, and a line
+# that starts with a relation continues the chain of the line before it: ``a = b = c``.
+_LAYOUT_ENV = re.compile(r"\\(?:begin|end)\{(?:gathered|aligned)\}")
+_ALIGNED = re.compile(r"\\begin\{aligned\}.*?\\end\{aligned\}", re.S)
+_CASES = re.compile(r"(\\begin\{cases\}.*?\\end\{cases\})", re.S)
+
+
+def _blank_layout(text: str) -> str:
+    def marks(m):  # the alignment marks of an aligned block, not those of a cases inside it
+        parts = _CASES.split(m.group(0))
+        return "".join(p if k % 2 else p.replace("&", " ") for k, p in enumerate(parts))
+    text = _ALIGNED.sub(marks, text)
+    return _LAYOUT_ENV.sub(lambda m: " " * len(m.group(0)), text)
 
 
 def tokenize(text: str) -> list:
     """LaTeX math as tokens; ``\\text{...}`` and its kin keep their argument as one token."""
-    text = _LAYOUT_ENV.sub(lambda m: " " * len(m.group(0)), text)
+    text = _blank_layout(text)
     toks, i = [], 0
     while i < len(text):
         if text[i].isspace():
@@ -125,7 +137,9 @@ def tokenize(text: str) -> list:
         else:
             toks.append(Tok("char", m.group(5), m.start(), m.end()))
         i = m.end()
-    return [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    toks = [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    return [t for k, t in enumerate(toks) if not (t.value == "\\\\" and k + 1 < len(toks)
+                                                  and toks[k + 1].value in RELATIONS)]
 
 
 # ------------------------------------------------------------------------------------------------

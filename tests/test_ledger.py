@@ -349,3 +349,21 @@ def test_a_display_set_on_several_lines_parses_like_one_line():
     displays.check(gathered, [env])
     with pytest.raises(AssertionError):
         displays.check(gathered.replace("2 a", "3 a"), [env])
+
+
+def test_an_aligned_chain_parses_like_one_line():
+    import displays
+
+    one_line = r"a = b + 1 = c - 1, \qquad d = 2 a"
+    aligned = "\\begin{aligned}\na &= b + 1 \\\\\n&= c - 1, \\\\\nd &= 2 a\n\\end{aligned}"
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(aligned) == shape(one_line)
+    env = {"a": 3, "b": 2, "c": 4, "d": 6}
+    displays.check(aligned, [env])
+    with pytest.raises(AssertionError):  # the continued line is checked: a wrong c - 2 fails
+        displays.check(aligned.replace("c - 1", "c - 2"), [env])
+    # a cases environment inside a display keeps its alignment marks
+    cases = r"n_i = \begin{cases} S & \text{not causal}, \\ i + 1 & \text{causal}. \end{cases}"
+    assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
