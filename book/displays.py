@@ -86,7 +86,8 @@ _TOKEN = re.compile(r"\\([A-Za-z]+\*?)|\\(.)|(\d+(?:\.\d+)?)|([A-Za-z])|(\S)", r
 # \begin{gathered} a = b, \\ c = d \end{gathered}.  Its lines are statements like any others
 # (``\\`` separates statements), so the wrapper is blanked to spaces (positions are kept).
 # In \begin{aligned} a &= b \\ &= c \end{aligned} the alignment marks are blanked too, and a line
-# that starts with a relation continues the chain of the line before it: ``a = b = c``.
+# that starts with a relation continues the chain of the line before it: ``a = b = c``; a line
+# that starts with + or - continues the sum of the line before it.
 _LAYOUT_ENV = re.compile(r"\\(?:begin|end)\{(?:gathered|aligned)\}")
 _ALIGNED = re.compile(r"\\begin\{aligned\}.*?\\end\{aligned\}", re.S)
 _CASES = re.compile(r"(\\begin\{cases\}.*?\\end\{cases\})", re.S)
@@ -138,8 +139,25 @@ def tokenize(text: str) -> list:
             toks.append(Tok("char", m.group(5), m.start(), m.end()))
         i = m.end()
     toks = [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
-    return [t for k, t in enumerate(toks) if not (t.value == "\\\\" and k + 1 < len(toks)
-                                                  and toks[k + 1].value in RELATIONS)]
+    # A line break before a relation continues the chain; one before + or - (outside a cases,
+    # whose branches may start with a sign) continues the sum: a = b + c \\ + d is a = b + c + d.
+    # Indentation (\quad, \qquad) at the start of such a line goes with the break.
+    out, in_cases, k = [], 0, 0
+    while k < len(toks):
+        t = toks[k]
+        if t.value in ("\\begin", "\\end") and "".join(x.value for x in toks[k + 1:k + 8]) == "{cases}":
+            in_cases += 1 if t.value == "\\begin" else -1
+        if t.value == "\\\\":
+            j = k + 1
+            while j < len(toks) and toks[j].value in ("\\quad", "\\qquad"):
+                j += 1
+            after = toks[j].value if j < len(toks) else None
+            if after in RELATIONS or (after in ("+", "-") and not in_cases):
+                k = j
+                continue
+        out.append(t)
+        k += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
