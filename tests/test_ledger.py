@@ -367,3 +367,21 @@ def test_an_aligned_chain_parses_like_one_line():
     # a cases environment inside a display keeps its alignment marks
     cases = r"n_i = \begin{cases} S & \text{not causal}, \\ i + 1 & \text{causal}. \end{cases}"
     assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
+
+
+def test_an_aligned_sum_broken_before_a_sign_parses_like_one_line():
+    import displays
+
+    one_line = r"a = b + c - d, \qquad e = 2 a"
+    aligned = "\\begin{aligned}\na &= b + c \\\\\n&\\quad - d, \\\\\ne &= 2 a\n\\end{aligned}"
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(aligned) == shape(one_line)
+    env = {"a": 2, "b": 4, "c": 1, "d": 3, "e": 4}
+    displays.check(aligned, [env])
+    with pytest.raises(AssertionError):  # the continued line counts: a wrong sign fails
+        displays.check(aligned.replace("- d", "+ d"), [env])
+    # inside a cases a line that starts with a sign is a new branch, not a continuation
+    cases = r"s = \begin{cases} 1 & x > 0, \\ -1 & x < 0. \end{cases}"
+    assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
