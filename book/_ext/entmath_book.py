@@ -610,7 +610,8 @@ def api_markdown(app, docname) -> str:
 
 
 # Names the benchmark scripts store, as the book calls them ("seed" is the source post).
-DISPLAY_NAMES = {"seed scheme": "source post's scheme"}
+DISPLAY_NAMES = {"seed scheme": "source post's scheme",
+                 "seed numpy loop (10 it.)": "source post's numpy loop (10 it.)"}
 
 
 def _md(value) -> str:
