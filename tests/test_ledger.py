@@ -393,3 +393,19 @@ def test_a_long_sum_or_an_implication_carried_over_parses_like_one_line():
     assert shape(implied) == shape(r"a = b + 1 \quad\Longrightarrow\quad a - 1 = b")
     # a statement that starts with a sign on a new line, without the indent, stays a new statement
     assert shape("x = 1, \\\\ -y = 2") == shape(r"x = 1, \qquad -y = 2")
+
+
+def test_an_aligned_sum_broken_before_a_sign_parses_like_one_line():
+    one_line = r"a = b + c - d, \qquad e = 2 a"
+    aligned = "\\begin{aligned}\na &= b + c \\\\\n&\\quad - d, \\\\\ne &= 2 a\n\\end{aligned}"
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(aligned) == shape(one_line)
+    env = {"a": 2, "b": 4, "c": 1, "d": 3, "e": 4}
+    displays.check(aligned, [env])
+    with pytest.raises(AssertionError):  # the continued line counts: a wrong sign fails
+        displays.check(aligned.replace("- d", "+ d"), [env])
+    # inside a cases a line that starts with a sign is a new branch, not a continuation
+    cases = r"s = \begin{cases} 1 & x > 0, \\ -1 & x < 0. \end{cases}"
+    assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")

@@ -143,21 +143,29 @@ def tokenize(text: str) -> list:
             toks.append(Tok("char", m.group(5), m.start(), m.end()))
         i = m.end()
     toks = [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
-    return [t for k, t in enumerate(toks) if not _continues(toks, k)]
-
-
-def _continues(toks, k):
-    """Whether token k is a line break inside one statement: ``\\\\`` before a relation or an
-    implication (``a = b \\\\ = c``), or before an indented sign (``a + b \\\\ \\qquad - c``: a long
-    sum carried over), or the indent itself."""
-    nxt = toks[k + 1] if k + 1 < len(toks) else None
-    if toks[k].value == "\\\\" and nxt is not None:
-        if nxt.value in RELATIONS or nxt.value in IMPLICATIONS:
-            return True
-        return (nxt.value in ("\\quad", "\\qquad") and k + 2 < len(toks)
-                and toks[k + 2].value in ("+", "-"))
-    return (toks[k].value in ("\\quad", "\\qquad") and k > 0 and toks[k - 1].value == "\\\\"
-            and nxt is not None and nxt.value in ("+", "-"))
+    # A line break inside one statement is dropped: before a relation or an implication it continues
+    # the chain (a = b \\ = c); before + or - it continues the sum (a = b + c \\ + d), unless the line
+    # before ended the statement with a comma, period or semicolon and the sign is not indented, or
+    # the break is inside a cases (whose branches may start with a sign).  Indentation (\quad,
+    # \qquad) at the start of such a line goes with the break.
+    out, in_cases, k = [], 0, 0
+    while k < len(toks):
+        t = toks[k]
+        if t.value in ("\\begin", "\\end") and "".join(x.value for x in toks[k + 1:k + 8]) == "{cases}":
+            in_cases += 1 if t.value == "\\begin" else -1
+        if t.value == "\\\\":
+            j = k + 1
+            while j < len(toks) and toks[j].value in ("\\quad", "\\qquad"):
+                j += 1
+            after = toks[j].value if j < len(toks) else None
+            ended = bool(out) and out[-1].value in (",", ".", ";")
+            if (after in RELATIONS or after in IMPLICATIONS
+                    or (after in ("+", "-") and not in_cases and (j > k + 1 or not ended))):
+                k = j
+                continue
+        out.append(t)
+        k += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
