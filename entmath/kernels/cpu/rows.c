@@ -455,6 +455,12 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
 /* Cross-entropy forward against class indices t: per row the loss (without z-loss), coded lse,
  * its rounding residual and (if h) the entropy.  Ignored rows (t == ignore_index) get loss 0 and
  * entropy 0; an out-of-range index (possible only with validation off) a NaN loss. */
+/* counts (optional, int64[3], zeroed by the caller): class indices out of range (not ignore_index),
+ * counted rows whose logits have no distribution (a NaN, a +inf, or no finite logit), ignored rows.
+ * The wrapper's validation reads them in one host read instead of checking targets and rows with
+ * tensor ops; an atomic add only for those rare rows. */
+#define COUNT(k) do { if (counts) __atomic_fetch_add(counts + (k), 1, __ATOMIC_RELAXED); } while (0)
+
 #define CE_ROW(SUF, TT)                                                                            \
     do {                                                                                           \
         const TT *zr = (const TT *)z + row * stride;                                               \
@@ -462,9 +468,15 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
         const int valid = ti != ignore_index;                                                      \
         float m;                                                                                   \
         int nan;                                                                                   \
+        if (!valid)                                                                                \
+            COUNT(2);                                                                              \
+        else if (ti < 0 || ti >= n)                                                                \
+            COUNT(0);                                                                              \
         scan_##SUF(zr, n, &m, &nan);                                                               \
         res[row] = 0.0f;                                                                           \
         if (row_fault(m, nan, lse + row)) {                                                        \
+            if (valid)                                                                             \
+                COUNT(1);                                                                          \
             loss[row] = valid ? NAN : 0.0f;                                                        \
             if (h) h[row] = valid ? NAN : 0.0f;                                                    \
             break;                                                                                 \
@@ -482,7 +494,7 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
 
 void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf16, int64_t n, int64_t stride,
                     int64_t r0, int64_t r1, float eps, int64_t ignore_index, float *loss, float *lse, float *res,
-                    float *h, int64_t threads)
+                    float *h, int64_t *counts, int64_t threads)
 {
     double w_sum = (double)n;  /* sum_j w_j: smoothing's share of the weights */
     if (w) {
