@@ -211,3 +211,13 @@ def test_benchmark_method_names_are_shown_in_the_books_words():
     assert "seed" not in ext._md("seed scheme") and "post" in ext._md("seed scheme")
     assert ext._md("Monte Carlo") == "Monte Carlo"
     assert ext._row_label({"method": "seed scheme", "ms": 1.0}, skip=()) == "source post's scheme"
+
+
+def test_rows_that_fill_different_columns_get_their_own_tables():
+    columns = ["comparison", "method", "time_ratio", "error_ratio"]
+    rows = ([{"comparison": "speed", "method": f"m{k}", "time_ratio": 1.0 + k} for k in range(8)]
+            + [{"comparison": "error", "method": f"m{k}", "error_ratio": 2.0 + k} for k in range(8)])
+    groups = ext._by_schema(rows, columns)
+    assert [fixed for fixed, _ in groups] == [(("comparison", "speed"),), (("comparison", "error"),)]
+    assert [len(g) for _, g in groups] == [8, 8]
+    assert ext._by_schema(rows[6:12], columns) == [((), rows[6:12])]  # one chart holds them

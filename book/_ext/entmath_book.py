@@ -698,20 +698,22 @@ def _plot(title: str, series: list) -> str:
 
 
 def _by_schema(rows: list, columns: list) -> list:
-    """``rows`` as [(fixed, group)] by the columns they fill (rows of different comparisons in
-    one result often record different columns); ``fixed`` names a group by a text column that
-    is constant within it and differs between groups."""
+    """``rows``, if more than one chart holds, as [(fixed, group)] by the columns they fill (rows
+    of different comparisons in one result often record different columns); ``fixed`` names a
+    group by a text column that is constant within it and differs between groups."""
     schemas: dict = {}
+    if len(rows) <= MAX_BARS:  # one chart is enough
+        return [((), rows)]
     for r in rows:
         schemas.setdefault(frozenset(c for c in columns if r.get(c) is not None), []).append(r)
     if len(schemas) == 1:
         return [((), rows)]
-    out = []
+    out: dict = {}  # groups that get the same name are one group again
     for group in schemas.values():
         name = next((c for c in columns if isinstance(group[0].get(c), str)
                      and len({r.get(c) for r in group}) == 1 and len({r.get(c) for r in rows}) > 1), None)
-        out.append((((name, group[0][name]),) if name else (), group))
-    return out
+        out.setdefault(((name, group[0][name]),) if name else (), []).extend(group)
+    return list(out.items())
 
 
 def _split_rows(rows: list, columns: list, fixed: tuple = ()) -> list:
