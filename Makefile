@@ -13,7 +13,7 @@ NBDIR  := _build/nbval
 CHAPTERS := $(sort $(wildcard book/ch*.md))
 # No GPU here: Triton kernels run on the CPU through Triton's interpreter.
 export TRITON_INTERPRET ?= 1
-export PYTHONPATH := $(CURDIR)/book$(if $(PYTHONPATH),:$(PYTHONPATH))
+# (The chapters import only the installed package: entmath.ledger is part of it.)
 export PYTHONHASHSEED := 0
 
 # The browser check (tests/browser_check.py) drives Debian's Chromium; a CJK font lets its
@@ -22,7 +22,7 @@ export PYTHONHASHSEED := 0
 BROWSER_DEBS := chromium fonts-wqy-microhei
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install book test unit nbval browser browser-deps gpu-check clean
+.PHONY: install book test unit nbval browser browser-deps gpu-check pdf clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ browser-deps:
 browser: book browser-deps
 	$(BIN)/python tests/browser_check.py _build/html --screenshots _build/screenshots
 
+# The whole book as one PDF (A4, page numbers, folded check cells left out, wide equations scaled
+# to the column), printed by headless Chromium from the built site: _build/pdf/entmath.pdf.
+pdf: book browser-deps
+	$(BIN)/python tests/print_book.py _build/html _build/pdf/entmath.pdf
+
 # Every Triton kernel compiled for sm_80/sm_90/sm_100 at the launchers' configurations, without a
 # GPU: fails on a compile error or a spill, stores the table the book's GPU appendix reads.  The
 # interpreter must be off for this one (it would replace the kernels by numpy); compiled kernels are
@@ -69,7 +74,12 @@ browser: book browser-deps
 gpu-check: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python tests/gpu_compile_check.py --json benchmarks/results/gpu_compile.json
 
-test: gpu-check unit nbval book browser
+# Two lanes at once (make -j2): the unit tests and nbval use both cores through pytest-xdist, while
+# the book build and the GPU compile check are mostly one process each, so running them side by
+# side fills the idle core.  Output is grouped per step (--output-sync).  The book and its browser
+# check start first: they are the longest chain of steps that must run one after another.
+test: $(STAMP)
+	$(MAKE) --no-print-directory -j2 --output-sync=target browser unit gpu-check nbval
 
 clean:
 	rm -rf _build

@@ -34,8 +34,9 @@ per page (``--layout-json`` stores it):
 * raw TeX in the page title (the browser tab and the search index show it unrendered);
 * the share of the page's height taken by visible code.
 
-The kinds in ``ENFORCED`` fail the page; the others are reported so that they can be brought down
-and then enforced.
+The kinds in ``ENFORCED`` fail the page, and so do the limits of ``layout_limits``: no display
+wider than the column at 1280 px, no code line over 88 characters, at most ``NARROW_SHARE`` of the
+book's displays wider than the column at 390 px.  The rest is reported.
 
 A full-page screenshot of every page under ``book/`` (every chapter, the front page and the back
 matter) is saved as ``<screenshots>/<page>.png``.
@@ -398,6 +399,30 @@ def layout_problems(layout: dict) -> list:
     return [f"{what}: {item!r}" for kind, what in ENFORCED.items() for item in layout[kind][:10]]
 
 
+#: The share of the book's display equations that may be wider than the column on a phone (390 px):
+#: a long chain that would be unreadable broken up stays on one line and scrolls.
+NARROW_SHARE = 0.10
+
+
+def layout_limits(layouts: dict) -> dict:
+    """Limits on the measurements, as {page: [problem, ...]}: no display equation wider than the
+    column at 1280 px and no code line over 88 characters on any page, and at most NARROW_SHARE of
+    the book's displays wider than the column at 390 px (listed under "390 px")."""
+    out: dict = {}
+    for page, m in layouts.items():
+        problems = [f"display wider than the column at {WIDTH} px: {e!r}" for e in m["wide_eq"][:10]]
+        if m["long_lines"]:
+            problems.append(f"{m['long_lines']} code line(s) over 88 characters")
+        if problems:
+            out[page] = problems
+    narrow = sum(len(m["wide_eq_narrow"]) for m in layouts.values())
+    shown = sum(m["displays"] for m in layouts.values())
+    if shown and narrow > NARROW_SHARE * shown:
+        out[f"{NARROW} px"] = [f"{narrow} of {shown} display equations are wider than the column at {NARROW} px "
+                               f"(at most {NARROW_SHARE:.0%})"]
+    return out
+
+
 def layout_table(layouts: dict) -> str:
     """One line per page that has something to measure: the numbers of the module docstring."""
     head = (f"{'page':<36}{'eq>col':>8}{'@390':>6}{'/eqs':>6}{'code>col':>10}{'@390':>6}{'/cells':>7}"
@@ -593,6 +618,8 @@ def main(argv=None) -> int:
                    if not p.relative_to(root).parts[0].startswith("_"))
     layouts: dict = {}
     failures, n_links = check_site(root, pages, shots, log_path, tabs=args.tabs, layouts=layouts)
+    for page, problems in layout_limits(layouts).items():
+        failures.setdefault(page, []).extend(problems)
     print("\nlayout (eq>col: display equations wider than the column at 1280 px, @390 at 390 px; "
           "code>col: code cells that scroll sideways; >88ch: source lines over 88 characters; "
           "nocap: figures without a caption; alt: alt text that is a file name)")

@@ -43,11 +43,24 @@ def test_a_result_with_rows_gets_a_table_and_a_plot_of_its_ratio_columns(tmp_pat
                      {"op": "c|d", "n": 5, "fast_ms": 2.0, "ratio_vs_x": 1.5, "speedup": 0.7}],
             "dtype": "float32", "shape": [4, 8]}
     text = "\n".join(ext._result_section(fake_app(tmp_path), write_result(tmp_path, "toy", data), data, "###"))
-    assert "| op | n | fast\\_ms | ratio\\_vs\\_x | speedup |" in text
+    assert "| op | n | fast ms | ratio vs x | speedup |" in text  # headers wrap between words
     assert "a\\*b" in text and "c\\|d" in text  # Markdown punctuation escaped inside cells
     assert "```{figure} data:image/png;base64," in text
     assert "ratio\\_vs\\_x, speedup of `toy`" in text and "2026\\-01\\-01" in text
     assert "dtype = float32" in text
+
+
+def test_a_result_with_many_rows_gets_a_table_and_a_chart_per_group_of_at_most_twelve(tmp_path):
+    rows = [{"op": op, "shape": f"{n}x8", "mode": m, "ratio": 0.5 + n / 10}
+            for op in ("a", "b", "c") for n in range(4) for m in ("fwd", "bwd")]  # 8 rows per op
+    data = {"machine": {"device": "cpu", "date": "d"}, "rows": rows}
+    text = "\n".join(ext._result_section(fake_app(tmp_path), write_result(tmp_path, "many", data), data, "###"))
+    assert text.count("```{figure}") == 3 and text.count("| shape | mode | ratio |") == 3
+    assert "**op = a**" in text and "**op = c**" in text and ":name: fig-perf-many-3" in text
+    # three times as many rows: no one column splits them small enough, so op, then shape
+    groups = ext._split_rows(rows * 3, list(rows[0]))
+    assert len(groups) == 12 and all(len(g) <= ext.MAX_BARS for _, g in groups)
+    assert [c for c, _ in groups[0][0]] == ["op", "shape"]
 
 
 def test_a_result_without_rows_keeps_its_mappings_and_nested_data(tmp_path):

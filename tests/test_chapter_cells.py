@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "book" / "_ext"))
-from ledger_index import CELL_OPTION, CODE_CELL, CHECK_FUNCTIONS  # noqa: E402
+from entmath.ledger.index import CELL_OPTION, CODE_CELL, CHECK_FUNCTIONS  # noqa: E402
 
 CHAPTERS = sorted((ROOT / "book").glob("ch*.md"))
 CHECK = re.compile(r"\bledger\.(%s)\(" % "|".join(CHECK_FUNCTIONS))

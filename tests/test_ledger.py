@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
-sys.path[:0] = [str(BOOK), str(BOOK / "_ext")]
-import displays  # noqa: E402
-import ledger  # noqa: E402
+from entmath import ledger  # noqa: E402
+from entmath.ledger import displays  # noqa: E402
 # The parser is shared with the book's generated verification-ledger page (book/_ext/entmath_book.py).
-from ledger_index import (CHECK_FUNCTIONS, KIND, WHAT_DEFAULT, WHAT_POSITION, _blank_magics, checks_in,  # noqa: E402
-                          checks_in_code, code_cells, displays_in, labels_in, notation_cells, tie_calls_in_code)
+from entmath.ledger.index import (CHECK_FUNCTIONS, KIND, WHAT_DEFAULT, WHAT_POSITION, _blank_magics, checks_in,  # noqa: E402
+                                  checks_in_code, code_cells, display_table as displays_table, displays_in,
+                                  labels_in, notation_cells, tie_calls_in_code)
 
 CHAPTERS = sorted(BOOK.glob("ch*.md"))
 MUTATION_TOTALS: dict = {}
@@ -39,6 +39,15 @@ MUTATION_TOTALS: dict = {}
 
 def test_there_are_chapters():
     assert CHAPTERS, "no chapters found in book/"
+
+
+def test_the_packaged_table_of_displays_is_the_chapters_displays():
+    """entmath.ledger ships the displays for notebooks run without the book (``python -m
+    entmath.ledger --write`` rewrites the table after a display changes)."""
+    import json
+
+    packaged = json.loads(ledger.PACKAGED_DISPLAYS.read_text(encoding="utf-8"))
+    assert packaged == displays_table(BOOK), "run: python -m entmath.ledger --write"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda p: p.name)
@@ -337,8 +346,6 @@ def test_a_supremum_must_be_approached_when_asked():
 
 
 def test_a_display_set_on_several_lines_parses_like_one_line():
-    import displays
-
     one_line = r"a = b + 1, \qquad c = 2 a"
     gathered = "\\begin{gathered}\na = b + 1, \\\\\nc = 2 a\n\\end{gathered}"
     def shape(text):  # the statements without the tokens' positions in the text
@@ -352,8 +359,6 @@ def test_a_display_set_on_several_lines_parses_like_one_line():
 
 
 def test_an_aligned_chain_parses_like_one_line():
-    import displays
-
     one_line = r"a = b + 1 = c - 1, \qquad d = 2 a"
     aligned = "\\begin{aligned}\na &= b + 1 \\\\\n&= c - 1, \\\\\nd &= 2 a\n\\end{aligned}"
     def shape(text):
@@ -370,4 +375,37 @@ def test_an_aligned_chain_parses_like_one_line():
     displays.check(broken, [env])
     # a cases environment inside a display keeps its alignment marks
     cases = r"n_i = \begin{cases} S & \text{not causal}, \\ i + 1 & \text{causal}. \end{cases}"
+    assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")
+
+
+def test_a_long_sum_or_an_implication_carried_over_parses_like_one_line():
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    one_line = r"a = b + 1 - c"
+    carried = "\\begin{aligned}\na &= b + 1\n\\\\\n&\\qquad - c\n\\end{aligned}"
+    assert shape(carried) == shape(one_line)
+    env = {"a": 1, "b": 2, "c": 2}
+    displays.check(carried, [env])
+    with pytest.raises(AssertionError):  # the carried-over term is checked: + c fails
+        displays.check(carried.replace("- c", "+ c"), [env])
+    implied = "\\begin{gathered}\na = b + 1\n\\\\\n\\Longrightarrow\\quad a - 1 = b\n\\end{gathered}"
+    assert shape(implied) == shape(r"a = b + 1 \quad\Longrightarrow\quad a - 1 = b")
+    # a statement that starts with a sign on a new line, without the indent, stays a new statement
+    assert shape("x = 1, \\\\ -y = 2") == shape(r"x = 1, \qquad -y = 2")
+
+
+def test_an_aligned_sum_broken_before_a_sign_parses_like_one_line():
+    one_line = r"a = b + c - d, \qquad e = 2 a"
+    aligned = "\\begin{aligned}\na &= b + c \\\\\n&\\quad - d, \\\\\ne &= 2 a\n\\end{aligned}"
+    def shape(text):
+        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+    assert shape(aligned) == shape(one_line)
+    env = {"a": 2, "b": 4, "c": 1, "d": 3, "e": 4}
+    displays.check(aligned, [env])
+    with pytest.raises(AssertionError):  # the continued line counts: a wrong sign fails
+        displays.check(aligned.replace("- d", "+ d"), [env])
+    # inside a cases a line that starts with a sign is a new branch, not a continuation
+    cases = r"s = \begin{cases} 1 & x > 0, \\ -1 & x < 0. \end{cases}"
     assert shape(cases) == shape("\\begin{aligned}" + cases + "\\end{aligned}")

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -63,13 +64,15 @@ def test_pip_wheel_and_pip_install_leave_the_source_tree_as_it_was(source, wheel
 def test_the_wheel_carries_the_package_and_the_c_kernel_source(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for want in ("entmath/__init__.py", "entmath/nn.py", "entmath/kernels/cpu/loader.py",
-                 "entmath/kernels/cpu/entropy_normalization.c", "entmath/kernels/triton/entropy.py"):
+                 "entmath/kernels/cpu/entropy_normalization.c", "entmath/kernels/triton/entropy.py",
+                 "entmath/ledger/__init__.py", "entmath/ledger/book_displays.json"):
         assert want in names, want
     assert not any(n.startswith(("tests/", "book/", "buildtools/")) or n.endswith(".so") for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Requires-Dist: torch>=2.1" in meta
     assert 'Requires-Dist: triton<3.8,>=3.7; extra == "triton"' in meta
     assert 'Requires-Dist: numpy>=1.26; extra == "triton"' in meta
+    assert 'Requires-Dist: sympy>=1.12; extra == "book"' in meta
 
 
 def test_the_wheel_installs_into_a_fresh_venv_and_imports(wheel, tmp_path):
@@ -91,3 +94,23 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports(wheel, tmp_path):
     path, value = run.stdout.split()
     assert Path(path).is_relative_to(venv.resolve()), path  # the installed copy, not the checkout
     assert abs(float(value) - 1.3862943611198906) < 1e-6  # log 4
+
+    # A chapter's checks away from the book's sources (a downloaded notebook): entmath.ledger reads
+    # the packaged table of displays; a tie of the true display passes, of a wrong one raises.
+    script = tmp_path / "notebook_cell.py"
+    script.write_text(textwrap.dedent(r"""
+        from entmath import ledger
+        assert ledger.BOOK is None, ledger.BOOK
+        assert ledger.display("eq-ent-log-ineq") == r"\log x \le x - 1,"
+        points = [{"__mode__": "mp", "x": v} for v in (0.5, 1.0, 3.0)]
+        ledger.tie("eq-ent-log-ineq", points)
+        ledger.OVERRIDE["eq-ent-log-ineq"] = r"\log x \ge x - 1,"
+        try:
+            ledger.tie("eq-ent-log-ineq", points)
+        except Exception:
+            print("wrong display caught")
+    """))
+    run = subprocess.run([str(python), str(script)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrong display caught" in run.stdout

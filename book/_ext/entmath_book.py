@@ -14,7 +14,7 @@ file or a benchmark result added later shows up with no hand edits:
   points and digits, inequalities on sampled regimes ...) and the ``ledger.<fn>("<label>", ...)``
   calls (linked to the code cell that makes them).  With ``:kind: implementation`` it lists the
   implementation checks instead (Triton against torch, C against eager, chunking, counts).
-  Labels and checks are read from each chapter's doctree with the parser in ``ledger_index.py``,
+  Labels and checks are read from each chapter's doctree with the parser in ``entmath/ledger/index.py``,
   the same one ``tests/test_ledger.py`` uses.  An equation with no check or no tie is a build warning.
 * **API reference** - the ``{entmath-api}`` block is replaced by autodoc entries for every public
   name in ``entmath.__all__`` (and in the ``__all__`` of a submodule listed there).  Each entry says which chapter derives it (from the chapter numbers
@@ -47,7 +47,7 @@ from sphinx.errors import ExtensionError
 from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
-import ledger_index
+from entmath.ledger import index as ledger_index
 
 logger = logging.getLogger(__name__)
 
@@ -610,7 +610,8 @@ def api_markdown(app, docname) -> str:
 
 
 # Names the benchmark scripts store, as the book calls them ("seed" is the source post).
-DISPLAY_NAMES = {"seed scheme": "source post's scheme"}
+DISPLAY_NAMES = {"seed scheme": "source post's scheme",
+                 "seed numpy loop (10 it.)": "source post's numpy loop (10 it.)"}
 
 
 def _md(value) -> str:
@@ -649,42 +650,127 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _plot(name: str, series: list, machine: dict) -> str:
-    """Bar charts of ``series`` = [(title, labels, values)], one panel each, as a PNG data URI
-    (embedded in the page: no file to go stale, nothing to copy)."""
+# A chart panel shows at most MAX_BARS bars: a result with more rows is split by its label
+# columns (op, shape, ...) into groups of at most that many, each with its own table and chart.
+MAX_BARS = 12
+# Figures are FIG_WIDTH inches wide and shown at the column's width, about 7.2 in (688 CSS px at
+# 1280 px), so text set at FONT pt is read at about FONT pt; saved at 2x for dense screens.
+FIG_WIDTH, FONT, FIG_DPI = 7.0, 9, 200
+
+
+def _plot(title: str, series: list) -> str:
+    """Bar charts of ``series`` = [(xlabel, labels, values)], one panel each, stacked, as a PNG
+    data URI (embedded in the page: no file to go stale, nothing to copy)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_bars = max(len(labels) for _, labels, _ in series)
-    fig, axes = plt.subplots(1, len(series), squeeze=False,
-                             figsize=(7.5 * len(series), 1.2 + 0.42 * n_bars))
-    for ax, (title, labels, values) in zip(axes[0], series):
+    heights = [0.9 + 0.34 * len(labels) for _, labels, _ in series]
+    fig, axes = plt.subplots(len(series), 1, squeeze=False, figsize=(FIG_WIDTH, 0.5 + sum(heights)),
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (xlabel, labels, values) in zip(axes[:, 0], series):
         values = [float(v) if _is_number(v) else float("nan") for v in values]
         ys = range(len(values))
         bars = ax.barh(ys, values, color="#4c72b0")
         ax.axvline(1.0, color="#c44e52", lw=1.2, ls="--", label="1 (parity)")
-        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
-        ax.set_yticks(list(ys), [label[:60] for label in labels], fontsize=8)
+        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=FONT)
+        ax.set_yticks(list(ys), [textwrap.shorten(label, 48, placeholder="...") for label in labels],
+                      fontsize=FONT)
+        ax.tick_params(axis="x", labelsize=FONT)
         ax.invert_yaxis()
-        finite = [v for v in values if v == v and v > 0]
-        if finite and max(finite) / min(finite) > 30:
+        finite = [v for v in values if v == v and v > 0] + [1.0]
+        if max(finite) / min(finite) > 30:  # room on the right for the value labels
             ax.set_xscale("log")
-        ax.set_xlabel(title)
-        ax.margins(x=0.15)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{name}: {machine.get('device', 'device not recorded')}, {machine.get('date', 'undated')}",
-                 fontsize=10)
+            ax.set_xlim(min(finite) / 3, max(finite) * 400)
+        else:
+            ax.set_xlim(0, max(finite) * 1.25)
+        ax.set_xlabel(str(xlabel).replace("_", " "), fontsize=FONT)
+        ax.legend(fontsize=FONT, loc="best")
+    fig.suptitle(title, fontsize=FONT + 1)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=FIG_DPI, metadata={"Software": None})
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _by_schema(rows: list, columns: list) -> list:
+    """``rows`` as [(fixed, group)] by the columns they fill (rows of different comparisons in
+    one result often record different columns); ``fixed`` names a group by a text column that
+    is constant within it and differs between groups."""
+    schemas: dict = {}
+    for r in rows:
+        schemas.setdefault(frozenset(c for c in columns if r.get(c) is not None), []).append(r)
+    if len(schemas) == 1:
+        return [((), rows)]
+    out = []
+    for group in schemas.values():
+        name = next((c for c in columns if isinstance(group[0].get(c), str)
+                     and len({r.get(c) for r in group}) == 1 and len({r.get(c) for r in rows}) > 1), None)
+        out.append((((name, group[0][name]),) if name else (), group))
+    return out
+
+
+def _split_rows(rows: list, columns: list, fixed: tuple = ()) -> list:
+    """``rows`` as [(fixed, group)], groups of at most MAX_BARS rows: split by the label columns
+    (text or integer values), the first one (in column order) whose groups are small enough, or
+    else the first one and again within each group; ``fixed`` holds a group's (column, value)."""
+    if len(rows) <= MAX_BARS:
+        return [(fixed, rows)]
+    used = {c for c, _ in fixed}
+    keys = [c for c in columns if c not in used and len({str(r.get(c)) for r in rows}) > 1
+            and all(isinstance(r.get(c), (str, int)) and not isinstance(r.get(c), bool) for r in rows)]
+
+    def by(col):
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(r.get(col), []).append(r)
+        return list(groups.items())
+
+    for col in keys:
+        if max(len(g) for _, g in by(col)) <= MAX_BARS:
+            return [(fixed + ((col, v),), g) for v, g in by(col)]
+    if keys:
+        return [s for v, g in by(keys[0]) for s in _split_rows(g, columns, fixed + ((keys[0], v),))]
+    return [(fixed, rows[i:i + MAX_BARS]) for i in range(0, len(rows), MAX_BARS)]
+
+
+# A table is split into column groups when its estimated width (characters of its widest word or
+# cell per column, at CHAR_PX each, plus padding) would exceed the column, about 688 CSS px.
+CHAR_PX, CELL_PAD_PX, COLUMN_PX = 7.5, 18, 660
+
+
+def _fitting_tables(header: list, rows: list) -> list:
+    """One table, or several sharing the text columns (the rows' names), each narrow enough."""
+    def width(c):
+        words = str(header[c]).replace("_", " ").split() or [""]
+        cells = [len(_md(r[c]).replace("\\", "")) for r in rows]
+        return max([len(w) for w in words] + cells) * CHAR_PX + CELL_PAD_PX
+    if sum(width(c) for c in range(len(header))) <= COLUMN_PX:
+        return _md_table(header, rows)
+    keep = [c for c in range(len(header)) if all(isinstance(r[c], str) for r in rows)][:2]
+    rest = [c for c in range(len(header)) if c not in keep]
+    parts, part = [], []
+    for c in rest:
+        if part and sum(width(k) for k in keep + part + [c]) > COLUMN_PX:
+            parts.append(part)
+            part = []
+        part.append(c)
+    parts.append(part)
+    out = []
+    for cols in parts:
+        out += _md_table([header[c] for c in keep + cols], [[r[c] for c in keep + cols] for r in rows])
+    return out
+
+
 def _md_table(header: list, rows: list) -> list:
-    return (["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
+    """A Markdown table; underscores in the headers become spaces, so that a narrow column wraps
+    a header between words rather than letter by letter."""
+    return (["| " + " | ".join(_md(str(h).replace("_", " ")) for h in header) + " |",
+             "|" + "---|" * len(header)]
             + ["| " + " | ".join(_md(v) for v in row) + " |" for row in rows] + [""])
 
 
@@ -714,13 +800,32 @@ def _result_section(app, path: Path, data: dict, level: str) -> list:
             f"{_md(_describe(machine)) or 'not recorded'}{device}.", ""]
 
     params, tables, nested, series = [], [], {}, []
+    where = (f"Device: {_md(machine.get('device', 'not recorded'))}; {_md(machine.get('cpu', ''))}; "
+             f"date: {_md(machine.get('date', 'not recorded'))}.")
     rows = data.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        tables += _md_table(columns, [[r.get(c) for c in columns] for r in rows])
         ratios = [c for c in columns if RATIO_COLUMN.search(c) and any(_is_number(r.get(c)) for r in rows)]
-        labels = [_row_label(r, set(ratios)) for r in rows]
-        series += [(c, labels, [r.get(c) for r in rows]) for c in ratios]
+        groups = [s for fixed, part in _by_schema(rows, columns) for s in _split_rows(part, columns, fixed)]
+        for k, (fixed, group) in enumerate(groups):
+            shown = [c for c in columns if c not in dict(fixed) and any(r.get(c) is not None for r in group)]
+            heading = "; ".join(f"{_md(c)} = {_md(v)}" for c, v in fixed)
+            tables += ([f"**{heading}**", ""] if heading else []) + _fitting_tables(
+                shown, [[r.get(c) for c in shown] for r in group])
+            plotted = [c for c in ratios if any(_is_number(r.get(c)) for r in group)]
+            if not plotted:
+                continue
+            labels = [_row_label(r, set(ratios) | set(dict(fixed))) for r in group]
+            plain = "; ".join(f"{c} = {DISPLAY_NAMES.get(str(v), v)}" for c, v in fixed)
+            title = f"{name}: {plain}" if plain else name
+            caption = (f"{', '.join(_md(c) for c in plotted)} of `{name}`"
+                       + (f", {heading}" if heading else "") + f" (dashed line: 1). {where}")
+            suffix = f"-{k + 1}" if len(groups) > 1 else ""
+            tables += [f"```{{figure}} {_plot(title, [(c, labels, [r.get(c) for r in group]) for c in plotted])}",
+                       f":name: fig-perf-{slug}{suffix}",
+                       f":alt: bar chart of {', '.join(plotted)} in {name}"
+                       + (f" for {plain}" if plain else ""),
+                       ":width: 100%", "", caption, "```", ""]
     elif rows is not None:
         nested["rows"] = rows
     for key, value in data.items():
@@ -743,12 +848,11 @@ def _result_section(app, path: Path, data: dict, level: str) -> list:
         out += ["**Parameters:** " + "; ".join(params) + ".", ""]
     out += tables
     if series:
-        caption = (f"{', '.join(_md(title) for title, _, _ in series)} of `{name}` (dashed line: 1). "
-                   f"Device: {_md(machine.get('device', 'not recorded'))}; "
-                   f"{_md(machine.get('cpu', ''))}; date: {_md(machine.get('date', 'not recorded'))}.")
-        out += [f"```{{figure}} {_plot(name, series, machine)}", f":name: fig-perf-{slug}",
+        caption = f"{', '.join(_md(title) for title, _, _ in series)} of `{name}` (dashed line: 1). {where}"
+        named = any(line.startswith(f":name: fig-perf-{slug}") for line in out)
+        out += [f"```{{figure}} {_plot(name, series)}", f":name: fig-perf-{slug}" + ("-summary" if named else ""),
                 f":alt: bar chart of the ratios in {name}", ":width: 100%", "", caption, "```", ""]
-    else:
+    elif not any(line.startswith("```{figure}") for line in out):
         out += ["This result has no ratio to plot.", ""]
     if nested:
         out += ["````{admonition} Everything else this result recorded", ":class: dropdown", "",

@@ -306,15 +306,15 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, gy if want_gy else None, *([None] * 7)
 
 
-def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, direct=False):
+def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, direct=False, counts=None):
     """Per-row (loss, lse, residual, entropy) on the chosen path ("triton", "cpu": the C kernel,
     or "torch"); ``direct``: call the C kernel itself rather than its registered operator (plain
-    eager calls only)."""
+    eager calls only), which fills ``counts`` if given (see ``kernels.cpu.rows.ce_fwd``)."""
     if backend == "triton":
         return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
     if backend == "cpu":
         if direct and cpu_rows.available():
-            return cpu_rows.ce_fwd(z, t, w, eps, ignore_index, want_entropy)
+            return cpu_rows.ce_fwd(z, t, w, eps, ignore_index, want_entropy, counts)
         return torch.ops.entmath.cross_entropy_cpu(z, t, w, eps, ignore_index, want_entropy)
     return cross_entropy_rows_torch(z, t, y, w, eps, ignore_index, softcap, want_entropy)
 
@@ -616,12 +616,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         t1d = target.reshape(-1).long().contiguous()
         if target.dtype == torch.uint64:  # values >= 2^63 read as negative: out of range, never ignore_index
             t1d = torch.where(t1d < 0, -1 if ignore_index != -1 else -2, t1d)
-        if value_checks_active(t1d):
-            out_of_range = (t1d != ignore_index) & ((t1d < 0) | (t1d >= n_classes))
-            if bool(out_of_range.any()):
-                bad = target.reshape(-1)[out_of_range][:5].tolist()
-                raise ValueError(f"target has class indices outside [0, {n_classes}): {bad} "
-                                 f"(ignore_index={ignore_index})")
     else:
         raise TypeError(f"target must hold class indices (an integer dtype) or probabilities "
                         f"(a floating dtype), got {target.dtype}")
@@ -629,14 +623,32 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     z2d = rows_2d(z)
     if backend == "torch" and _on_cpu_kernel(z2d, t1d, cap):
         backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
-    if plain_eager(z2d, y2d, w):
+    eager = plain_eager(z2d, y2d, w)
+    # On the C kernel, called directly, the kernel counts bad class indices, rows without a
+    # distribution and ignored rows: the checks below then cost one host read instead of a dozen
+    # small tensor ops (most of the time of a small call).
+    counts = (torch.zeros(3, dtype=torch.int64) if eager and backend == "cpu" and t1d is not None
+              and value_checks_active(t1d) and cpu_rows.available() else None)
+    if counts is None and t1d is not None and value_checks_active(t1d):
+        _check_class_indices(target, t1d, ignore_index, n_classes)
+    if eager:
         loss, lse, _, ent = _forward(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy), backend,
-                                     direct=True)
+                                     direct=True, counts=counts)
     else:
         loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
                                                 inplace and not torch.compiler.is_compiling(), backend)
-    valid = None if t1d is None else t1d != ignore_index
-    all_finite = check_rows_finite(lse, "logits", rows=valid)  # True: verified, nothing to mask
+    if counts is not None:
+        out_of_range, faults, ignored = counts.tolist()
+        if out_of_range:
+            _check_class_indices(target, t1d, ignore_index, n_classes)
+        # no ignored row and no class weights: every row counts alike (the mean divides by rows)
+        valid = None if ignored == 0 and w is None else t1d != ignore_index
+        if faults:
+            check_rows_finite(lse, "logits", rows=t1d != ignore_index)  # raises, naming the rows
+        all_finite = True
+    else:
+        valid = None if t1d is None else t1d != ignore_index
+        all_finite = check_rows_finite(lse, "logits", rows=valid)  # True: verified, nothing to mask
     bad_row = None
     if not all_finite:
         bad_row = ~torch.isfinite(lse) if valid is None else valid & ~torch.isfinite(lse)
@@ -654,6 +666,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         ent = ent if bad_row is None else torch.where(bad_row, float("nan"), ent)
         return out, ent.view(lead).to(out_dtype)
     return out
+
+
+def _check_class_indices(target, t1d, ignore_index: int, n_classes: int) -> None:
+    """Raise if a class index other than ``ignore_index`` is outside [0, n_classes), naming them."""
+    out_of_range = (t1d != ignore_index) & ((t1d < 0) | (t1d >= n_classes))
+    if bool(out_of_range.any()):
+        bad = target.reshape(-1)[out_of_range][:5].tolist()
+        raise ValueError(f"target has class indices outside [0, {n_classes}): {bad} (ignore_index={ignore_index})")
 
 
 def _reduce(loss, z_rows, reduction, valid, weighting):

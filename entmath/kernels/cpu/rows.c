@@ -28,6 +28,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "vecmath.h"
 
@@ -38,6 +39,8 @@
 #endif
 /* Rows handed to an OpenMP thread at a time, as threads free up. */
 #define ROW_RUN 8
+/* Entries of a KL row pair whose exp buffer lives on the stack (16 KiB); longer rows malloc it. */
+#define SCRATCH_ON_STACK 2048
 /* Below this d, exp_nonpos's result is flushed or subnormal: the row is redone in double. */
 #define DEEP (-87.0f)
 
@@ -76,14 +79,19 @@ static inline double log_normaliser(double c, double t) { return log(c) + log1p(
  * where the loss does); deep: an entry with -inf < d < DEEP. */
 typedef struct { double c, t, a, d; int deep; } row_sums;
 
-/* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2)(1 + y/3 (1 + y/4 (...))), as
- * ops/_divergence.chi: TERMS terms after the first, the remainder below the unit roundoff. */
+/* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2) sum_{k<=9} 2 y^k / (k + 2)!, as
+ * ops/_divergence.chi: 9 terms after the first (float), the remainder below the unit roundoff.
+ * Evaluated by Estrin's scheme (y^2, y^4, y^8 and pairs), not Horner's: the KL terms sweep is
+ * bound by the latency of one element's chain, and Horner's 9 nested steps were most of it. */
 static inline float chi_series_f(float y)
 {
-    float s = 1.0f;
-    for (int k = 11; k > 2; --k)  /* 9 terms (float) */
-        s = s * y * (1.0f / (float)k) + 1.0f;
-    return s * y * y * 0.5f;
+    const float y2 = y * y, y4 = y2 * y2, y8 = y4 * y4;
+    const float p01 = y * (1.0f / 3.0f) + 1.0f, p23 = y * (1.0f / 60.0f) + 1.0f / 12.0f;
+    const float p45 = y * (1.0f / 2520.0f) + 1.0f / 360.0f;
+    const float p67 = y * (1.0f / 181440.0f) + 1.0f / 20160.0f;
+    const float p89 = y * (1.0f / 19958400.0f) + 1.0f / 1814400.0f;
+    const float s = (y2 * p23 + p01) + y4 * ((y2 * p67 + p45) + y4 * p89);
+    return s * y2 * 0.5f;
 }
 
 static inline double chi_d(double y)
@@ -105,34 +113,32 @@ static inline double chi_d(double y)
         e = e_ == e_ ? e_ : (FT)0;                                                                 \
     } while (0)
 
-/* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums):
- * from the halved, compensated offsets of a and b, the log-ratio y = log q - log p + eta and
- * p = e^{log p}; K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0;
- * lost: a finite a against b = -inf.  FT is float (the vector sweep) or double (the deep tail). */
-#define KL_TERMS(FT, EXP, CHI, x, v, hma, hmb, log_sa, log_sb, half_shift, K, Z, Y, Q, lost)        \
+/* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums),
+ * in two steps.  KL_LOG_RATIO: from the halved, compensated offsets of a and b, the log-ratio
+ * y = log q - log p + eta as yh = y / 2, and ha = (a - ma) / 2.  KL_ADD, given p and q:
+ * K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0; lost: a finite a
+ * against b = -inf.  FT is float (the vector sweep) or double (the deep tail). */
+#define KL_LOG_RATIO(FT, x, v, hma, hmb, half_shift, ha, hb, yh)                                   \
     do {                                                                                           \
-        FT ha, ea, hb, eb;                                                                         \
-        TWO_SUM(FT, (FT)0.5 * (x), hma, ha, ea);                                                   \
-        TWO_SUM(FT, (FT)0.5 * (v), hmb, hb, eb);                                                   \
-        const FT yh = ((hb - ha) + (eb - ea)) - (half_shift);                                      \
-        const FT lp = (FT)2 * ha - (log_sa);                                                       \
-        const FT p = EXP(lp < (FT)0 ? lp : (FT)0);                                                 \
-        const FT y = (FT)2 * yh;                                                                   \
-        const int small = y <= (FT)1 && y >= (FT)-1;                                               \
-        const FT c = CHI(small ? y : (FT)0);                                                       \
-        const int in_p = p > (FT)0;                                                                \
-        /* log q: through p (p e^y, no overflow) on p's support, from b's own row off it */        \
-        const FT lq = in_p ? (FT)2 * ((FT)0.5 * lp + yh) : (FT)2 * hb - (log_sb);                  \
-        const FT q = EXP(lq < (FT)0 ? lq : (FT)0);                                                 \
-        const FT qmp = q - p;                                                                      \
-        K += in_p ? (small ? c * p : qmp - (FT)2 * p * yh) : (FT)0;                                \
-        Z += in_p ? (small ? (c + y) * p : qmp) : (FT)0;                                           \
-        Y += in_p ? p * yh : (FT)0;                                                                \
-        Q += in_p ? (FT)0 : q;                                                                     \
-        lost |= ((x) > -(FT)INFINITY) & ((v) == -(FT)INFINITY);                                    \
+        FT ea_, eb_;                                                                               \
+        TWO_SUM(FT, (FT)0.5 * (x), hma, ha, ea_);                                                  \
+        TWO_SUM(FT, (FT)0.5 * (v), hmb, hb, eb_);                                                  \
+        yh = ((hb - ha) + (eb_ - ea_)) - (half_shift);                                             \
     } while (0)
 
-static inline double exp_d(double x) { return exp(x); }
+#define KL_ADD(FT, CHI, x, v, p, q, yh, K, Z, Y, Q, lost)                                          \
+    do {                                                                                           \
+        const FT y = (FT)2 * (yh);                                                                 \
+        const int small = y <= (FT)1 && y >= (FT)-1;                                               \
+        const FT c = CHI(small ? y : (FT)0);                                                       \
+        const int in_p = (p) > (FT)0;                                                              \
+        const FT qmp = (q) - (p);                                                                  \
+        K += in_p ? (small ? c * (p) : qmp - (FT)2 * (p) * (yh)) : (FT)0;                          \
+        Z += in_p ? (small ? (c + y) * (p) : qmp) : (FT)0;                                         \
+        Y += in_p ? (p) * (yh) : (FT)0;                                                            \
+        Q += in_p ? (FT)0 : (q);                                                                   \
+        lost |= ((x) > -(FT)INFINITY) & ((v) == -(FT)INFINITY);                                    \
+    } while (0)
 
 #define DEFINE_ROW_OPS(SUF, T, LD, ST)                                                             \
                                                                                                    \
@@ -280,13 +286,20 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
 }                                                                                                  \
                                                                                                    \
 /* KL(softmax(a) || softmax(b)) of a row pair with valid maxima ma, mb (Chapter 1,                 \
- * eq-ent-kl-stable): S_a, S_b in one sweep, then the non-negative terms (KL_TERMS) in another,    \
+ * eq-ent-kl-stable): S_a, S_b in one sweep, then the non-negative terms (KL_ADD) in another,      \
  *   KL = K - chi(log1p Z) - log1p(-Q)   (or -2 Y when Q > 1/2),  +inf if lost.                  \
  * A row with an entry whose p or q is subnormal in float (-inf excluded) is summed again in      \
  * double. */                                                                                      \
 static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb, double *log_sa_out,  \
                           double *log_sb_out)                                                      \
 {                                                                                                  \
+    /* e^{a - ma} and e^{b - mb} are kept from the normaliser sweep for the terms sweep, which    \
+     * then needs no exp: p = e^{a - ma} / S_a, q = e^{b - mb} / S_b.  A row of 32000 pairs keeps  \
+     * them in 250 KiB, in L2 beside the rows.  Without the buffer (malloc failed) the row is done \
+     * by the double loop. */                                                                      \
+    float small_buf[n <= SCRATCH_ON_STACK ? 2 * n : 1];                                            \
+    float *ea = n <= SCRATCH_ON_STACK ? small_buf : (float *)malloc(sizeof(float) * 2 * (size_t)n); \
+    float *eb = ea ? ea + n : NULL;                                                                \
     double ca = 0.0, ta = 0.0, cb = 0.0, tb = 0.0;                                                 \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
@@ -294,10 +307,13 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb,
         _Pragma("omp simd reduction(+ : caf, taf, cbf, tbf)")                                      \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             const float da = LD(a, i) - ma, db = LD(b, i) - mb;                                    \
+            const float xa = da < 0.0f ? exp_nonpos(da) : (da == 0.0f ? 1.0f : 0.0f);             \
+            const float xb = db < 0.0f ? exp_nonpos(db) : (db == 0.0f ? 1.0f : 0.0f);             \
+            if (ea) { ea[i] = xa; eb[i] = xb; }                                                    \
             caf += da == 0.0f ? 1.0f : 0.0f;                                                       \
-            taf += da < 0.0f ? exp_nonpos(da) : 0.0f;                                              \
+            taf += da < 0.0f ? xa : 0.0f;                                                          \
             cbf += db == 0.0f ? 1.0f : 0.0f;                                                       \
-            tbf += db < 0.0f ? exp_nonpos(db) : 0.0f;                                              \
+            tbf += db < 0.0f ? xb : 0.0f;                                                          \
         }                                                                                          \
         ca += caf; ta += taf; cb += cbf; tb += tbf;                                                \
     }                                                                                              \
@@ -307,28 +323,40 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb,
     const float lsa = (float)log_sa, lsb = (float)log_sb;                                          \
     const float half_shift = 0.5f * (lsb - lsa);                                                   \
     const float hma = -0.5f * ma, hmb = -0.5f * mb;                                                \
+    const float inv_sa = (float)(1.0 / (ca + ta)), inv_sb = (float)(1.0 / (cb + tb));              \
     double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
-    int lost = 0, deep = 0;                                                                        \
-    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+    int lost = 0, deep = !ea;                                                                      \
+    for (int64_t i0 = 0; ea && i0 < n; i0 += CHUNK) {                                              \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
         float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
         int lf = 0, df = 0;                                                                        \
         _Pragma("omp simd reduction(+ : kf, zf, yf, qf) reduction(| : lf, df)")                    \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             const float x = LD(a, i), v = LD(b, i);                                                \
-            KL_TERMS(float, exp_nonpos, chi_series_f, x, v, hma, hmb, lsa, lsb, half_shift, kf, zf, yf, qf, lf); \
+            float ha, hb, yh;                                                                      \
+            KL_LOG_RATIO(float, x, v, hma, hmb, half_shift, ha, hb, yh);                           \
+            KL_ADD(float, chi_series_f, x, v, ea[i] * inv_sa, eb[i] * inv_sb, yh, kf, zf, yf, qf, lf); \
             df |= ((x - ma < DEEP + (float)log_sa) & (x > -INFINITY))                              \
                   | ((v - mb < DEEP + (float)log_sb) & (v > -INFINITY));                           \
         }                                                                                          \
         K += kf; Z += zf; Y += yf; Q += qf; lost |= lf; deep |= df;                                \
     }                                                                                              \
+    if (ea != small_buf)                                                                           \
+        free(ea);                                                                                  \
     if (deep) {  /* the same sums in double: p and q of these entries are not flushed to 0 */       \
         K = Z = Y = Q = 0.0;                                                                       \
         const double dsa = (double)lsa, dsb = (double)lsb, dhs = 0.5 * ((double)lsb - (double)lsa); \
         const double dma = -0.5 * (double)ma, dmb = -0.5 * (double)mb;                            \
         for (int64_t i = 0; i < n; ++i) {                                                          \
             const double x = (double)LD(a, i), v = (double)LD(b, i);                               \
-            KL_TERMS(double, exp_d, chi_d, x, v, dma, dmb, dsa, dsb, dhs, K, Z, Y, Q, lost);       \
+            double ha, hb, yh;                                                                     \
+            KL_LOG_RATIO(double, x, v, dma, dmb, dhs, ha, hb, yh);                                 \
+            /* p = e^{log p}; log q through p (p e^y, no overflow) on p's support, from b's row off it */ \
+            const double lp = 2.0 * ha - dsa;                                                      \
+            const double p = exp(lp < 0.0 ? lp : 0.0);                                            \
+            const double lq = p > 0.0 ? 2.0 * (0.5 * lp + yh) : 2.0 * hb - dsb;                   \
+            const double q = exp(lq < 0.0 ? lq : 0.0);                                             \
+            KL_ADD(double, chi_d, x, v, p, q, yh, K, Z, Y, Q, lost);                               \
         }                                                                                          \
     }                                                                                              \
     if (lost)                                                                                      \
@@ -427,6 +455,12 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
 /* Cross-entropy forward against class indices t: per row the loss (without z-loss), coded lse,
  * its rounding residual and (if h) the entropy.  Ignored rows (t == ignore_index) get loss 0 and
  * entropy 0; an out-of-range index (possible only with validation off) a NaN loss. */
+/* counts (optional, int64[3], zeroed by the caller): class indices out of range (not ignore_index),
+ * counted rows whose logits have no distribution (a NaN, a +inf, or no finite logit), ignored rows.
+ * The wrapper's validation reads them in one host read instead of checking targets and rows with
+ * tensor ops; an atomic add only for those rare rows. */
+#define COUNT(k) do { if (counts) __atomic_fetch_add(counts + (k), 1, __ATOMIC_RELAXED); } while (0)
+
 #define CE_ROW(SUF, TT)                                                                            \
     do {                                                                                           \
         const TT *zr = (const TT *)z + row * stride;                                               \
@@ -434,9 +468,15 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
         const int valid = ti != ignore_index;                                                      \
         float m;                                                                                   \
         int nan;                                                                                   \
+        if (!valid)                                                                                \
+            COUNT(2);                                                                              \
+        else if (ti < 0 || ti >= n)                                                                \
+            COUNT(0);                                                                              \
         scan_##SUF(zr, n, &m, &nan);                                                               \
         res[row] = 0.0f;                                                                           \
         if (row_fault(m, nan, lse + row)) {                                                        \
+            if (valid)                                                                             \
+                COUNT(1);                                                                          \
             loss[row] = valid ? NAN : 0.0f;                                                        \
             if (h) h[row] = valid ? NAN : 0.0f;                                                    \
             break;                                                                                 \
@@ -454,7 +494,7 @@ void entmath_entropy_bwd(const void *z, void *gz, int64_t bf16, int64_t n, int64
 
 void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf16, int64_t n, int64_t stride,
                     int64_t r0, int64_t r1, float eps, int64_t ignore_index, float *loss, float *lse, float *res,
-                    float *h, int64_t threads)
+                    float *h, int64_t *counts, int64_t threads)
 {
     double w_sum = (double)n;  /* sum_j w_j: smoothing's share of the weights */
     if (w) {

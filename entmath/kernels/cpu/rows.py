@@ -54,8 +54,8 @@ _SIGNATURES = {
     "entmath_kl_fwd": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I],
     # (a, b, ga, gb, bf16, n, sa, sb, r0, r1, g, kl, lse_a, lse_b, threads)
     "entmath_kl_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I],
-    # (z, t, w, bf16, n, stride, r0, r1, eps, ignore_index, loss, lse, res, h, threads)
-    "entmath_ce_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _I],
+    # (z, t, w, bf16, n, stride, r0, r1, eps, ignore_index, loss, lse, res, h, counts, threads)
+    "entmath_ce_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _I],
     # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
     #  g_h, sum_u, threads)
     "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I],
@@ -199,10 +199,12 @@ def kl_bwd(a, b, g, kl, lse_a, lse_b):
     return ga, gb
 
 
-def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool):
+def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool, counts=None):
     """Per-row (loss, coded lse, lse residual, entropy or empty), float32, of (rows, n) logits
     against int64 class indices t (rows,), class weights w (n,) float32 or None: the contract of
-    ``ops.cross_entropy.cross_entropy_rows_torch`` for class targets without soft-capping."""
+    ``ops.cross_entropy.cross_entropy_rows_torch`` for class targets without soft-capping.
+    ``counts``: None, or a zeroed int64 tensor (3,) that receives the numbers of class indices out
+    of range, of counted rows without a distribution, and of ignored rows."""
     rows, n = z.shape
     loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
     h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
@@ -210,7 +212,7 @@ def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool):
     if rows:
         _run(build().entmath_ce_fwd, rows, _ptr(z), _ptr(t), _ptr(w), int(z.dtype == torch.bfloat16), n,
              z.stride(0), _R0, _R1, float(eps), int(ignore_index), _ptr(loss), _ptr(lse), _ptr(res),
-             _ptr(h) if want_entropy else None, _T)
+             _ptr(h) if want_entropy else None, _ptr(counts), _T)
     return loss, lse, res, h
 
 

@@ -142,7 +142,30 @@ def tokenize(text: str) -> list:
         else:
             toks.append(Tok("char", m.group(5), m.start(), m.end()))
         i = m.end()
-    return [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    toks = [t for t in toks if not (t.kind == "cmd" and t.value[1:] in IGNORED)]
+    # A line break inside one statement is dropped: before a relation or an implication it continues
+    # the chain (a = b \\ = c); before + or - it continues the sum (a = b + c \\ + d), unless the line
+    # before ended the statement with a comma, period or semicolon and the sign is not indented, or
+    # the break is inside a cases (whose branches may start with a sign).  Indentation (\quad,
+    # \qquad) at the start of such a line goes with the break.
+    out, in_cases, k = [], 0, 0
+    while k < len(toks):
+        t = toks[k]
+        if t.value in ("\\begin", "\\end") and "".join(x.value for x in toks[k + 1:k + 8]) == "{cases}":
+            in_cases += 1 if t.value == "\\begin" else -1
+        if t.value == "\\\\":
+            j = k + 1
+            while j < len(toks) and toks[j].value in ("\\quad", "\\qquad"):
+                j += 1
+            after = toks[j].value if j < len(toks) else None
+            ended = bool(out) and out[-1].value in (",", ".", ";")
+            if (after in RELATIONS or after in IMPLICATIONS
+                    or (after in ("+", "-") and not in_cases and (j > k + 1 or not ended))):
+                k = j
+                continue
+        out.append(t)
+        k += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ CHECK_FUNCTIONS = ("check", "sym_equal", "sym_zero", "close", "tie", "tie_text",
 KIND = {"check": "math", "sym_equal": "math", "sym_zero": "math", "close": "math",
         "tie": "tie", "tie_text": "tie", "implementation": "implementation"}
 #: where each check function takes its ``what`` description when it is passed positionally,
-#: and what it says when it is left out (mirrors the signatures in ``book/ledger.py``;
+#: and what it says when it is left out (mirrors the signatures in ``entmath/ledger/__init__.py``;
 #: ``tests/test_ledger.py`` keeps the two in step).
 WHAT_POSITION = {"check": 2, "sym_zero": 2, "sym_equal": 3, "close": None, "tie": None, "tie_text": 2,
                  "implementation": None}
@@ -193,3 +193,15 @@ def displays_in(text: str) -> dict:
         body = [ln.strip() for ln in lines[j + 1:k]]
         out[m.group(1)] = "\n".join(body)
     return out
+
+
+def display_table(book_dir) -> dict:
+    """Every labelled display of the chapters ``<book_dir>/ch*.md``: label -> LaTeX (the table
+    ``entmath.ledger`` packages for notebooks run without the book's sources)."""
+    from pathlib import Path
+
+    table = {}
+    for path in sorted(Path(book_dir).glob("ch*.md")):
+        table.update(displays_in(path.read_text(encoding="utf-8")))
+    return dict(sorted(table.items()))
+

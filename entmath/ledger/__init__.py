@@ -14,7 +14,7 @@ raises ``AssertionError`` when its check fails, so nbval and the book build fail
   mpmath at 30 to 50 digits) and ``check`` (a predicate: an inequality on sampled regimes, a limit,
   a count).
 * **The display tie** connects the equation *as displayed* to what the checks verify.  ``tie``
-  parses the display's LaTeX (``book/displays.py``) and verifies every relation in it, with each
+  parses the display's LaTeX (``entmath/ledger/displays.py``) and verifies every relation in it, with each
   name bound to the object the chapter's checks use: symbolically, or numerically at the points
   given.  ``tie_text`` is for the few displays that are prose as much as mathematics (a
   probability of an argmax event, a definition by cases in words): the display must equal a
@@ -24,19 +24,28 @@ raises ``AssertionError`` when its check fails, so nbval and the book build fail
   unchunked) or count work (evaluations).  They are recorded apart, so that the math checks of an
   equation measure the mathematics.
 
+The module ships with entmath (``pip install entmath[book]`` brings SymPy and mpmath, which it
+needs; ``import entmath`` never imports it), so that a chapter downloaded as a notebook runs on its
+own.  ``display(label)`` reads the chapters' sources when they are there (a checkout of the book,
+or ``$ENTMATH_BOOK``), else the table of displays packaged beside this file
+(``book_displays.json``, written by ``python -m entmath.ledger --write``; the tests fail when
+it differs from the chapters).
+
 ``tests/test_ledger.py`` fails if a label has no tie or no math check, and it feeds the tie of
 every display with that display changed in one sign or one number, to show that each change is
 noticed.  ``summary()`` prints the chapter's ledger at its end.
 """
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
 import random
 import re
 from pathlib import Path
 from typing import Callable, Iterable
 
-import displays
+from . import displays
+from . import index as ledger_index
 
 __all__ = ["check", "sym_equal", "sym_zero", "close", "implementation", "tie", "tie_text", "display",
            "random_points", "summary", "CHECKS", "TIES", "IMPLEMENTATION", "MUTATIONS"]
@@ -53,7 +62,17 @@ MUTATIONS: dict[str, list] = {}
 RECORDS: list = []
 MUTATE = False
 
-BOOK = Path(__file__).resolve().parent
+def _book_dir() -> Path | None:
+    """The folder of the chapters' sources: ``$ENTMATH_BOOK``, else ``book/`` beside the package in
+    a checkout (an editable install), else None (an installed package: the packaged table)."""
+    for candidate in (os.environ.get("ENTMATH_BOOK"), Path(__file__).resolve().parents[2] / "book"):
+        if candidate and any(Path(candidate).glob("ch*.md")):
+            return Path(candidate)
+    return None
+
+
+BOOK = _book_dir()
+PACKAGED_DISPLAYS = Path(__file__).resolve().parent / "book_displays.json"
 
 
 def _record(store, label, what, fn="check", kind="predicate", points=None, digits=None):
@@ -147,34 +166,22 @@ def implementation(label: str, got, want=None, *, rtol: float = 0.0, atol: float
 # ------------------------------------------------------------------------------------------------
 # Display ties
 
-def _load_ledger_index():
-    # the chapters' parser lives with the book's Sphinx extension (book/_ext), which the kernel
-    # does not have on its path; one module, loaded once, for the kernel, the tests and the build
-    import sys
-
-    if "ledger_index" in sys.modules:
-        return sys.modules["ledger_index"]
-    spec = importlib.util.spec_from_file_location("ledger_index", BOOK / "_ext" / "ledger_index.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ledger_index"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ledger_index = _load_ledger_index()
-
 _DISPLAYS: dict = {}
 _SOURCES: dict = {}
 
 
 def display(label: str) -> str:
     """The LaTeX of the display labelled ``label``, read from the chapter that labels it."""
-    for path in sorted(BOOK.glob("ch*.md")):
-        mtime = path.stat().st_mtime_ns
-        if _SOURCES.get(path) != mtime:
-            _SOURCES[path] = mtime
-            for lab, text in ledger_index.displays_in(path.read_text(encoding="utf-8")).items():
-                _DISPLAYS[lab] = text
+    if BOOK is None:
+        if not _DISPLAYS:
+            _DISPLAYS.update(json.loads(PACKAGED_DISPLAYS.read_text(encoding="utf-8")))
+    else:
+        for path in sorted(BOOK.glob("ch*.md")):
+            mtime = path.stat().st_mtime_ns
+            if _SOURCES.get(path) != mtime:
+                _SOURCES[path] = mtime
+                for lab, text in ledger_index.displays_in(path.read_text(encoding="utf-8")).items():
+                    _DISPLAYS[lab] = text
     if label in OVERRIDE:
         return OVERRIDE[label]
     if label not in _DISPLAYS:
