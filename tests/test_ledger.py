@@ -345,11 +345,14 @@ def test_a_supremum_must_be_approached_when_asked():
         displays.check(r"\frac{x}{1 + x} < 2", envs, tight={(1, 1): 1e-5})
 
 
+def shape(text):
+    """The statements of a display without the tokens' positions in the text."""
+    return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
+
+
 def test_a_display_set_on_several_lines_parses_like_one_line():
     one_line = r"a = b + 1, \qquad c = 2 a"
     gathered = "\\begin{gathered}\na = b + 1, \\\\\nc = 2 a\n\\end{gathered}"
-    def shape(text):  # the statements without the tokens' positions in the text
-        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
 
     assert shape(gathered) == shape(one_line)
     env = {"a": 3, "b": 2, "c": 6}
@@ -361,8 +364,6 @@ def test_a_display_set_on_several_lines_parses_like_one_line():
 def test_an_aligned_chain_parses_like_one_line():
     one_line = r"a = b + 1 = c - 1, \qquad d = 2 a"
     aligned = "\\begin{aligned}\na &= b + 1 \\\\\n&= c - 1, \\\\\nd &= 2 a\n\\end{aligned}"
-    def shape(text):
-        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
 
     assert shape(aligned) == shape(one_line)
     env = {"a": 3, "b": 2, "c": 4, "d": 6}
@@ -379,8 +380,6 @@ def test_an_aligned_chain_parses_like_one_line():
 
 
 def test_a_long_sum_or_an_implication_carried_over_parses_like_one_line():
-    def shape(text):
-        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
 
     one_line = r"a = b + 1 - c"
     carried = "\\begin{aligned}\na &= b + 1\n\\\\\n&\\qquad - c\n\\end{aligned}"
@@ -398,8 +397,6 @@ def test_a_long_sum_or_an_implication_carried_over_parses_like_one_line():
 def test_an_aligned_sum_broken_before_a_sign_parses_like_one_line():
     one_line = r"a = b + c - d, \qquad e = 2 a"
     aligned = "\\begin{aligned}\na &= b + c \\\\\n&\\quad - d, \\\\\ne &= 2 a\n\\end{aligned}"
-    def shape(text):
-        return re.sub(r"pos=\d+, end=\d+", "", str(displays.parse(text)))
 
     assert shape(aligned) == shape(one_line)
     env = {"a": 2, "b": 4, "c": 1, "d": 3, "e": 4}

@@ -85,22 +85,17 @@ _TOKEN = re.compile(r"\\([A-Za-z]+\*?)|\\(.)|(\d+(?:\.\d+)?)|([A-Za-z])|(\S)", r
 # A layout-only environment: a long display is set on several lines as
 # \begin{gathered} a = b, \\ c = d \end{gathered}.  Its lines are statements like any others
 # (``\\`` separates statements), so the wrapper is blanked to spaces (positions are kept).
-# In \begin{aligned} a &= b \\ &= c \end{aligned} the alignment marks are blanked too, and a line
-# that starts with a relation, + or - (after its &, and a \quad or \qquad) continues the line
-# before it: ``a = b = c``, or a long sum broken after any term.
+# In \begin{aligned} a &= b \\ &= c \end{aligned} the alignment marks are blanked too (not those of
+# a cases inside); which line breaks continue a statement is decided on the tokens (``tokenize``).
 _LAYOUT_ENV = re.compile(r"\\(?:begin|end)\{(?:gathered|aligned)\}")
 _ALIGNED = re.compile(r"\\begin\{aligned\}.*?\\end\{aligned\}", re.S)
 _CASES = re.compile(r"(\\begin\{cases\}.*?\\end\{cases\})", re.S)
-_CONTINUED = re.compile(r"\\\\\s*&\s*(?:\\q?quad\s*)?(?=[-+=<>]|\\(?:le|ge|leq|geq|ne|neq|approx|to)\b)")
 
 
 def _blank_layout(text: str) -> str:
-    def blank(m):
-        return " " * len(m.group(0))
-
     def marks(m):  # the alignment marks of an aligned block, not those of a cases inside it
         parts = _CASES.split(m.group(0))
-        return "".join(p if k % 2 else _CONTINUED.sub(blank, p).replace("&", " ") for k, p in enumerate(parts))
+        return "".join(p if k % 2 else p.replace("&", " ") for k, p in enumerate(parts))
     text = _ALIGNED.sub(marks, text)
     return _LAYOUT_ENV.sub(lambda m: " " * len(m.group(0)), text)
 
