@@ -25,7 +25,8 @@ import torch
 
 from .._backend import interpreter_enabled
 
-__all__ = ["triton_kernel_op", "cpu_kernel_op", "register_row_vmap", "acc_dtype"]
+__all__ = ["triton_kernel_op", "cpu_kernel_op", "register_row_vmap", "acc_dtype", "eager_call", "plain_eager",
+           "eager_function"]
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -81,22 +82,60 @@ def register_row_vmap(op, arg_ranks):
     torch.library.register_vmap(op, rule)
 
 
-def plain_eager(*tensors) -> bool:
-    """True when an op's forward may run directly, without its autograd.Function and registered
-    operators: nothing compiles, exports, fakes or transforms (torch.func) the call, no forward-mode
-    AD level is open, and autograd records nothing for these tensors.  Those layers cost tens of
-    microseconds per call (``Function.apply`` binds its arguments with ``inspect.signature``;
-    a custom operator dispatches in Python), which is most of a call on a small input; with any
-    of the conditions false, the layers run as usual."""
+def eager_call(*tensors):
+    """How an op's call may run: ``"plain"`` when its forward may run directly, without its
+    autograd unit and registered operators (nothing compiles, exports, fakes or transforms
+    (torch.func) the call, no forward-mode AD level is open, and autograd records nothing for
+    these tensors); ``"graph"`` when all that holds except that autograd records: the op's
+    ``eager_function`` twin then records it; None otherwise (the full layers run).
+
+    Those layers cost tens of microseconds per call, most of a call on a small input:
+    ``Function.apply`` of a Function with ``setup_context`` binds its arguments with
+    ``inspect.signature`` on every call, and a custom operator dispatches in Python."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
+        return None
     if torch.autograd.forward_ad._current_level >= 0:
-        return False
+        return None
     grad = torch.is_grad_enabled()
+    mode = "plain"
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or t.is_meta or (grad and t.requires_grad):
-            return False  # a subclass (FakeTensor, DTensor, ...), a meta tensor, or one autograd tracks
-    return True
+        if type(t) is not torch.Tensor or t.is_meta:
+            return None  # a subclass (FakeTensor, DTensor, ...) or a meta tensor
+        if grad and t.requires_grad:
+            mode = "graph"
+    return mode
 
+
+def plain_eager(*tensors) -> bool:
+    """``eager_call(*tensors) == "plain"``: the forward may run without any of the layers."""
+    return eager_call(*tensors) == "plain"
+
+
+def eager_function(unit):
+    """The autograd unit ``unit`` (a Function written with ``setup_context``, which torch.func and
+    torch.compile need) as the same Function written the older way, whose ``forward`` takes
+    ``ctx``, for eager calls that record a graph (``eager_call(...) == "graph"``): ``apply`` then
+    skips the signature binding.  Same forward (``unit.eager_forward``: the C kernels called
+    directly), same ``setup_context``, same ``backward``; ``ctx.direct`` tells the backward that
+    it may call the C kernels directly too.  Its ``apply(*args, report)`` takes last where a C
+    kernel called directly reports what it counted (``unit.eager_forward(*args, report)``: the
+    rows without a distribution, ...), so that the caller's validation need not read the
+    outputs.  (Last: ``ctx.needs_input_grad`` keeps the unit's own positions.)"""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args_report):
+            *args, report = args_report
+            out = unit.eager_forward(*args, report)
+            unit.setup_context(ctx, args, out)
+            ctx.direct = True
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return *unit.backward(ctx, *grads), None
+
+    Eager.__name__ = Eager.__qualname__ = f"{unit.__name__}Eager"
+    return Eager

@@ -8,6 +8,8 @@ import torch
 
 def rows_2d(z: torch.Tensor) -> torch.Tensor:
     """View ``z`` (classes last) as (rows, n) with unit column stride, copying only if needed."""
+    if z.dim() == 2 and z.stride(-1) == 1 and (z.shape[0] <= 1 or z.stride(0) >= z.shape[1]):
+        return z  # already rows (the common case: no reshape to pay for)
     z2d = z.reshape(-1, z.shape[-1])
     if z2d.stride(-1) != 1 or (z2d.shape[0] > 1 and z2d.stride(0) < z2d.shape[1]):
         z2d = z2d.contiguous()

@@ -43,6 +43,7 @@ one write backward).  Probability targets and soft-capping on the CPU take the t
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Optional
 
 import torch
@@ -51,7 +52,7 @@ from .._backend import resolve_backend
 from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compute_dtype, lowest, normalize_dim,
                          value_checks_active)
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, eager_call, eager_function, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite
 
@@ -294,8 +295,8 @@ class _CrossEntropy(torch.autograd.Function):
             gy = torch.ops.entmath.cross_entropy_backward_triton(
                 grad, z, t, y, w, lse, res, ent, g_loss, g_lse, g_ent, eps, ignore_index, softcap, want_gy)
         elif ctx.cpu_kernel:
-            torch.ops.entmath.cross_entropy_backward_cpu(grad, z, t, w, lse, res, ent, g_loss, g_lse, g_ent, eps,
-                                                         ignore_index)
+            backward_c = _backward_c if getattr(ctx, "direct", False) else torch.ops.entmath.cross_entropy_backward_cpu
+            backward_c(grad, z, t, w, lse, res, ent, g_loss, g_lse, g_ent, eps, ignore_index)
             gy = None
         else:
             gy = _vjp_into(grad, z, t, y, w, eps, ignore_index, softcap, lse, res, ent, g_loss, g_lse, g_ent, want_gy)
@@ -304,6 +305,13 @@ class _CrossEntropy(torch.autograd.Function):
             # counter turns its use of the overwritten values into an error, never a wrong number.
             torch.autograd.graph.increment_version(z)
         return grad, None, gy if want_gy else None, *([None] * 7)
+
+    @staticmethod
+    def eager_forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, inplace, backend, counts):
+        return _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, direct=True, counts=counts)
+
+
+_CrossEntropyEager = eager_function(_CrossEntropy)  # the same unit for eager calls that record a graph
 
 
 def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, direct=False, counts=None):
@@ -416,6 +424,11 @@ def cross_entropy_backward_cpu(grad: torch.Tensor, z: torch.Tensor, t: torch.Ten
                                ignore_index: int) -> None:
     """Write dL/dz into ``grad`` (contiguous rows; may be z itself) by the C kernel: one read of
     each row, one write."""
+    _backward_c(grad, z, t, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_index)
+
+
+def _backward_c(grad, z, t, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_index):
+    """``cross_entropy_backward_cpu`` itself (called directly by eager calls)."""
     if not cpu_rows.available():
         _vjp_into(grad, z, t, None, w, eps, ignore_index, 0.0, lse, lse_res, ent, g_loss, g_lse, g_ent, False)
         return
@@ -594,7 +607,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         _check_inplace(logits)
     n_classes = logits.shape[dim]
     w = None if weight is None else _class_weights(weight, logits, n_classes)
-    z = logits.movedim(dim, -1)
+    z = logits if dim == logits.dim() - 1 else logits.movedim(dim, -1)
     lead = z.shape[:-1]
     t1d = y2d = None
     if target.is_floating_point():
@@ -613,7 +626,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         if target.shape != lead:
             raise ValueError(f"target holds class indices, so its shape must be logits' shape without "
                              f"dim={dim}, {tuple(lead)}; got {tuple(target.shape)}")
-        t1d = target.reshape(-1).long().contiguous()
+        t1d = (target if target.dim() == 1 else target.reshape(-1)).long().contiguous()
         if target.dtype == torch.uint64:  # values >= 2^63 read as negative: out of range, never ignore_index
             t1d = torch.where(t1d < 0, -1 if ignore_index != -1 else -2, t1d)
     else:
@@ -623,22 +636,26 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     z2d = rows_2d(z)
     if backend == "torch" and _on_cpu_kernel(z2d, t1d, cap):
         backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
-    eager = plain_eager(z2d, y2d, w)
+    mode = eager_call(z2d, y2d, w)
     # On the C kernel, called directly, the kernel counts bad class indices, rows without a
-    # distribution and ignored rows: the checks below then cost one host read instead of a dozen
-    # small tensor ops (most of the time of a small call).
-    counts = (torch.zeros(3, dtype=torch.int64) if eager and backend == "cpu" and t1d is not None
-              and value_checks_active(t1d) and cpu_rows.available() else None)
-    if counts is None and t1d is not None and value_checks_active(t1d):
+    # distribution and ignored rows (into a buffer of three int64 the kernel writes and Python
+    # reads, no tensor): the checks below then cost nothing instead of a dozen small tensor ops
+    # (most of the time of a small call).
+    checks = t1d is not None and value_checks_active(t1d)
+    counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and checks and cpu_rows.available() else None)
+    if counts is None and checks:
         _check_class_indices(target, t1d, ignore_index, n_classes)
-    if eager:
+    if mode == "plain":
         loss, lse, _, ent = _forward(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy), backend,
                                      direct=True, counts=counts)
+    elif mode == "graph":
+        loss, lse, _, ent = _CrossEntropyEager.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
+                                                     inplace, backend, counts)
     else:
         loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
                                                 inplace and not torch.compiler.is_compiling(), backend)
     if counts is not None:
-        out_of_range, faults, ignored = counts.tolist()
+        out_of_range, faults, ignored = counts
         if out_of_range:
             _check_class_indices(target, t1d, ignore_index, n_classes)
         # no ignored row and no class weights: every row counts alike (the mean divides by rows)
@@ -661,7 +678,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
             z_rows = torch.where(valid, z_rows, 0.0)
     out = _reduce(loss, z_rows, reduction, valid, None if w is None else (w, t1d, n_classes))
     out_dtype = output_dtype(logits)
-    out = (out.view(lead) if reduction == "none" else out).to(out_dtype)
+    if reduction == "none" and out.shape != lead:
+        out = out.view(lead)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
     if return_entropy:
         ent = ent if bad_row is None else torch.where(bad_row, float("nan"), ent)
         return out, ent.view(lead).to(out_dtype)

@@ -26,7 +26,7 @@ import torch
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, eager_call, eager_function, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite, softmax_stats
 
@@ -88,18 +88,32 @@ class _Entropy(torch.autograd.Function):
     def backward(ctx, grad_h, grad_lse):
         return _backward(ctx, grad_h, grad_lse, kernel=ctx.kernel), None
 
+    @staticmethod
+    def eager_forward(z, backend, faults):
+        return _forward(z, backend, direct=True, faults=faults)
 
-def _forward(z, backend, direct=False):
+
+_EntropyEager = eager_function(_Entropy)  # the same unit for eager calls that record a graph
+
+
+def _forward(z, backend, direct=False, faults=None):
     """(H, lse) on the chosen path ("triton", "cpu": the C kernel, or "torch"); ``direct``: call
-    the C kernel itself rather than its registered operator (plain eager calls only)."""
+    the C kernel itself rather than its registered operator (eager calls only), which appends
+    to the list ``faults`` (if given) its count of rows without a distribution."""
     if backend == "triton":
         h, lse = torch.ops.entmath.entropy_triton(rows_2d(z))
     elif backend == "cpu":
         z2d = rows_2d(z)
-        h, lse = (cpu_rows.entropy_fwd(z2d) if direct and cpu_rows.available()
-                  else torch.ops.entmath.entropy_cpu(z2d))
+        if direct and cpu_rows.available():
+            h, lse, bad = cpu_rows.entropy_fwd(z2d)
+            if faults is not None:
+                faults.append(bad)
+        else:
+            h, lse = torch.ops.entmath.entropy_cpu(z2d)
     else:
         return entropy_torch(z)
+    if z.dim() == 2:
+        return h, lse
     return h.view(z.shape[:-1]), lse.view(z.shape[:-1])
 
 
@@ -143,8 +157,11 @@ def _backward(ctx, grad_h, grad_lse, kernel="triton"):
     if not kernel or torch.is_grad_enabled() or grad_lse is not None or grad_h is None:
         return entropy_vjp(z, h, lse, grad_h, grad_lse)  # a graph is wanted: differentiable torch
     z2d = rows_2d(z)
-    op = torch.ops.entmath.entropy_backward_triton if kernel == "triton" else torch.ops.entmath.entropy_backward_cpu
-    g = op(z2d, h.reshape(-1), lse.reshape(-1), grad_h.reshape(-1))
+    if kernel == "cpu" and getattr(ctx, "direct", False) and cpu_rows.available():
+        g = cpu_rows.entropy_bwd(z2d, grad_h.reshape(-1), h.reshape(-1), lse.reshape(-1))
+    else:
+        op = torch.ops.entmath.entropy_backward_triton if kernel == "triton" else torch.ops.entmath.entropy_backward_cpu
+        g = op(z2d, h.reshape(-1), lse.reshape(-1), grad_h.reshape(-1))
     return g.view(z.shape)
 
 
@@ -155,7 +172,7 @@ def entropy_cpu(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     it cannot be built)."""
     if not cpu_rows.available():
         return entropy_torch(z)
-    return cpu_rows.entropy_fwd(z if z.stride(-1) == 1 else z.contiguous())
+    return cpu_rows.entropy_fwd(z if z.stride(-1) == 1 else z.contiguous())[:2]
 
 
 @cpu_kernel_op("entropy_backward_cpu")
@@ -219,11 +236,20 @@ def entropy(logits: torch.Tensor, dim: int = -1, *, keepdim: bool = False, backe
     if not isinstance(keepdim, bool):
         raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
     backend = resolve_backend(backend, logits)
-    z = logits.movedim(dim, -1)
+    z = logits if dim == logits.dim() - 1 else logits.movedim(dim, -1)
     if backend == "torch" and _on_cpu_kernel(z):
         backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
-    h, lse = _forward(z, backend, direct=True) if plain_eager(z) else _Entropy.apply(z, backend)
-    if not check_rows_finite(lse, "logits"):  # (verified finite: nothing to mask)
+    mode, faults = eager_call(z), []
+    if mode == "plain":
+        h, lse = _forward(z, backend, direct=True, faults=faults)
+    elif mode == "graph":
+        h, lse = _EntropyEager.apply(z, backend, faults)
+    else:
+        h, lse = _Entropy.apply(z, backend)
+    # The C kernel, called directly, counted the rows without a distribution (it made them NaN):
+    # none, and there is nothing to read or mask.
+    if faults != [0] and not check_rows_finite(lse, "logits"):  # (verified finite: nothing to mask)
         h = torch.where(torch.isfinite(lse), h, float("nan"))  # a bad row is NaN, not a stray number
-    h = h.to(output_dtype(logits))
+    out_dtype = output_dtype(logits)
+    h = h if h.dtype == out_dtype else h.to(out_dtype)
     return h.unsqueeze(dim) if keepdim else h

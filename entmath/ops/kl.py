@@ -29,7 +29,7 @@ import torch
 from .._backend import resolve_backend
 from .._validate import check_float_tensor, check_rows_finite, coded_lse, normalize_dim
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, plain_eager, register_row_vmap, triton_kernel_op
+from ._library import acc_dtype, cpu_kernel_op, eager_call, eager_function, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._divergence import kl_rows
 from ._stats import clamped, log_normaliser, nan_unless_finite
@@ -103,18 +103,32 @@ class _KL(torch.autograd.Function):
     def backward(ctx, g, g_lse_a, g_lse_b):
         return (*_backward(ctx, g, g_lse_a, g_lse_b, kernel=ctx.kernel), None)
 
+    @staticmethod
+    def eager_forward(a, b, backend, faults):
+        return _forward(a, b, backend, direct=True, faults=faults)
 
-def _forward(a, b, backend, direct=False):
+
+_KLEager = eager_function(_KL)  # the same unit for eager calls that record a graph
+
+
+def _forward(a, b, backend, direct=False, faults=None):
     """(KL, lse_a, lse_b) on the chosen path ("triton", "cpu": the C kernel, or "torch");
-    ``direct``: call the C kernel itself rather than its registered operator (plain eager calls)."""
+    ``direct``: call the C kernel itself rather than its registered operator (eager calls),
+    which appends to the list ``faults`` (if given) its count of rows without a distribution."""
     if backend == "triton":
         out = torch.ops.entmath.kl_triton(rows_2d(a), rows_2d(b))
     elif backend == "cpu":
         a2d, b2d = rows_2d(a), rows_2d(b)
-        out = (cpu_rows.kl_fwd(a2d, b2d) if direct and cpu_rows.available()
-               else torch.ops.entmath.kl_cpu(a2d, b2d))
+        if direct and cpu_rows.available():
+            *out, bad = cpu_rows.kl_fwd(a2d, b2d)
+            if faults is not None:
+                faults.append(bad)
+        else:
+            out = torch.ops.entmath.kl_cpu(a2d, b2d)
     else:
         return kl_torch(a, b)
+    if a.dim() == 2:
+        return tuple(out)
     return tuple(t.view(a.shape[:-1]) for t in out)
 
 
@@ -159,8 +173,11 @@ def _backward(ctx, g, g_lse_a, g_lse_b, kernel="triton"):
     if not kernel or torch.is_grad_enabled() or g is None or g_lse_a is not None or g_lse_b is not None:
         return kl_vjp(a, b, kl, lse_a, lse_b, g, g_lse_a, g_lse_b)  # differentiable torch
     a2d, b2d = rows_2d(a), rows_2d(b)
-    op = torch.ops.entmath.kl_backward_triton if kernel == "triton" else torch.ops.entmath.kl_backward_cpu
-    ga, gb = op(a2d, b2d, kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1), g.reshape(-1))
+    if kernel == "cpu" and getattr(ctx, "direct", False) and cpu_rows.available():
+        ga, gb = cpu_rows.kl_bwd(a2d, b2d, g.reshape(-1), kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1))
+    else:
+        op = torch.ops.entmath.kl_backward_triton if kernel == "triton" else torch.ops.entmath.kl_backward_cpu
+        ga, gb = op(a2d, b2d, kl.reshape(-1), lse_a.reshape(-1), lse_b.reshape(-1), g.reshape(-1))
     return ga.view(a.shape), gb.view(b.shape)
 
 
@@ -171,7 +188,7 @@ def kl_cpu(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     eager path if it cannot be built): two reads of each row, the second from cache."""
     if not cpu_rows.available():
         return kl_torch(a, b)
-    return cpu_rows.kl_fwd(a if a.stride(-1) == 1 else a.contiguous(), b if b.stride(-1) == 1 else b.contiguous())
+    return cpu_rows.kl_fwd(a if a.stride(-1) == 1 else a.contiguous(), b if b.stride(-1) == 1 else b.contiguous())[:3]
 
 
 @cpu_kernel_op("kl_backward_cpu")
@@ -260,11 +277,20 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, reducti
     if a.dtype != b.dtype:  # mixed dtypes (e.g. from autocast): promote, as F.kl_div does
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
-    a, b = a.movedim(dim, -1), b.movedim(dim, -1)
+    if dim != a.dim() - 1:
+        a, b = a.movedim(dim, -1), b.movedim(dim, -1)
     if backend == "torch" and _on_cpu_kernel(a, b):
         backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
-    kl, lse_a, lse_b = _forward(a, b, backend, direct=True) if plain_eager(a, b) else _KL.apply(a, b, backend)
-    if not (check_rows_finite(lse_a, "p_logits") & check_rows_finite(lse_b, "q_logits")):
+    mode, faults = eager_call(a, b), []
+    if mode == "plain":
+        kl, lse_a, lse_b = _forward(a, b, backend, direct=True, faults=faults)
+    elif mode == "graph":
+        kl, lse_a, lse_b = _KLEager.apply(a, b, backend, faults)
+    else:
+        kl, lse_a, lse_b = _KL.apply(a, b, backend)
+    # The C kernel, called directly, counted the rows without a distribution (it made them NaN):
+    # none, and there is nothing to read or mask.
+    if faults != [0] and not (check_rows_finite(lse_a, "p_logits") & check_rows_finite(lse_b, "q_logits")):
         kl = torch.where(torch.isfinite(lse_a) & torch.isfinite(lse_b), kl, float("nan"))  # bad rows: NaN
     if reduction != "none":
         kl = kl.sum()
@@ -272,4 +298,5 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, dim: int = -1, *, reducti
             kl = kl / p_logits.shape[0]
         elif reduction == "mean":
             kl = kl / p_logits.numel()
-    return kl.to(output_dtype(a))
+    out_dtype = output_dtype(a)
+    return kl if kl.dtype == out_dtype else kl.to(out_dtype)

@@ -421,6 +421,15 @@ DEFINE_ROW_OPS(bf16, uint16_t, ld_bf16, st_bf16)
         }                                                                                          \
     } while (0)
 
+/* Rows in [r0, r1) whose coded log-normaliser is not finite (one pass over a rows-sized array). */
+static int64_t count_faults(const float *lse, int64_t r0, int64_t r1)
+{
+    int64_t bad = 0;
+    for (int64_t row = r0; row < r1; ++row)
+        bad += !isfinite(lse[row]);
+    return bad;
+}
+
 int entmath_rows_openmp(void)
 {
 #ifdef _OPENMP
@@ -430,13 +439,16 @@ int entmath_rows_openmp(void)
 #endif
 }
 
-void entmath_entropy_fwd(const void *z, int64_t bf16, int64_t n, int64_t stride, int64_t r0, int64_t r1,
-                         float *h, float *lse, int64_t threads)
+/* Returns the number of rows without a distribution (coded lse not finite): the wrapper's
+ * validation reads this count instead of the lse tensor. */
+int64_t entmath_entropy_fwd(const void *z, int64_t bf16, int64_t n, int64_t stride, int64_t r0, int64_t r1,
+                            float *h, float *lse, int64_t threads)
 {
     if (bf16)
         FOR_ROWS(r0, r1, threads, entropy_row_bf16((const uint16_t *)z + row * stride, n, h + row, lse + row));
     else
         FOR_ROWS(r0, r1, threads, entropy_row_f32((const float *)z + row * stride, n, h + row, lse + row));
+    return count_faults(lse, r0, r1);
 }
 
 /* dH/dz = -g p (log p + H): grad_row with coef 0, gh = -g, no target mass. */
@@ -568,13 +580,18 @@ void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, i
         lse_b[row] = (float)((double)mb + log_sb);                                                 \
     } while (0)
 
-void entmath_kl_fwd(const void *a, const void *b, int64_t bf16, int64_t n, int64_t sa, int64_t sb,
-                    int64_t r0, int64_t r1, float *kl, float *lse_a, float *lse_b, int64_t threads)
+/* Returns the number of rows in which a or b has no distribution (its coded lse not finite). */
+int64_t entmath_kl_fwd(const void *a, const void *b, int64_t bf16, int64_t n, int64_t sa, int64_t sb,
+                       int64_t r0, int64_t r1, float *kl, float *lse_a, float *lse_b, int64_t threads)
 {
     if (bf16)
         FOR_ROWS(r0, r1, threads, KL_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, KL_ROW(f32, float));
+    int64_t bad = 0;
+    for (int64_t row = r0; row < r1; ++row)
+        bad += !isfinite(lse_a[row]) || !isfinite(lse_b[row]);
+    return bad;
 }
 
 void entmath_kl_bwd(const void *a, const void *b, void *ga, void *gb, int64_t bf16, int64_t n, int64_t sa,

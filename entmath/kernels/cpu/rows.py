@@ -35,9 +35,6 @@ SOURCE = Path(__file__).with_name("rows.c")
 MIN_ELEMS = 1
 
 _DTYPES = (torch.float32, torch.bfloat16)
-#: Where each entry point takes n, the row length (for the thread count in ``_run``).
-_N_ARG = {"entmath_entropy_fwd": 2, "entmath_entropy_bwd": 3, "entmath_kl_fwd": 3, "entmath_kl_bwd": 5,
-          "entmath_ce_fwd": 4, "entmath_ce_bwd": 5}
 _CPUS = os.cpu_count() or 1
 _lock = threading.Lock()
 _lib = None
@@ -45,9 +42,11 @@ _failed = False
 _executor = None
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+#: The entry points that return their count of rows without a distribution.
+_COUNTS_FAULTS = ("entmath_entropy_fwd", "entmath_kl_fwd")
 _SIGNATURES = {
     # (z, bf16, n, stride, r0, r1, h, lse, threads)
-    "entmath_entropy_fwd": [_P, _I, _I, _I, _I, _I, _P, _P, _I],
+    "entmath_entropy_fwd": [_P, _I, _I, _I, _I, _I, _P, _P, _I],  # -> rows without a distribution
     # (z, gz, bf16, n, stride, gstride, r0, r1, g, h, lse, threads)
     "entmath_entropy_bwd": [_P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _I],
     # (a, b, bf16, n, sa, sb, r0, r1, kl, lse_a, lse_b, threads)
@@ -74,7 +73,7 @@ def build():
         lib = loader.load(SOURCE, _en._attempts(cc), libs=["-lm"], cc=cc).lib
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
-            fn.restype, fn.argtypes = None, args
+            fn.restype, fn.argtypes = (ctypes.c_int64 if name in _COUNTS_FAULTS else None), args
         lib.entmath_rows_openmp.restype = ctypes.c_int
         _lib = lib
         return lib
@@ -124,29 +123,32 @@ def _pool():
     return _executor
 
 
-_R0, _R1, _T = object(), object(), object()
-
-
 #: Elements per thread below which more threads cost more than they save (waking a thread
 #: pool is tens of microseconds idle, milliseconds on a busy machine).
 GRAIN = 1 << 15
 
 
-def _run(fn, rows: int, *args):
-    """Call ``fn`` over all rows; ``args`` holds markers where the row range and the thread count
-    go.  ``torch.get_num_threads()`` threads at most, one per GRAIN elements of the first tensor."""
-    elems = rows * args[_N_ARG[fn.__name__]]
-    workers = max(1, min(torch.get_num_threads(), rows, _CPUS, elems // GRAIN))
-
-    def fill(r0, r1, threads):
-        return [r0 if a is _R0 else r1 if a is _R1 else threads if a is _T else a for a in args]
-
-    if workers == 1 or build().entmath_rows_openmp():
-        fn(*fill(0, rows, workers))
-        return
+def _run(call, rows: int, n: int):
+    """``call(r0, r1, threads)`` over all rows [0, rows) of length n: ``torch.get_num_threads()``
+    threads at most, one per GRAIN elements.  An OpenMP build splits the rows itself (one call);
+    otherwise each Python thread of the pool takes one range (ctypes releases the GIL).  Returns
+    what the calls return (their sum: the entry points that count rows return the count)."""
+    workers = max(1, min(torch.get_num_threads(), rows, _CPUS, rows * n // GRAIN))
+    if workers == 1 or _openmp():
+        return call(0, rows, workers)
     bounds = [rows * k // workers for k in range(workers + 1)]
-    for job in [_pool().submit(fn, *fill(bounds[k], bounds[k + 1], 1)) for k in range(workers)]:
-        job.result()
+    done = [job.result() for job in [_pool().submit(call, bounds[k], bounds[k + 1], 1) for k in range(workers)]]
+    return None if done[0] is None else sum(done)
+
+
+_OPENMP = []
+
+
+def _openmp() -> bool:
+    """Whether the loaded build splits rows over OpenMP threads (asked once)."""
+    if not _OPENMP:
+        _OPENMP.append(bool(build().entmath_rows_openmp()))
+    return _OPENMP[0]
 
 
 def _ptr(t):
@@ -158,34 +160,39 @@ def _f32(t):
 
 
 def entropy_fwd(z: torch.Tensor):
-    """(H, coded lse), float32 (rows,), of the rows of z (rows, n)."""
+    """(H, coded lse, faults): H and lse float32 (rows,) of the rows of z (rows, n); faults the
+    number of rows without a distribution (a NaN, a +inf, or no finite logit: lse not finite)."""
     rows, n = z.shape
     h, lse = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
-    if rows:
-        _run(build().entmath_entropy_fwd, rows, _ptr(z), int(z.dtype == torch.bfloat16), n, z.stride(0),
-             _R0, _R1, _ptr(h), _ptr(lse), _T)
-    return h, lse
+    zp, bf16, stride, hp, lp, fn = z.data_ptr(), int(z.dtype == torch.bfloat16), z.stride(0), h.data_ptr(), \
+        lse.data_ptr(), build().entmath_entropy_fwd
+    faults = _run(lambda r0, r1, threads: fn(zp, bf16, n, stride, r0, r1, hp, lp, threads), rows, n) if rows else 0
+    return h, lse, faults
 
 
 def entropy_bwd(z: torch.Tensor, g: torch.Tensor, h: torch.Tensor, lse: torch.Tensor):
     """dL/dz = -g p (log p + H) for the rows of z, given dL/dH (rows,)."""
     rows, n = z.shape
     gz = torch.empty((rows, n), dtype=z.dtype)
-    g, h, lse = _f32(g), _f32(h), _f32(lse)
+    g, h, lse = _f32(g), _f32(h), _f32(lse)  # (bound to names: they outlive the kernel call)
     if rows:
-        _run(build().entmath_entropy_bwd, rows, _ptr(z), _ptr(gz), int(z.dtype == torch.bfloat16), n, z.stride(0),
-             n, _R0, _R1, _ptr(g), _ptr(h), _ptr(lse), _T)
+        args = (z.data_ptr(), gz.data_ptr(), int(z.dtype == torch.bfloat16), n, z.stride(0), n)
+        fn, tail = build().entmath_entropy_bwd, (g.data_ptr(), h.data_ptr(), lse.data_ptr())
+        _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return gz
 
 
 def kl_fwd(a: torch.Tensor, b: torch.Tensor):
-    """(KL, coded lse_a, coded lse_b), float32 (rows,), of the row pairs of a and b (rows, n)."""
+    """(KL, coded lse_a, coded lse_b, faults): float32 (rows,) of the row pairs of a and b
+    (rows, n), and the number of rows in which a or b has no distribution."""
     rows, n = a.shape
     kl, lse_a, lse_b = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    faults = 0
     if rows:
-        _run(build().entmath_kl_fwd, rows, _ptr(a), _ptr(b), int(a.dtype == torch.bfloat16), n, a.stride(0),
-             b.stride(0), _R0, _R1, _ptr(kl), _ptr(lse_a), _ptr(lse_b), _T)
-    return kl, lse_a, lse_b
+        args = (a.data_ptr(), b.data_ptr(), int(a.dtype == torch.bfloat16), n, a.stride(0), b.stride(0))
+        fn, tail = build().entmath_kl_fwd, (kl.data_ptr(), lse_a.data_ptr(), lse_b.data_ptr())
+        faults = _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
+    return kl, lse_a, lse_b, faults
 
 
 def kl_bwd(a, b, g, kl, lse_a, lse_b):
@@ -194,8 +201,10 @@ def kl_bwd(a, b, g, kl, lse_a, lse_b):
     ga, gb = torch.empty((rows, n), dtype=a.dtype), torch.empty((rows, n), dtype=b.dtype)
     g, kl, lse_a, lse_b = map(_f32, (g, kl, lse_a, lse_b))
     if rows:
-        _run(build().entmath_kl_bwd, rows, _ptr(a), _ptr(b), _ptr(ga), _ptr(gb), int(a.dtype == torch.bfloat16), n,
-             a.stride(0), b.stride(0), _R0, _R1, _ptr(g), _ptr(kl), _ptr(lse_a), _ptr(lse_b), _T)
+        args = (a.data_ptr(), b.data_ptr(), ga.data_ptr(), gb.data_ptr(), int(a.dtype == torch.bfloat16), n,
+                a.stride(0), b.stride(0))
+        fn, tail = build().entmath_kl_bwd, (g.data_ptr(), kl.data_ptr(), lse_a.data_ptr(), lse_b.data_ptr())
+        _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return ga, gb
 
 
@@ -203,30 +212,38 @@ def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool, counts=No
     """Per-row (loss, coded lse, lse residual, entropy or empty), float32, of (rows, n) logits
     against int64 class indices t (rows,), class weights w (n,) float32 or None: the contract of
     ``ops.cross_entropy.cross_entropy_rows_torch`` for class targets without soft-capping.
-    ``counts``: None, or a zeroed int64 tensor (3,) that receives the numbers of class indices out
-    of range, of counted rows without a distribution, and of ignored rows."""
+    ``counts``: None, or a zeroed int64 buffer of 3 (a tensor, or a ctypes array) that receives
+    the numbers of class indices out of range, of counted rows without a distribution, and of
+    ignored rows."""
     rows, n = z.shape
     loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
     h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
     t, w = t.to(torch.int64).contiguous(), _f32(w)  # (kept referenced while the kernel runs)
     if rows:
-        _run(build().entmath_ce_fwd, rows, _ptr(z), _ptr(t), _ptr(w), int(z.dtype == torch.bfloat16), n,
-             z.stride(0), _R0, _R1, float(eps), int(ignore_index), _ptr(loss), _ptr(lse), _ptr(res),
-             _ptr(h) if want_entropy else None, _ptr(counts), _T)
+        cp = counts.data_ptr() if isinstance(counts, torch.Tensor) else \
+            (None if counts is None else ctypes.addressof(counts))
+        args = (z.data_ptr(), t.data_ptr(), _ptr(w), int(z.dtype == torch.bfloat16), n, z.stride(0))
+        fn = build().entmath_ce_fwd
+        tail = (float(eps), int(ignore_index), loss.data_ptr(), lse.data_ptr(), res.data_ptr(),
+                h.data_ptr() if want_entropy else None, cp)
+        _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return loss, lse, res, h
 
 
-def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_lse, g_h, sum_u):
+def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_lse, g_ent, sum_u):
     """Write dL/dz into ``grad`` (rows, n; may be z itself: each row is read before it is
-    written).  g_loss (rows,); g_lse, g_h (rows,) or None; sum_u (rows,) the target mass sums,
+    written).  g_loss (rows,); g_lse, g_ent (rows,) or None; sum_u (rows,) the target mass sums,
     None for unweighted class targets (1)."""
     rows, n = z.shape
     # Every float32 copy is bound to a name: it must outlive the kernel call that reads it.
     t = t.to(torch.int64).contiguous()
-    w, lse, res, g_loss, g_lse, g_h, sum_u = map(_f32, (w, lse, res, g_loss, g_lse, g_h, sum_u))
-    h = _f32(h) if g_h is not None else None
+    w, lse, res, g_loss, g_lse, g_ent, sum_u = map(_f32, (w, lse, res, g_loss, g_lse, g_ent, sum_u))
+    h = _f32(h) if g_ent is not None else None
     if rows:
-        _run(build().entmath_ce_bwd, rows, _ptr(z), _ptr(t), _ptr(w), _ptr(grad), int(z.dtype == torch.bfloat16), n,
-             z.stride(0), grad.stride(0), _R0, _R1, float(eps), int(ignore_index), _ptr(lse), _ptr(res), _ptr(h),
-             _ptr(g_loss), _ptr(g_lse), _ptr(g_h), _ptr(sum_u), _T)
+        args = (z.data_ptr(), t.data_ptr(), _ptr(w), grad.data_ptr(), int(z.dtype == torch.bfloat16), n,
+                z.stride(0), grad.stride(0))
+        fn = build().entmath_ce_bwd
+        tail = (float(eps), int(ignore_index), lse.data_ptr(), res.data_ptr(), _ptr(h), g_loss.data_ptr(),
+                _ptr(g_lse), _ptr(g_ent), _ptr(sum_u))
+        _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return grad
