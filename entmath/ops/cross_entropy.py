@@ -641,7 +641,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     # distribution and ignored rows (into a buffer of three int64 the kernel writes and Python
     # reads, no tensor): the checks below then cost nothing instead of a dozen small tensor ops
     # (most of the time of a small call).
-    checks = t1d is not None and value_checks_active(t1d)
+    checks = t1d is not None and value_checks_active(z2d, t1d)
     counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and checks and cpu_rows.available() else None)
     if counts is None and checks:
         _check_class_indices(target, t1d, ignore_index, n_classes)

@@ -53,6 +53,11 @@ BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-f
 _lock = threading.Lock()
 _lib = None
 _failed = False
+#: Logits per thread below which another thread costs more than it saves (waking a thread is
+#: tens of microseconds idle, milliseconds on a busy machine; a row costs a few passes of exp).
+GRAIN = 1 << 14
+
+
 _pool = None
 
 
@@ -153,7 +158,7 @@ def solve(z2d: torch.Tensor, t: torch.Tensor, max_evals: int, ftol_ulps: float):
     tail = (tt.data_ptr(), out.data_ptr(), int(max_evals), float(ftol_ulps))
     # Contiguous ranges of rows, one per thread; ctypes releases the GIL during each call.
     cpus = os.cpu_count() or 1
-    workers = max(1, min(torch.get_num_threads(), rows, cpus))
+    workers = max(1, min(torch.get_num_threads(), rows, cpus, rows * n // GRAIN))
     if workers == 1 or lib.entmath_openmp():  # the kernel splits the rows over OpenMP threads
         fn(*args, 0, rows, *tail, workers)
     else:

@@ -156,7 +156,10 @@ def _ptr(t):
 
 
 def _f32(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """t as a contiguous float32 tensor (itself when it is one: the per-row vectors usually are)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().to(torch.float32).contiguous()
 
 
 def entropy_fwd(z: torch.Tensor):
