@@ -82,6 +82,10 @@ def register_row_vmap(op, arg_ranks):
     torch.library.register_vmap(op, rule)
 
 
+#: Tensor types that eager calls take as they are: a Parameter is a plain tensor to dispatch.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_call(*tensors):
     """How an op's call may run: ``"plain"`` when its forward may run directly, without its
     autograd unit and registered operators (nothing compiles, exports, fakes or transforms
@@ -101,7 +105,7 @@ def eager_call(*tensors):
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or t.is_meta:
+        if type(t) not in _PLAIN_TENSORS or t.is_meta:
             return None  # a subclass (FakeTensor, DTensor, ...) or a meta tensor
         if grad and t.requires_grad:
             mode = "graph"
