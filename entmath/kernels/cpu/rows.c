@@ -79,6 +79,10 @@ static inline double log_normaliser(double c, double t) { return log(c) + log1p(
  * where the loss does); deep: an entry with -inf < d < DEEP. */
 typedef struct { double c, t, a, d; int deep; } row_sums;
 
+/* What the first sweep of a KL row pair finds (scan_pair_): maxima, NaN flags, the least finite
+ * entries (+inf if none), and lost: a finite a against b = -inf. */
+typedef struct { float ma, mb, lo_a, lo_b; int nan_a, nan_b, lost; } pair_scan;
+
 /* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2) sum_{k<=9} 2 y^k / (k + 2)!, as
  * ops/_divergence.chi: 9 terms after the first (float), the remainder below the unit roundoff.
  * Evaluated by Estrin's scheme (y^2, y^4, y^8 and pairs), not Horner's: the KL terms sweep is
@@ -116,8 +120,9 @@ static inline double chi_d(double y)
 /* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums),
  * in two steps.  KL_LOG_RATIO: from the halved, compensated offsets of a and b, the log-ratio
  * y = log q - log p + eta as yh = y / 2, and ha = (a - ma) / 2.  KL_ADD, given p and q:
- * K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0; lost: a finite a
- * against b = -inf.  FT is float (the vector sweep) or double (the deep tail). */
+ * K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0 (whether a finite a
+ * meets b = -inf, which makes KL +inf, the pair scan finds).  FT is float (the vector sweep) or
+ * double (the deep tail). */
 #define KL_LOG_RATIO(FT, x, v, hma, hmb, half_shift, ha, hb, yh)                                   \
     do {                                                                                           \
         FT ea_, eb_;                                                                               \
@@ -126,7 +131,7 @@ static inline double chi_d(double y)
         yh = ((hb - ha) + (eb_ - ea_)) - (half_shift);                                             \
     } while (0)
 
-#define KL_ADD(FT, CHI, x, v, p, q, yh, K, Z, Y, Q, lost)                                          \
+#define KL_ADD(FT, CHI, p, q, yh, K, Z, Y, Q)                                                      \
     do {                                                                                           \
         const FT y = (FT)2 * (yh);                                                                 \
         const int small = y <= (FT)1 && y >= (FT)-1;                                               \
@@ -137,7 +142,6 @@ static inline double chi_d(double y)
         Z += in_p ? (small ? (c + y) * (p) : qmp) : (FT)0;                                         \
         Y += in_p ? (p) * (yh) : (FT)0;                                                            \
         Q += in_p ? (FT)0 : (q);                                                                   \
-        lost |= ((x) > -(FT)INFINITY) & ((v) == -(FT)INFINITY);                                    \
     } while (0)
 
 #define DEFINE_ROW_OPS(SUF, T, LD, ST)                                                             \
@@ -155,6 +159,29 @@ static void scan_##SUF(const T *z, int64_t n, float *m_out, int *nan_out)       
     }                                                                                              \
     *m_out = m;                                                                                    \
     *nan_out = nan;                                                                                \
+}                                                                                                  \
+                                                                                                   \
+/* The first sweep of a KL row pair (from memory): both maxima and NaN flags, the smallest finite  \
+ * entry of each row, and whether a finite a meets b = -inf (p has mass where q has none: KL =     \
+ * +inf).  The smallest entries tell whether a row reaches the deep tail (an entry with p or q     \
+ * subnormal) without a test per element in the terms sweep: fl(x - m) grows with x, so the        \
+ * least x gives the least offset. */                                                              \
+static void scan_pair_##SUF(const T *a, const T *b, int64_t n, pair_scan *out)                     \
+{                                                                                                  \
+    float ma = -INFINITY, mb = -INFINITY, la = INFINITY, lb = INFINITY;                            \
+    int na = 0, nb = 0, lost = 0;                                                                  \
+    _Pragma("omp simd reduction(max : ma, mb) reduction(min : la, lb) reduction(| : na, nb, lost)")\
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float x = LD(a, i), v = LD(b, i);                                                    \
+        ma = x > ma ? x : ma;                                                                      \
+        mb = v > mb ? v : mb;                                                                      \
+        la = x < la && x > -INFINITY ? x : la;                                                     \
+        lb = v < lb && v > -INFINITY ? v : lb;                                                     \
+        na |= x != x;                                                                              \
+        nb |= v != v;                                                                              \
+        lost |= (x > -INFINITY) & (v == -INFINITY);                                                \
+    }                                                                                              \
+    *out = (pair_scan){ma, mb, la, lb, na, nb, lost};                                              \
 }                                                                                                  \
                                                                                                    \
 /* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w.   \
@@ -285,31 +312,26 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
         *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
 }                                                                                                  \
                                                                                                    \
-/* KL(softmax(a) || softmax(b)) of a row pair with valid maxima ma, mb (Chapter 1,                 \
- * eq-ent-kl-stable): S_a, S_b in one sweep, then the non-negative terms (KL_ADD) in another,      \
- *   KL = K - chi(log1p Z) - log1p(-Q)   (or -2 Y when Q > 1/2),  +inf if lost.                  \
- * A row with an entry whose p or q is subnormal in float (-inf excluded) is summed again in      \
- * double. */                                                                                      \
-static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb, double *log_sa_out,  \
-                          double *log_sb_out)                                                      \
+/* The normaliser sweep of a valid KL row pair: c and T of S = c + T for a and b (as sums_ forms   \
+ * them), and, if `store` (a constant in each call: the stores stay unconditional, since a store   \
+ * under a test became a masked store, slower than all the rest of the sweep on AMD Zen), the      \
+ * weights e^{a - ma} and e^{b - mb} into ea and eb. */                                            \
+static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *a, const T *b,     \
+        int64_t n, float ma, float mb, float *ea, float *eb, int store, double sums[4])            \
 {                                                                                                  \
-    /* e^{a - ma} and e^{b - mb} are kept from the normaliser sweep for the terms sweep, which    \
-     * then needs no exp: p = e^{a - ma} / S_a, q = e^{b - mb} / S_b.  A row of 32000 pairs keeps  \
-     * them in 250 KiB, in L2 beside the rows.  Without the buffer (malloc failed) the row is done \
-     * by the double loop. */                                                                      \
-    float small_buf[n <= SCRATCH_ON_STACK ? 2 * n : 1];                                            \
-    float *ea = n <= SCRATCH_ON_STACK ? small_buf : (float *)malloc(sizeof(float) * 2 * (size_t)n); \
-    float *eb = ea ? ea + n : NULL;                                                                \
     double ca = 0.0, ta = 0.0, cb = 0.0, tb = 0.0;                                                 \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
         float caf = 0.0f, taf = 0.0f, cbf = 0.0f, tbf = 0.0f;                                      \
         _Pragma("omp simd reduction(+ : caf, taf, cbf, tbf)")                                      \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
+            /* d <= 0: exp_nonpos gives 1 exactly at the max (d = 0) and 0 at -inf */              \
             const float da = LD(a, i) - ma, db = LD(b, i) - mb;                                    \
-            const float xa = da < 0.0f ? exp_nonpos(da) : (da == 0.0f ? 1.0f : 0.0f);             \
-            const float xb = db < 0.0f ? exp_nonpos(db) : (db == 0.0f ? 1.0f : 0.0f);             \
-            if (ea) { ea[i] = xa; eb[i] = xb; }                                                    \
+            const float xa = exp_nonpos(da), xb = exp_nonpos(db);                                  \
+            if (store) {                                                                           \
+                ea[i] = xa;                                                                        \
+                eb[i] = xb;                                                                        \
+            }                                                                                      \
             caf += da == 0.0f ? 1.0f : 0.0f;                                                       \
             taf += da < 0.0f ? xa : 0.0f;                                                          \
             cbf += db == 0.0f ? 1.0f : 0.0f;                                                       \
@@ -317,50 +339,75 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, float ma, float mb,
         }                                                                                          \
         ca += caf; ta += taf; cb += cbf; tb += tbf;                                                \
     }                                                                                              \
+    sums[0] = ca; sums[1] = ta; sums[2] = cb; sums[3] = tb;                                        \
+}                                                                                                  \
+                                                                                                   \
+/* KL(softmax(a) || softmax(b)) of a valid row pair (Chapter 1, eq-ent-kl-stable): S_a, S_b in one \
+ * sweep, then the non-negative terms (KL_ADD) in another,                                         \
+ *   KL = K - chi(log1p Z) - log1p(-Q)   (or -2 Y when Q > 1/2),  +inf if lost.                    \
+ * A row with an entry whose p or q is subnormal in float (-inf excluded) is summed again in       \
+ * double. */                                                                                      \
+static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc, double *log_sa_o,\
+                          double *log_sb_o)                                                        \
+{                                                                                                  \
+    const float ma = sc->ma, mb = sc->mb;                                                          \
+    /* e^{a - ma} and e^{b - mb} are kept from the normaliser sweep for the terms sweep, which     \
+     * then needs no exp: p = e^{a - ma} / S_a, q = e^{b - mb} / S_b.  A row of 32000 pairs keeps  \
+     * them in 250 KiB, in L2 beside the rows.  Without the buffer (malloc failed) the row is done \
+     * by the double loop. */                                                                      \
+    float small_buf[n <= SCRATCH_ON_STACK ? 2 * n : 1];                                            \
+    float *ea = n <= SCRATCH_ON_STACK ? small_buf : (float *)malloc(sizeof(float) * 2 * (size_t)n);\
+    float *eb = ea ? ea + n : NULL;                                                                \
+    double sums[4];  /* c_a, T_a, c_b, T_b */                                                      \
+    if (ea)                                                                                        \
+        kl_normalisers_##SUF(a, b, n, ma, mb, ea, eb, 1, sums);                                    \
+    else                                                                                           \
+        kl_normalisers_##SUF(a, b, n, ma, mb, NULL, NULL, 0, sums);                                \
+    const double ca = sums[0], ta = sums[1], cb = sums[2], tb = sums[3];                           \
     const double log_sa = log_normaliser(ca, ta), log_sb = log_normaliser(cb, tb);                 \
-    *log_sa_out = log_sa;                                                                          \
-    *log_sb_out = log_sb;                                                                          \
+    *log_sa_o = log_sa;                                                                            \
+    *log_sb_o = log_sb;                                                                            \
+    if (sc->lost) {                                                                                \
+        if (ea != small_buf)                                                                       \
+            free(ea);                                                                              \
+        return INFINITY;                                                                           \
+    }                                                                                              \
     const float lsa = (float)log_sa, lsb = (float)log_sb;                                          \
     const float half_shift = 0.5f * (lsb - lsa);                                                   \
     const float hma = -0.5f * ma, hmb = -0.5f * mb;                                                \
     const float inv_sa = (float)(1.0 / (ca + ta)), inv_sb = (float)(1.0 / (cb + tb));              \
+    /* the deep tail: an entry x - ma < DEEP + log S_a (or b's), found from the least entries */   \
+    const int deep = !ea || (sc->lo_a - ma < DEEP + lsa) || (sc->lo_b - mb < DEEP + lsb);          \
     double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
-    int lost = 0, deep = !ea;                                                                      \
-    for (int64_t i0 = 0; ea && i0 < n; i0 += CHUNK) {                                              \
+    for (int64_t i0 = 0; !deep && i0 < n; i0 += CHUNK) {                                           \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
         float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
-        int lf = 0, df = 0;                                                                        \
-        _Pragma("omp simd reduction(+ : kf, zf, yf, qf) reduction(| : lf, df)")                    \
+        _Pragma("omp simd reduction(+ : kf, zf, yf, qf)")                                          \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             const float x = LD(a, i), v = LD(b, i);                                                \
             float ha, hb, yh;                                                                      \
             KL_LOG_RATIO(float, x, v, hma, hmb, half_shift, ha, hb, yh);                           \
-            KL_ADD(float, chi_series_f, x, v, ea[i] * inv_sa, eb[i] * inv_sb, yh, kf, zf, yf, qf, lf); \
-            df |= ((x - ma < DEEP + (float)log_sa) & (x > -INFINITY))                              \
-                  | ((v - mb < DEEP + (float)log_sb) & (v > -INFINITY));                           \
+            KL_ADD(float, chi_series_f, ea[i] * inv_sa, eb[i] * inv_sb, yh, kf, zf, yf, qf);       \
         }                                                                                          \
-        K += kf; Z += zf; Y += yf; Q += qf; lost |= lf; deep |= df;                                \
+        K += kf; Z += zf; Y += yf; Q += qf;                                                        \
     }                                                                                              \
     if (ea != small_buf)                                                                           \
         free(ea);                                                                                  \
-    if (deep) {  /* the same sums in double: p and q of these entries are not flushed to 0 */       \
-        K = Z = Y = Q = 0.0;                                                                       \
-        const double dsa = (double)lsa, dsb = (double)lsb, dhs = 0.5 * ((double)lsb - (double)lsa); \
-        const double dma = -0.5 * (double)ma, dmb = -0.5 * (double)mb;                            \
+    if (deep) {  /* the sums in double: p and q of these entries are not flushed to 0 */           \
+        const double dsa = (double)lsa, dsb = (double)lsb, dhs = 0.5 * ((double)lsb - (double)lsa);\
+        const double dma = -0.5 * (double)ma, dmb = -0.5 * (double)mb;                             \
         for (int64_t i = 0; i < n; ++i) {                                                          \
             const double x = (double)LD(a, i), v = (double)LD(b, i);                               \
             double ha, hb, yh;                                                                     \
             KL_LOG_RATIO(double, x, v, dma, dmb, dhs, ha, hb, yh);                                 \
-            /* p = e^{log p}; log q through p (p e^y, no overflow) on p's support, from b's row off it */ \
+            /* p = e^{log p}; log q through p (p e^y: no overflow) where p > 0, else from b */     \
             const double lp = 2.0 * ha - dsa;                                                      \
-            const double p = exp(lp < 0.0 ? lp : 0.0);                                            \
-            const double lq = p > 0.0 ? 2.0 * (0.5 * lp + yh) : 2.0 * hb - dsb;                   \
+            const double p = exp(lp < 0.0 ? lp : 0.0);                                             \
+            const double lq = p > 0.0 ? 2.0 * (0.5 * lp + yh) : 2.0 * hb - dsb;                    \
             const double q = exp(lq < 0.0 ? lq : 0.0);                                             \
-            KL_ADD(double, chi_d, x, v, p, q, yh, K, Z, Y, Q, lost);                               \
+            KL_ADD(double, chi_d, p, q, yh, K, Z, Y, Q);                                           \
         }                                                                                          \
     }                                                                                              \
-    if (lost)                                                                                      \
-        return INFINITY;                                                                           \
     const double kl = Q <= 0.5 ? K - chi_d(log1p(Z)) - log1p(-Q) : -2.0 * Y;                       \
     return kl > 0.0 ? (float)kl : 0.0f;                                                            \
 }                                                                                                  \
@@ -551,21 +598,20 @@ void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, i
 #define KL_ROW(SUF, TT)                                                                            \
     do {                                                                                           \
         const TT *ar = (const TT *)a + row * sa, *br = (const TT *)b + row * sb;                   \
-        float ma, mb;                                                                              \
-        int na, nb;                                                                                \
-        scan_##SUF(ar, n, &ma, &na);                                                               \
-        scan_##SUF(br, n, &mb, &nb);                                                               \
-        const int fa = row_fault(ma, na, lse_a + row), fb = row_fault(mb, nb, lse_b + row);        \
+        pair_scan sc;                                                                              \
+        scan_pair_##SUF(ar, br, n, &sc);                                                           \
+        const int fa = row_fault(sc.ma, sc.nan_a, lse_a + row);                                    \
+        const int fb = row_fault(sc.mb, sc.nan_b, lse_b + row);                                    \
         if (fa || fb) {                                                                            \
             kl[row] = NAN;                                                                         \
-            if (!fa) lse_a[row] = ma;  /* a finite value stands for a valid row */                 \
-            if (!fb) lse_b[row] = mb;                                                              \
+            if (!fa) lse_a[row] = sc.ma;  /* a finite value stands for a valid row */              \
+            if (!fb) lse_b[row] = sc.mb;                                                           \
             break;                                                                                 \
         }                                                                                          \
         double log_sa, log_sb;                                                                     \
-        kl[row] = kl_row_##SUF(ar, br, n, ma, mb, &log_sa, &log_sb);                               \
-        lse_a[row] = (float)((double)ma + log_sa);                                                 \
-        lse_b[row] = (float)((double)mb + log_sb);                                                 \
+        kl[row] = kl_row_##SUF(ar, br, n, &sc, &log_sa, &log_sb);                                  \
+        lse_a[row] = (float)((double)sc.ma + log_sa);                                              \
+        lse_b[row] = (float)((double)sc.mb + log_sb);                                              \
     } while (0)
 
 void entmath_kl_fwd(const void *a, const void *b, int64_t bf16, int64_t n, int64_t sa, int64_t sb,
