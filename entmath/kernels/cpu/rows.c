@@ -80,22 +80,23 @@ static inline double log_normaliser(double c, double t) { return log(c) + log1p(
 typedef struct { double c, t, a, d; int deep; } row_sums;
 
 /* What the first sweep of a KL row pair finds (scan_pair_): maxima, NaN flags, the least finite
- * entries (+inf if none), and lost: a finite a against b = -inf. */
-typedef struct { float ma, mb, lo_a, lo_b; int nan_a, nan_b, lost; } pair_scan;
+ * entries (+inf if none), whether a has a -inf, and lost: a finite a against b = -inf. */
+typedef struct { float ma, mb, lo_a, lo_b; int nan_a, nan_b, masked_a, lost; } pair_scan;
 
-/* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2) sum_{k<=9} 2 y^k / (k + 2)!, as
+/* chi(y) = e^y - 1 - y for |y| <= 1 by its series y^2 sum_{k<=9} y^k / (k + 2)!, as
  * ops/_divergence.chi: 9 terms after the first (float), the remainder below the unit roundoff.
- * Evaluated by Estrin's scheme (y^2, y^4, y^8 and pairs), not Horner's: the KL terms sweep is
- * bound by the latency of one element's chain, and Horner's 9 nested steps were most of it. */
+ * Evaluated by Estrin's scheme (y^2, y^4 and pairs), not Horner's: three dependent multiply-adds
+ * deep instead of nine.  The factor 1/2 of (y^2/2)(...) is in the coefficients (exact: a power
+ * of two), which saves a multiply on the terms sweep's busiest ports. */
 static inline float chi_series_f(float y)
 {
-    const float y2 = y * y, y4 = y2 * y2, y8 = y4 * y4;
-    const float p01 = y * (1.0f / 3.0f) + 1.0f, p23 = y * (1.0f / 60.0f) + 1.0f / 12.0f;
-    const float p45 = y * (1.0f / 2520.0f) + 1.0f / 360.0f;
-    const float p67 = y * (1.0f / 181440.0f) + 1.0f / 20160.0f;
-    const float p89 = y * (1.0f / 19958400.0f) + 1.0f / 1814400.0f;
+    const float y2 = y * y, y4 = y2 * y2;
+    const float p01 = y * (1.0f / 6.0f) + 0.5f, p23 = y * (1.0f / 120.0f) + 1.0f / 24.0f;
+    const float p45 = y * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    const float p67 = y * (1.0f / 362880.0f) + 1.0f / 40320.0f;
+    const float p89 = y * (1.0f / 39916800.0f) + 1.0f / 3628800.0f;
     const float s = (y2 * p23 + p01) + y4 * ((y2 * p67 + p45) + y4 * p89);
-    return s * y2 * 0.5f;
+    return s * y2;
 }
 
 static inline double chi_d(double y)
@@ -108,39 +109,43 @@ static inline double chi_d(double y)
     return s * y * y * 0.5;
 }
 
-/* (s, e): s = fl(x + y), s + e = x + y exactly (TwoSum; 0 for e when x or y is infinite). */
+/* (s, e): s = fl(x + y), s + e = x + y exactly (TwoSum).  e is NaN where x or y is infinite. */
 #define TWO_SUM(FT, x, y, s, e)                                                                    \
     do {                                                                                           \
         const FT s_ = (x) + (y), t_ = s_ - (x);                                                    \
-        const FT e_ = ((x) - (s_ - t_)) + ((y) - t_);                                              \
         s = s_;                                                                                    \
-        e = e_ == e_ ? e_ : (FT)0;                                                                 \
+        e = ((x) - (s_ - t_)) + ((y) - t_);                                                        \
     } while (0)
 
 /* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums),
- * in two steps.  KL_LOG_RATIO: from the halved, compensated offsets of a and b, the log-ratio
- * y = log q - log p + eta as yh = y / 2, and ha = (a - ma) / 2.  KL_ADD, given p and q:
- * K += p chi(y), Z += p (e^y - 1), Y += p y / 2 over p > 0; Q += q where p = 0 (whether a finite a
- * meets b = -inf, which makes KL +inf, the pair scan finds).  FT is float (the vector sweep) or
- * double (the deep tail). */
-#define KL_LOG_RATIO(FT, x, v, hma, hmb, half_shift, ha, hb, yh)                                   \
+ * in two steps.  KL_LOG_RATIO: from the compensated offsets da + ea = a - ma and db + eb = b - mb
+ * (exact), the log-ratio y = log q - log p + eta = ((db - da) + (eb - ea)) - shift, shift =
+ * log S_b - log S_a; y is NaN where a or b is -inf.  The twin halves the logits first, so that
+ * a span a - ma beyond the dtype's max cannot overflow; here no span in the float sweep exceeds
+ * ~100 (a row with a larger one reaches the deep tail and is done in double, where none can).
+ * KL_ADD, given in_p (p > 0), p and q: K += p chi(y), Z += p (e^y - 1), Y += p y over p > 0 (the
+ * twin sums p y / 2); Q += q where p = 0.  Off p's support (where y may be NaN) y is taken as 0,
+ * which adds exactly 0 to K, Z and Y.  chi of |y| > 1 is evaluated and not used (finite in the
+ * float sweep, where |y| < ~200).  Whether a finite a meets b = -inf (KL = +inf) the pair scan
+ * finds.  FT is float (the vector sweep) or double (the deep tail). */
+#define KL_LOG_RATIO(FT, x, v, nma, nmb, shift, da, db, y)                                         \
     do {                                                                                           \
         FT ea_, eb_;                                                                               \
-        TWO_SUM(FT, (FT)0.5 * (x), hma, ha, ea_);                                                  \
-        TWO_SUM(FT, (FT)0.5 * (v), hmb, hb, eb_);                                                  \
-        yh = ((hb - ha) + (eb_ - ea_)) - (half_shift);                                             \
+        TWO_SUM(FT, x, nma, da, ea_);                                                              \
+        TWO_SUM(FT, v, nmb, db, eb_);                                                              \
+        y = ((db - da) + (eb_ - ea_)) - (shift);                                                   \
     } while (0)
 
-#define KL_ADD(FT, CHI, p, q, yh, K, Z, Y, Q)                                                      \
+#define KL_ADD(FT, CHI, in_p_, p, q, y, K, Z, Y, Q)                                                \
     do {                                                                                           \
-        const FT y = (FT)2 * (yh);                                                                 \
-        const int small = y <= (FT)1 && y >= (FT)-1;                                               \
-        const FT c = CHI(small ? y : (FT)0);                                                       \
-        const int in_p = (p) > (FT)0;                                                              \
+        const int in_p = (in_p_);                                                                  \
+        const FT y_ = in_p ? (y) : (FT)0;                                                          \
+        const FT c = CHI(y_);                                                                      \
+        const int small = y_ * y_ <= (FT)1;  /* |y| <= 1 (y^2 rounds above 1 for |y| > 1) */       \
         const FT qmp = (q) - (p);                                                                  \
-        K += in_p ? (small ? c * (p) : qmp - (FT)2 * (p) * (yh)) : (FT)0;                          \
-        Z += in_p ? (small ? (c + y) * (p) : qmp) : (FT)0;                                         \
-        Y += in_p ? (p) * (yh) : (FT)0;                                                            \
+        K += small ? c * (p) : qmp - (p) * y_;                                                     \
+        Z += small ? (c + y_) * (p) : qmp;                                                         \
+        Y += (p) * y_;                                                                             \
         Q += in_p ? (FT)0 : (q);                                                                   \
     } while (0)
 
@@ -169,8 +174,8 @@ static void scan_##SUF(const T *z, int64_t n, float *m_out, int *nan_out)       
 static void scan_pair_##SUF(const T *a, const T *b, int64_t n, pair_scan *out)                     \
 {                                                                                                  \
     float ma = -INFINITY, mb = -INFINITY, la = INFINITY, lb = INFINITY;                            \
-    int na = 0, nb = 0, lost = 0;                                                                  \
-    _Pragma("omp simd reduction(max : ma, mb) reduction(min : la, lb) reduction(| : na, nb, lost)")\
+    int na = 0, nb = 0, ka = 0, l = 0;  /* NaN in a, in b; -inf in a; lost */                      \
+    _Pragma("omp simd reduction(max : ma, mb) reduction(min : la, lb) reduction(| : na, nb, ka, l)")\
     for (int64_t i = 0; i < n; ++i) {                                                              \
         const float x = LD(a, i), v = LD(b, i);                                                    \
         ma = x > ma ? x : ma;                                                                      \
@@ -179,9 +184,10 @@ static void scan_pair_##SUF(const T *a, const T *b, int64_t n, pair_scan *out)  
         lb = v < lb && v > -INFINITY ? v : lb;                                                     \
         na |= x != x;                                                                              \
         nb |= v != v;                                                                              \
-        lost |= (x > -INFINITY) & (v == -INFINITY);                                                \
+        ka |= x == -INFINITY;                                                                      \
+        l |= (x > -INFINITY) & (v == -INFINITY);                                                   \
     }                                                                                              \
-    *out = (pair_scan){ma, mb, la, lb, na, nb, lost};                                              \
+    *out = (pair_scan){ma, mb, la, lb, na, nb, ka, l};                                             \
 }                                                                                                  \
                                                                                                    \
 /* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w.   \
@@ -342,9 +348,36 @@ static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *
     sums[0] = ca; sums[1] = ta; sums[2] = cb; sums[3] = tb;                                        \
 }                                                                                                  \
                                                                                                    \
+/* The terms sweep of a KL row pair without deep entries: K, Z, Y, Q of KL_ADD from the weights    \
+ * ea, eb of the normaliser sweep.  Without deep entries p > 0 exactly where a > -inf (no p is     \
+ * subnormal or flushed), so a row pair whose a has no -inf (`masked` 0, a constant in each call)  \
+ * needs no test of p: every element is on p's support and Q = 0.  (With the test, GCC sank the    \
+ * log-ratio under it and read the rows with masked loads.) */                                     \
+static inline __attribute__((always_inline)) void kl_terms_##SUF(const T *a, const T *b, int64_t n,\
+        const float *ea, const float *eb, float inv_sa, float inv_sb, float ma, float mb, float sh,\
+        int masked, double sums[4])                                                                \
+{                                                                                                  \
+    const float nma = -ma, nmb = -mb;                                                              \
+    double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
+        float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
+        _Pragma("omp simd reduction(+ : kf, zf, yf, qf)")                                          \
+        for (int64_t i = i0; i < i1; ++i) {                                                        \
+            const float x = LD(a, i), v = LD(b, i);                                                \
+            const float p = ea[i] * inv_sa, q = eb[i] * inv_sb;                                    \
+            float da, db, y;                                                                       \
+            KL_LOG_RATIO(float, x, v, nma, nmb, sh, da, db, y);                                    \
+            KL_ADD(float, chi_series_f, masked ? p > 0.0f : 1, p, q, y, kf, zf, yf, qf);           \
+        }                                                                                          \
+        K += kf; Z += zf; Y += yf; Q += qf;                                                        \
+    }                                                                                              \
+    sums[0] = K; sums[1] = Z; sums[2] = Y; sums[3] = Q;                                            \
+}                                                                                                  \
+                                                                                                   \
 /* KL(softmax(a) || softmax(b)) of a valid row pair (Chapter 1, eq-ent-kl-stable): S_a, S_b in one \
  * sweep, then the non-negative terms (KL_ADD) in another,                                         \
- *   KL = K - chi(log1p Z) - log1p(-Q)   (or -2 Y when Q > 1/2),  +inf if lost.                    \
+ *   KL = K - chi(log1p Z) - log1p(-Q)   (or -Y when Q > 1/2),  +inf if lost.                      \
  * A row with an entry whose p or q is subnormal in float (-inf excluded) is summed again in       \
  * double. */                                                                                      \
 static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc, double *log_sa_o,\
@@ -373,42 +406,34 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc
         return INFINITY;                                                                           \
     }                                                                                              \
     const float lsa = (float)log_sa, lsb = (float)log_sb;                                          \
-    const float half_shift = 0.5f * (lsb - lsa);                                                   \
-    const float hma = -0.5f * ma, hmb = -0.5f * mb;                                                \
+    const float shift = lsb - lsa;                                                                 \
     const float inv_sa = (float)(1.0 / (ca + ta)), inv_sb = (float)(1.0 / (cb + tb));              \
     /* the deep tail: an entry x - ma < DEEP + log S_a (or b's), found from the least entries */   \
     const int deep = !ea || (sc->lo_a - ma < DEEP + lsa) || (sc->lo_b - mb < DEEP + lsb);          \
-    double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
-    for (int64_t i0 = 0; !deep && i0 < n; i0 += CHUNK) {                                           \
-        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
-        float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
-        _Pragma("omp simd reduction(+ : kf, zf, yf, qf)")                                          \
-        for (int64_t i = i0; i < i1; ++i) {                                                        \
-            const float x = LD(a, i), v = LD(b, i);                                                \
-            float ha, hb, yh;                                                                      \
-            KL_LOG_RATIO(float, x, v, hma, hmb, half_shift, ha, hb, yh);                           \
-            KL_ADD(float, chi_series_f, ea[i] * inv_sa, eb[i] * inv_sb, yh, kf, zf, yf, qf);       \
-        }                                                                                          \
-        K += kf; Z += zf; Y += yf; Q += qf;                                                        \
-    }                                                                                              \
+    double sums_k[4] = {0.0, 0.0, 0.0, 0.0};  /* K, Z, Y, Q */                                     \
+    if (!deep && sc->masked_a)                                                                     \
+        kl_terms_##SUF(a, b, n, ea, eb, inv_sa, inv_sb, ma, mb, shift, 1, sums_k);                 \
+    else if (!deep)                                                                                \
+        kl_terms_##SUF(a, b, n, ea, eb, inv_sa, inv_sb, ma, mb, shift, 0, sums_k);                 \
+    double K = sums_k[0], Z = sums_k[1], Y = sums_k[2], Q = sums_k[3];                             \
     if (ea != small_buf)                                                                           \
         free(ea);                                                                                  \
     if (deep) {  /* the sums in double: p and q of these entries are not flushed to 0 */           \
-        const double dsa = (double)lsa, dsb = (double)lsb, dhs = 0.5 * ((double)lsb - (double)lsa);\
-        const double dma = -0.5 * (double)ma, dmb = -0.5 * (double)mb;                             \
+        const double dsa = (double)lsa, dsb = (double)lsb, dshift = dsb - dsa;                     \
+        const double dnma = -(double)ma, dnmb = -(double)mb;                                       \
         for (int64_t i = 0; i < n; ++i) {                                                          \
             const double x = (double)LD(a, i), v = (double)LD(b, i);                               \
-            double ha, hb, yh;                                                                     \
-            KL_LOG_RATIO(double, x, v, dma, dmb, dhs, ha, hb, yh);                                 \
+            double da, db, y;                                                                      \
+            KL_LOG_RATIO(double, x, v, dnma, dnmb, dshift, da, db, y);                             \
             /* p = e^{log p}; log q through p (p e^y: no overflow) where p > 0, else from b */     \
-            const double lp = 2.0 * ha - dsa;                                                      \
+            const double lp = da - dsa;                                                            \
             const double p = exp(lp < 0.0 ? lp : 0.0);                                             \
-            const double lq = p > 0.0 ? 2.0 * (0.5 * lp + yh) : 2.0 * hb - dsb;                    \
+            const double lq = p > 0.0 ? lp + y : db - dsb;                                         \
             const double q = exp(lq < 0.0 ? lq : 0.0);                                             \
-            KL_ADD(double, chi_d, p, q, yh, K, Z, Y, Q);                                           \
+            KL_ADD(double, chi_d, p > 0.0, p, q, y, K, Z, Y, Q);                                   \
         }                                                                                          \
     }                                                                                              \
-    const double kl = Q <= 0.5 ? K - chi_d(log1p(Z)) - log1p(-Q) : -2.0 * Y;                       \
+    const double kl = Q <= 0.5 ? K - chi_d(log1p(Z)) - log1p(-Q) : -Y;                             \
     return kl > 0.0 ? (float)kl : 0.0f;                                                            \
 }                                                                                                  \
                                                                                                    \
