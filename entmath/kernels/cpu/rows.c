@@ -7,7 +7,8 @@
  * One row at a time, in cache.  The first sweep reads a row from memory (its max and NaN flag);
  * the second reads it from L1/L2 (a row of 32000 float32 logits is 125 KiB) and forms every sum
  * at once; the backward reads each row once and writes its gradient once.  torch's eager
- * log_softmax, exp, product and sum make six to eight sweeps, most of them over memory.
+ * log_softmax, exp, product and sum make six to eight sweeps, most of them over memory.  KL reads
+ * its row pair three times: the scan, the normalisers (which keep the exps) and the terms.
  *
  * The sums (Chapter 1, eq-ent-stable).  With m the row max and d_i = z_i - m <= 0, the entries at
  * the max are counted (c), the rest summed on their own (T = sum e^{d_i}, A = sum e^{d_i} d_i), so
@@ -17,9 +18,10 @@
  * (vectorised) and then in double.  -inf logits have weight exactly 0 and add 0 to every sum.
  *
  * The deep tail.  exp_nonpos flushes e^d to 0 below d = -87.68, where float's e^d is subnormal.
- * The vector sweeps flag a row with an entry there (-inf excluded) and that row is done again by
- * a scalar loop in double: its entropy, then, is not 0 when every other entry sits 90 below the
- * max, and its gradient keeps its subnormal entries.  Rows without such entries never pay for it.
+ * The vector sweeps (for KL, the first sweep's least entries) flag a row with an entry there
+ * (-inf excluded) and that row is done again by a scalar loop in double: its entropy, then, is
+ * not 0 when every other entry sits 90 below the max, and its gradient keeps its subnormal
+ * entries.  Rows without such entries never pay for it.
  *
  * A row without a distribution gets the coded log-normaliser validation reads (NaN: a NaN in the
  * row; +inf: a +inf; -inf: no finite logit) and NaN results (its gradient is NaN).
