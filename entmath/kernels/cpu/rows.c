@@ -8,7 +8,8 @@
  * the second reads it from L1/L2 (a row of 32000 float32 logits is 125 KiB) and forms every sum
  * at once; the backward reads each row once and writes its gradient once.  torch's eager
  * log_softmax, exp, product and sum make six to eight sweeps, most of them over memory.  KL reads
- * its row pair three times: the scan, the normalisers (which keep the exps) and the terms.
+ * its row pair twice (the scan, then the normalisers, which keep the exps and log-ratios that the
+ * terms sweep reads instead of the rows).
  *
  * The sums (Chapter 1, eq-ent-stable).  With m the row max and d_i = z_i - m <= 0, the entries at
  * the max are counted (c), the rest summed on their own (T = sum e^{d_i}, A = sum e^{d_i} d_i), so
@@ -41,7 +42,7 @@
 #endif
 /* Rows handed to an OpenMP thread at a time, as threads free up. */
 #define ROW_RUN 8
-/* Entries of a KL row pair whose exp buffer lives on the stack (16 KiB); longer rows malloc it. */
+/* Entries of a KL row pair whose scratch lives on the stack (24 KiB); longer rows malloc it. */
 #define SCRATCH_ON_STACK 2048
 /* Below this d, exp_nonpos's result is flushed or subnormal: the row is redone in double. */
 #define DEEP (-87.0f)
@@ -120,22 +121,22 @@ static inline double chi_d(double y)
     } while (0)
 
 /* The KL terms of one element (Chapter 1, eq-ent-kl-stable; the twin of ops/_divergence.kl_sums),
- * in two steps.  KL_LOG_RATIO: from the compensated offsets da + ea = a - ma and db + eb = b - mb
- * (exact), the log-ratio y = log q - log p + eta = ((db - da) + (eb - ea)) - shift, shift =
- * log S_b - log S_a; y is NaN where a or b is -inf.  The twin halves the logits first, so that
- * a span a - ma beyond the dtype's max cannot overflow; here no span in the float sweep exceeds
- * ~100 (a row with a larger one reaches the deep tail and is done in double, where none can).
+ * in two steps.  KL_LOG_RATIO: the compensated offsets da + ea = a - ma and db + eb = b - mb
+ * (exact) and r = (db - da) + (eb - ea), from which the log-ratio y = log q - log p + eta is
+ * r - shift, shift = log S_b - log S_a; r is NaN where a or b is -inf.  The twin halves the
+ * logits first, so that a span a - ma beyond the dtype's max cannot overflow; here such a span
+ * only occurs in a row that reaches the deep tail, whose terms are summed in double.
  * KL_ADD, given in_p (p > 0), p and q: K += p chi(y), Z += p (e^y - 1), Y += p y over p > 0 (the
  * twin sums p y / 2); Q += q where p = 0.  Off p's support (where y may be NaN) y is taken as 0,
  * which adds exactly 0 to K, Z and Y.  chi of |y| > 1 is evaluated and not used (finite in the
  * float sweep, where |y| < ~200).  Whether a finite a meets b = -inf (KL = +inf) the pair scan
- * finds.  FT is float (the vector sweep) or double (the deep tail). */
-#define KL_LOG_RATIO(FT, x, v, nma, nmb, shift, da, db, y)                                         \
+ * finds.  FT is float (the vector sweeps) or double (the deep tail). */
+#define KL_LOG_RATIO(FT, x, v, nma, nmb, da, db, r)                                                \
     do {                                                                                           \
         FT ea_, eb_;                                                                               \
         TWO_SUM(FT, x, nma, da, ea_);                                                              \
         TWO_SUM(FT, v, nmb, db, eb_);                                                              \
-        y = ((db - da) + (eb_ - ea_)) - (shift);                                                   \
+        r = (db - da) + (eb_ - ea_);                                                               \
     } while (0)
 
 #define KL_ADD(FT, CHI, in_p_, p, q, y, K, Z, Y, Q)                                                \
@@ -150,6 +151,29 @@ static inline double chi_d(double y)
         Y += (p) * y_;                                                                             \
         Q += in_p ? (FT)0 : (q);                                                                   \
     } while (0)
+
+/* The terms sweep of a KL row pair without deep entries: K, Z, Y, Q of KL_ADD from what the
+ * normaliser sweep kept (ea, eb, er; the rows themselves are not read again).  Without deep
+ * entries p > 0 exactly where a > -inf (no p is subnormal or flushed), so a row pair whose a has
+ * no -inf (`masked` 0, a constant in each call) needs no test of p: every element is on p's
+ * support and Q = 0.  (With the test GCC moved loads under it as masked loads.) */
+static inline __attribute__((always_inline)) void kl_terms(int64_t n, const float *ea,
+        const float *eb, const float *er, float inv_sa, float inv_sb, float shift, int masked,
+        double sums[4])
+{
+    double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;
+        float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;
+        _Pragma("omp simd reduction(+ : kf, zf, yf, qf)")
+        for (int64_t i = i0; i < i1; ++i) {
+            const float p = ea[i] * inv_sa, q = eb[i] * inv_sb;
+            KL_ADD(float, chi_series_f, masked ? p > 0.0f : 1, p, q, er[i] - shift, kf, zf, yf, qf);
+        }
+        K += kf; Z += zf; Y += yf; Q += qf;
+    }
+    sums[0] = K; sums[1] = Z; sums[2] = Y; sums[3] = Q;
+}
 
 #define DEFINE_ROW_OPS(SUF, T, LD, ST)                                                             \
                                                                                                    \
@@ -321,11 +345,13 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
 }                                                                                                  \
                                                                                                    \
 /* The normaliser sweep of a valid KL row pair: c and T of S = c + T for a and b (as sums_ forms   \
- * them), and, if `store` (a constant in each call: the stores stay unconditional, since a store   \
- * under a test became a masked store, slower than all the rest of the sweep on AMD Zen), the      \
- * weights e^{a - ma} and e^{b - mb} into ea and eb. */                                            \
+ * them), and, if `store`, the weights e^{a - ma}, e^{b - mb} and the log-ratio before the shift   \
+ * (KL_LOG_RATIO's r) into ea, eb and er, for the terms sweep, which then reads neither row.       \
+ * `store` is a constant in each call: the stores stay unconditional (a store under a test         \
+ * became a masked store, slower than all the rest of the sweep on AMD Zen).  The TwoSums of       \
+ * KL_LOG_RATIO are additions, which this sweep's exps leave room for. */                          \
 static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *a, const T *b,     \
-        int64_t n, float ma, float mb, float *ea, float *eb, int store, double sums[4])            \
+        int64_t n, float ma, float mb, float *ea, float *eb, float *er, int store, double sums[4]) \
 {                                                                                                  \
     double ca = 0.0, ta = 0.0, cb = 0.0, tb = 0.0;                                                 \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
@@ -334,11 +360,13 @@ static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *
         _Pragma("omp simd reduction(+ : caf, taf, cbf, tbf)")                                      \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             /* d <= 0: exp_nonpos gives 1 exactly at the max (d = 0) and 0 at -inf */              \
-            const float da = LD(a, i) - ma, db = LD(b, i) - mb;                                    \
+            float da, db, r;                                                                       \
+            KL_LOG_RATIO(float, LD(a, i), LD(b, i), -ma, -mb, da, db, r);                          \
             const float xa = exp_nonpos(da), xb = exp_nonpos(db);                                  \
             if (store) {                                                                           \
                 ea[i] = xa;                                                                        \
                 eb[i] = xb;                                                                        \
+                er[i] = r;                                                                         \
             }                                                                                      \
             caf += da == 0.0f ? 1.0f : 0.0f;                                                       \
             taf += da < 0.0f ? xa : 0.0f;                                                          \
@@ -350,33 +378,6 @@ static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *
     sums[0] = ca; sums[1] = ta; sums[2] = cb; sums[3] = tb;                                        \
 }                                                                                                  \
                                                                                                    \
-/* The terms sweep of a KL row pair without deep entries: K, Z, Y, Q of KL_ADD from the weights    \
- * ea, eb of the normaliser sweep.  Without deep entries p > 0 exactly where a > -inf (no p is     \
- * subnormal or flushed), so a row pair whose a has no -inf (`masked` 0, a constant in each call)  \
- * needs no test of p: every element is on p's support and Q = 0.  (With the test, GCC sank the    \
- * log-ratio under it and read the rows with masked loads.) */                                     \
-static inline __attribute__((always_inline)) void kl_terms_##SUF(const T *a, const T *b, int64_t n,\
-        const float *ea, const float *eb, float inv_sa, float inv_sb, float ma, float mb, float sh,\
-        int masked, double sums[4])                                                                \
-{                                                                                                  \
-    const float nma = -ma, nmb = -mb;                                                              \
-    double K = 0.0, Z = 0.0, Y = 0.0, Q = 0.0;                                                     \
-    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
-        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
-        float kf = 0.0f, zf = 0.0f, yf = 0.0f, qf = 0.0f;                                          \
-        _Pragma("omp simd reduction(+ : kf, zf, yf, qf)")                                          \
-        for (int64_t i = i0; i < i1; ++i) {                                                        \
-            const float x = LD(a, i), v = LD(b, i);                                                \
-            const float p = ea[i] * inv_sa, q = eb[i] * inv_sb;                                    \
-            float da, db, y;                                                                       \
-            KL_LOG_RATIO(float, x, v, nma, nmb, sh, da, db, y);                                    \
-            KL_ADD(float, chi_series_f, masked ? p > 0.0f : 1, p, q, y, kf, zf, yf, qf);           \
-        }                                                                                          \
-        K += kf; Z += zf; Y += yf; Q += qf;                                                        \
-    }                                                                                              \
-    sums[0] = K; sums[1] = Z; sums[2] = Y; sums[3] = Q;                                            \
-}                                                                                                  \
-                                                                                                   \
 /* KL(softmax(a) || softmax(b)) of a valid row pair (Chapter 1, eq-ent-kl-stable): S_a, S_b in one \
  * sweep, then the non-negative terms (KL_ADD) in another,                                         \
  *   KL = K - chi(log1p Z) - log1p(-Q)   (or -Y when Q > 1/2),  +inf if lost.                      \
@@ -386,18 +387,18 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc
                           double *log_sb_o)                                                        \
 {                                                                                                  \
     const float ma = sc->ma, mb = sc->mb;                                                          \
-    /* e^{a - ma} and e^{b - mb} are kept from the normaliser sweep for the terms sweep, which     \
+    /* e^{a - ma}, e^{b - mb} and r are kept from the normaliser sweep for the terms sweep, which  \
      * then needs no exp: p = e^{a - ma} / S_a, q = e^{b - mb} / S_b.  A row of 32000 pairs keeps  \
-     * them in 250 KiB, in L2 beside the rows.  Without the buffer (malloc failed) the row is done \
-     * by the double loop. */                                                                      \
-    float small_buf[n <= SCRATCH_ON_STACK ? 2 * n : 1];                                            \
-    float *ea = n <= SCRATCH_ON_STACK ? small_buf : (float *)malloc(sizeof(float) * 2 * (size_t)n);\
-    float *eb = ea ? ea + n : NULL;                                                                \
+     * them in 375 KiB (in L2).  Without the buffer (malloc failed) the row is done by the double  \
+     * loop. */                                                                                    \
+    float small_buf[n <= SCRATCH_ON_STACK ? 3 * n : 1];                                            \
+    float *ea = n <= SCRATCH_ON_STACK ? small_buf : (float *)malloc(sizeof(float) * 3 * (size_t)n);\
+    float *eb = ea ? ea + n : NULL, *er = ea ? ea + 2 * n : NULL;                                  \
     double sums[4];  /* c_a, T_a, c_b, T_b */                                                      \
     if (ea)                                                                                        \
-        kl_normalisers_##SUF(a, b, n, ma, mb, ea, eb, 1, sums);                                    \
+        kl_normalisers_##SUF(a, b, n, ma, mb, ea, eb, er, 1, sums);                                \
     else                                                                                           \
-        kl_normalisers_##SUF(a, b, n, ma, mb, NULL, NULL, 0, sums);                                \
+        kl_normalisers_##SUF(a, b, n, ma, mb, NULL, NULL, NULL, 0, sums);                          \
     const double ca = sums[0], ta = sums[1], cb = sums[2], tb = sums[3];                           \
     const double log_sa = log_normaliser(ca, ta), log_sb = log_normaliser(cb, tb);                 \
     *log_sa_o = log_sa;                                                                            \
@@ -414,9 +415,9 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc
     const int deep = !ea || (sc->lo_a - ma < DEEP + lsa) || (sc->lo_b - mb < DEEP + lsb);          \
     double sums_k[4] = {0.0, 0.0, 0.0, 0.0};  /* K, Z, Y, Q */                                     \
     if (!deep && sc->masked_a)                                                                     \
-        kl_terms_##SUF(a, b, n, ea, eb, inv_sa, inv_sb, ma, mb, shift, 1, sums_k);                 \
+        kl_terms(n, ea, eb, er, inv_sa, inv_sb, shift, 1, sums_k);                                 \
     else if (!deep)                                                                                \
-        kl_terms_##SUF(a, b, n, ea, eb, inv_sa, inv_sb, ma, mb, shift, 0, sums_k);                 \
+        kl_terms(n, ea, eb, er, inv_sa, inv_sb, shift, 0, sums_k);                                 \
     double K = sums_k[0], Z = sums_k[1], Y = sums_k[2], Q = sums_k[3];                             \
     if (ea != small_buf)                                                                           \
         free(ea);                                                                                  \
@@ -425,8 +426,9 @@ static float kl_row_##SUF(const T *a, const T *b, int64_t n, const pair_scan *sc
         const double dnma = -(double)ma, dnmb = -(double)mb;                                       \
         for (int64_t i = 0; i < n; ++i) {                                                          \
             const double x = (double)LD(a, i), v = (double)LD(b, i);                               \
-            double da, db, y;                                                                      \
-            KL_LOG_RATIO(double, x, v, dnma, dnmb, dshift, da, db, y);                             \
+            double da, db, r;                                                                      \
+            KL_LOG_RATIO(double, x, v, dnma, dnmb, da, db, r);                                     \
+            const double y = r - dshift;                                                           \
             /* p = e^{log p}; log q through p (p e^y: no overflow) where p > 0, else from b */     \
             const double lp = da - dsa;                                                            \
             const double p = exp(lp < 0.0 ? lp : 0.0);                                             \
