@@ -361,7 +361,8 @@ static inline __attribute__((always_inline)) void kl_normalisers_##SUF(const T *
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             /* d <= 0: exp_nonpos gives 1 exactly at the max (d = 0) and 0 at -inf */              \
             float da, db, r;                                                                       \
-            KL_LOG_RATIO(float, LD(a, i), LD(b, i), -ma, -mb, da, db, r);                          \
+            const float x = LD(a, i), v = LD(b, i);                                                \
+            KL_LOG_RATIO(float, x, v, -ma, -mb, da, db, r);                                        \
             const float xa = exp_nonpos(da), xb = exp_nonpos(db);                                  \
             if (store) {                                                                           \
                 ea[i] = xa;                                                                        \
