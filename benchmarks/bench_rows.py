@@ -11,7 +11,8 @@ median of its repeats.  The ratio is entmath time / baseline time (< 1: entmath 
 per-call overhead (an op on a 1 x 2 input, where the arithmetic is nothing) is printed apart: on
 small inputs it is most of the time.
 
-Run: .venv/bin/python benchmarks/bench_rows.py [--repeats 15]
+Run: .venv/bin/python benchmarks/bench_rows.py [--repeats 15] [--threads 1 2] [--ops kl ...]
+(``--ops`` times only the ops named and prints without saving: results/rows.json keeps every op.)
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def interleaved(fns, repeats: int, warmup: int = 2) -> list:
     return [statistics.median(t) for t in times]
 
 
-def cases(rows: int, n: int):
+OPS = ("entropy", "kl", "cross_entropy")
+
+
+def cases(rows: int, n: int, only=OPS):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(rows, n, generator=g) * 3
     b = torch.randn(rows, n, generator=g) * 3
@@ -65,6 +69,9 @@ def cases(rows: int, n: int):
                           lambda x: F.cross_entropy(x, t, reduction="none"), [z]),
     }
     for op, (ours, ref, args) in ops.items():
+        if op not in only:
+            continue
+
         def fwd(fn, args=args):
             def run():
                 with torch.no_grad():
@@ -103,14 +110,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                    help="time only these ops (the results are printed, not saved)")
     args = ap.parse_args(argv)
+    every_op = set(args.ops) == set(OPS)
     rows = {}  # (op, mode, shape) -> the row of the table: times and ratio per thread count
     before = torch.get_num_threads()
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for r, n in SHAPES:
-                for op, mode, ours, ref in cases(r, n):
+                for op, mode, ours, ref in cases(r, n, args.ops):
                     a, b = interleaved([ours, ref], args.repeats)
                     row = rows.setdefault((op, mode, f"{r}x{n}"), {"op": op, "mode": mode, "shape": f"{r}x{n}"})
                     row[f"entmath ms ({threads} thr)"] = a * 1e3
@@ -119,15 +129,18 @@ def main(argv=None) -> None:
                     print(f"{op:14s} {mode:19s} {r}x{n:<7d} {threads} thr  entmath {a * 1e3:9.3f} ms  "
                           f"torch {b * 1e3:9.3f} ms  ratio {a / b:.2f}", flush=True)
         torch.set_num_threads(1)
-        calls = overhead(args.repeats)
+        calls = overhead(args.repeats) if every_op else []
     finally:
         torch.set_num_threads(before)
     results = list(rows.values())
     cols = ["op", "mode", "shape"] + [f"ratio ({t} thr)" for t in args.threads]
     print(table(results, cols))
-    print("per-call overhead (1 x 2 input, one thread):")
-    print(table(calls, ["op", "entmath_us", "torch_us"]))
-    print("saved", save("rows", results, overhead=calls, dtype="float32"))
+    if every_op:
+        print("per-call overhead (1 x 2 input, one thread):")
+        print(table(calls, ["op", "entmath_us", "torch_us"]))
+        print("saved", save("rows", results, overhead=calls, dtype="float32"))
+    else:
+        print("not saved (--ops names only some ops)")
 
 
 if __name__ == "__main__":
