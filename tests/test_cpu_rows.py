@@ -271,6 +271,35 @@ def test_bad_rows_raise_or_give_nan_and_leave_other_rows_alone():
     torch.testing.assert_close(h[~bad], entmath.entropy(z[~bad].double()).float()[:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["plain", "graph"])
+def test_probability_targets_bad_values_raise_or_give_nan(grad, calls):
+    """The kernel counts rows with a NaN or +-inf target (validation reads the count); bad
+    targets and bad logits rows raise naming the rows, or with validation off give NaN rows."""
+    z = torch.randn(8, 1000)
+    y = torch.softmax(torch.randn(8, 1000), -1)
+    bad_y, bad_z = y.clone(), z.clone()
+    bad_y[3, 7] = float("nan")
+    bad_y[5, 0] = float("inf")
+    bad_z[2, 3] = float("nan")
+    bad_z[6, :] = float("-inf")
+    zz = z.clone().requires_grad_(grad)
+    with pytest.raises(ValueError, match=r"target contains NaN or \+-inf probabilities \(row\(s\) \[3, 5\]"):
+        entmath.cross_entropy(zz, bad_y)
+    with pytest.raises(ValueError, match="logits"):
+        entmath.cross_entropy(bad_z.requires_grad_(grad), y)
+    both_y = bad_y.clone()
+    both_y[2, 0] = float("nan")  # a target row whose logits have no distribution is still checked
+    with pytest.raises(ValueError, match=r"row\(s\) \[2, 3, 5\]"):
+        entmath.cross_entropy(bad_z, both_y)
+    assert calls["ce_probs_fwd"] == 3
+    with entmath.validation(False):
+        loss = entmath.cross_entropy(bad_z, bad_y, reduction="none")
+    bad = torch.zeros(8, dtype=torch.bool)
+    bad[[2, 3, 5, 6]] = True
+    assert bool(loss[[2, 3, 6]].isnan().all()) and loss[5].item() == float("inf")  # (a +inf target: +inf, as eager)
+    torch.testing.assert_close(loss[~bad], F.cross_entropy(z[~bad], y[~bad], reduction="none"))
+
+
 def test_threads_do_not_change_the_result():
     z = _rows(torch.float32, n_rows=64)
     threads = torch.get_num_threads()

@@ -329,7 +329,7 @@ def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, dire
         return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
     if backend == "cpu" and y is not None:
         if direct and cpu_rows.available():
-            return cpu_rows.ce_probs_fwd(z, y, w, eps, want_entropy)[:4]
+            return cpu_rows.ce_probs_fwd(z, y, w, eps, want_entropy, counts)[:4]
         return torch.ops.entmath.cross_entropy_probs_cpu(z, y, w, eps, want_entropy)
     if backend == "cpu":
         if direct and cpu_rows.available():
@@ -700,9 +700,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
                              f"in torch.nn.functional.cross_entropy: it must be negative (the default is -100), "
                              f"got {ignore_index}")
         y2d = rows_2d(target.movedim(dim, -1))
-        if value_checks_active(y2d) and not bool(torch.isfinite(y2d).all()):
-            rows = (~torch.isfinite(y2d)).any(-1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"target contains NaN or +-inf probabilities (row(s) {rows} of the flattened rows)")
     elif target.dtype in INDEX_DTYPES:
         if target.shape != lead:
             raise ValueError(f"target holds class indices, so its shape must be logits' shape without "
@@ -722,10 +719,16 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     # distribution and ignored rows (into a buffer of three int64 the kernel writes and Python
     # reads, no tensor): the checks below then cost nothing instead of a dozen small tensor ops
     # (most of the time of a small call).
+    # Probability targets: the kernel counts the rows with a NaN or +-inf target in the same sweep
+    # (a torch check is one more read of the targets, most of the time of a large call).
     checks = t1d is not None and value_checks_active(t1d)
-    counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and checks and cpu_rows.available() else None)
+    y_checks = y2d is not None and value_checks_active(y2d)
+    counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and (checks or y_checks) and cpu_rows.available()
+              else None)
     if counts is None and checks:
         _check_class_indices(target, t1d, ignore_index, n_classes)
+    if counts is None and y_checks:
+        _check_probabilities(y2d)
     if mode == "plain":
         loss, lse, _, ent = _forward(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy), backend,
                                      direct=True, counts=counts)
@@ -735,7 +738,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     else:
         loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
                                                 inplace and not torch.compiler.is_compiling(), backend)
-    if counts is not None:
+    if counts is not None and y2d is not None:
+        bad_targets, faults, _ = counts
+        if bad_targets:
+            _check_probabilities(y2d)  # raises, naming the rows
+        valid = None
+        if faults:
+            check_rows_finite(lse, "logits")  # raises, naming the rows
+        all_finite = True
+    elif counts is not None:
         out_of_range, faults, ignored = counts
         if out_of_range:
             _check_class_indices(target, t1d, ignore_index, n_classes)
@@ -766,6 +777,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         ent = ent if bad_row is None else torch.where(bad_row, float("nan"), ent)
         return out, ent.view(lead).to(out_dtype)
     return out
+
+
+def _check_probabilities(y2d) -> None:
+    """Raise if a probability target is NaN or +-inf, naming the rows."""
+    if not bool(torch.isfinite(y2d).all()):
+        rows = (~torch.isfinite(y2d)).any(-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"target contains NaN or +-inf probabilities (row(s) {rows} of the flattened rows)")
 
 
 def _check_class_indices(target, t1d, ignore_index: int, n_classes: int) -> None:

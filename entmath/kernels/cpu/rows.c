@@ -86,8 +86,9 @@ static inline void put_lse(float m, double log_s, float *lse, float *res)
 /* What the second sweep gathers: c, T, A as above; D = sum_j w_j (m - z_j) / 2 over the classes
  * with w_j != 0 (w = 1 without class weights; halved so that a span beyond FLT_MAX overflows only
  * where the loss does), or for probability targets D = sum_j u_j (m - z_j) / 2 over u_j != 0 and
- * U = sum_j u_j, u_j = w_j ((1 - eps) y_j + eps / C); deep: an entry with -inf < d < DEEP. */
-typedef struct { double c, t, a, d, u; int deep; } row_sums;
+ * U = sum_j u_j, u_j = w_j ((1 - eps) y_j + eps / C), and bad_y: a NaN or +-inf target; deep: an
+ * entry with -inf < d < DEEP. */
+typedef struct { double c, t, a, d, u; int deep, bad_y; } row_sums;
 
 /* chi(y) = e^y - 1 - y for |y| <= 1 by its series (y^2/2) sum_{k<=9} 2 y^k / (k + 2)!, as
  * ops/_divergence.chi: 9 terms after the first (float), the remainder below the unit roundoff.
@@ -173,13 +174,13 @@ static void scan_##SUF(const T *z, int64_t n, float *m_out, int *nan_out)       
 static inline __attribute__((always_inline)) row_sums target_sums_##SUF(const T *z, const T *y, int64_t n, float m, \
         int want_a, int want_d, const float *w, float keep, float spread)                          \
 {                                                                                                  \
-    row_sums s = {0.0, 0.0, 0.0, 0.0, 0.0, 0};                                                     \
+    row_sums s = {0.0, 0.0, 0.0, 0.0, 0.0, 0, 0};                                                  \
     const float hm = 0.5f * m;                                                                     \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
         float cf = 0.0f, tf = 0.0f, af = 0.0f, df = 0.0f, uf = 0.0f;                               \
-        int deep = 0;                                                                              \
-        _Pragma("omp simd reduction(+ : cf, tf, af, df, uf) reduction(| : deep)")                  \
+        int deep = 0, bad_y = 0;                                                                   \
+        _Pragma("omp simd reduction(+ : cf, tf, af, df, uf) reduction(| : deep, bad_y)")           \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             const float x = LD(z, i);                                                              \
             const float d = x - m;                                                                 \
@@ -197,12 +198,14 @@ static inline __attribute__((always_inline)) row_sums target_sums_##SUF(const T 
             else if (want_d == 2)                                                                  \
                 df += w[i] != 0.0f ? w[i] * ((hm - 0.5f * x) * (1.0f / CHUNK)) : 0.0f;             \
             else if (want_d >= 3) {  /* u_j = 0 adds 0 even at z_j = -inf; u_j > 0 there: +inf */  \
-                const float v = keep * LD(y, i) + spread, u = want_d == 4 ? v * w[i] : v;          \
+                const float yi = LD(y, i), v = keep * yi + spread, u = want_d == 4 ? v * w[i] : v;  \
+                bad_y |= yi - yi != 0.0f;  /* NaN or +-inf: for validation */                      \
                 uf += u;                                                                           \
                 df += u != 0.0f ? u * ((hm - 0.5f * x) * (1.0f / CHUNK)) : 0.0f;                   \
             }                                                                                      \
         }                                                                                          \
         s.c += cf; s.t += tf; s.a += af; s.d += (double)df * CHUNK; s.u += uf; s.deep |= deep;     \
+        s.bad_y |= bad_y;                                                                          \
     }                                                                                              \
     if (s.deep) {  /* the deep tail: T and A again, in double (see the top of the file) */          \
         double t = 0.0, a = 0.0;                                                                   \
@@ -330,8 +333,8 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
  * the row of z (from cache, after scan_) and of y (from memory):                                  \
  *   loss = U log S + 2 sum_j u_j (m - z_j) / 2,   u_j = w_j (keep y_j + spread),  U = sum_j u_j, \
  * every term >= 0 for targets >= 0; u_j = 0 adds 0 even at z_j = -inf, u_j > 0 there gives +inf. */ \
-static void ce_probs_row_##SUF(const T *z, const T *y, int64_t n, float m, const float *w, float keep, \
-                               float spread, float *loss, float *lse, float *res, float *h)        \
+static int ce_probs_row_##SUF(const T *z, const T *y, int64_t n, float m, const float *w, float keep, \
+                              float spread, float *loss, float *lse, float *res, float *h)         \
 {                                                                                                  \
     row_sums s;                                                                                    \
     if (h)                                                                                         \
@@ -345,6 +348,19 @@ static void ce_probs_row_##SUF(const T *z, const T *y, int64_t n, float m, const
     put_lse(m, log_s, lse, res);                                                                   \
     if (h)                                                                                         \
         *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
+    return s.bad_y;  /* a NaN or +-inf target in the row */                                        \
+}                                                                                                  \
+                                                                                                   \
+/* Whether a row of targets holds a NaN or +-inf (for the rows the sweep above skips). */         \
+static int bad_targets_##SUF(const T *y, int64_t n)                                                \
+{                                                                                                  \
+    int bad = 0;                                                                                   \
+    _Pragma("omp simd reduction(| : bad)")                                                         \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float yi = LD(y, i);                                                                 \
+        bad |= yi - yi != 0.0f;                                                                    \
+    }                                                                                              \
+    return bad;                                                                                    \
 }                                                                                                  \
                                                                                                    \
 /* U = sum_j u_j of a row of probability targets (the backward's coefficient of p; the forward   \
@@ -646,7 +662,9 @@ void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, i
 /* Cross-entropy forward against probability targets y (rows of z's dtype, row stride ystride;
  * keep = 1 - eps, spread = eps / C): per row the loss (without z-loss), coded lse, its rounding
  * residual and (if h) the entropy.  Returns the number of rows without a distribution (their
- * loss and entropy NaN). */
+ * loss and entropy NaN).  bad_y (optional, zeroed by the caller): receives the number of rows
+ * with a NaN or +-inf target, which the wrapper's validation reads instead of checking y with
+ * tensor ops (a second read of y, most of the time of a call). */
 #define CE_PROBS_ROW(SUF, TT)                                                                      \
     do {                                                                                           \
         const TT *zr = (const TT *)z + row * stride, *yr = (const TT *)y + row * ystride;          \
@@ -657,15 +675,18 @@ void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, i
         if (row_fault(m, nan, lse + row)) {                                                        \
             loss[row] = NAN;                                                                       \
             if (h) h[row] = NAN;                                                                   \
+            if (bad_y && bad_targets_##SUF(yr, n))                                                 \
+                __atomic_fetch_add(bad_y, 1, __ATOMIC_RELAXED);                                    \
             break;                                                                                 \
         }                                                                                          \
-        ce_probs_row_##SUF(zr, yr, n, m, w, keep, spread, loss + row, lse + row, res + row,        \
-                           h ? h + row : NULL);                                                    \
+        if (ce_probs_row_##SUF(zr, yr, n, m, w, keep, spread, loss + row, lse + row, res + row,    \
+                               h ? h + row : NULL) && bad_y)                                       \
+            __atomic_fetch_add(bad_y, 1, __ATOMIC_RELAXED);                                        \
     } while (0)
 
 int64_t entmath_ce_probs_fwd(const void *z, const void *y, const float *w, int64_t bf16, int64_t n, int64_t stride,
                              int64_t ystride, int64_t r0, int64_t r1, float keep, float spread, float *loss,
-                             float *lse, float *res, float *h, int64_t threads)
+                             float *lse, float *res, float *h, int64_t *bad_y, int64_t threads)
 {
     if (bf16)
         FOR_ROWS(r0, r1, threads, CE_PROBS_ROW(bf16, uint16_t));

@@ -58,8 +58,8 @@ _SIGNATURES = {
     # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
     #  g_h, sum_u, threads)
     "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I],
-    # (z, y, w, bf16, n, stride, ystride, r0, r1, keep, spread, loss, lse, res, h, threads)
-    "entmath_ce_probs_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _I],
+    # (z, y, w, bf16, n, stride, ystride, r0, r1, keep, spread, loss, lse, res, h, bad_y, threads)
+    "entmath_ce_probs_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I],
     # (z, y, w, gz, gy, bf16, n, stride, ystride, gstride, gystride, r0, r1, keep, spread, lse, res, h,
     #  g_loss, g_lse, g_h, threads)
     "entmath_ce_probs_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _P,
@@ -255,12 +255,13 @@ def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_
     return grad
 
 
-def ce_probs_fwd(z, y, w, eps: float, want_entropy: bool):
+def ce_probs_fwd(z, y, w, eps: float, want_entropy: bool, counts=None):
     """Per-row (loss, coded lse, lse residual, entropy or empty), float32, and the number of rows
     without a distribution, of (rows, n) logits against probability targets y of the same shape
     and dtype (unit column stride, any row stride), class weights w (n,) float32 or None: the
     contract of ``ops.cross_entropy.cross_entropy_rows_torch`` for probability targets without
-    soft-capping."""
+    soft-capping.  ``counts``: None, or a zeroed ctypes int64 array of 3 that receives the numbers
+    of rows with a NaN or +-inf target and of rows without a distribution (as ``ce_fwd``'s)."""
     rows, n = z.shape
     loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
     h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
@@ -271,8 +272,10 @@ def ce_probs_fwd(z, y, w, eps: float, want_entropy: bool):
         fn = build().entmath_ce_probs_fwd
         # keep and spread rounded from double, as the eager path's scalars are
         tail = (1.0 - eps, eps / n, loss.data_ptr(), lse.data_ptr(), res.data_ptr(),
-                h.data_ptr() if want_entropy else None)
+                h.data_ptr() if want_entropy else None, None if counts is None else ctypes.addressof(counts))
         faults = _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
+        if counts is not None:
+            counts[1] = faults
     return loss, lse, res, h, faults
 
 
