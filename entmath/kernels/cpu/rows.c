@@ -303,32 +303,6 @@ static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *
                           0.0f, 0.0f);                                                             \
 }                                                                                                  \
                                                                                                    \
-/* Cross-entropy of a row against class index t (validity decided by the caller), Chapter 5:      \
- *   loss = (1 - eps) w_t ((m - z_t) + log S) + (eps / C) sum_j w_j ((m - z_j) + log S),           \
- * every term >= 0; a target weight of 0 gives 0 even against z_t = -inf. */                       \
-static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float *w, double w_sum,  \
-                         float eps, float *loss, float *lse, float *res, float *h)                 \
-{                                                                                                  \
-    const int want_d = eps > 0.0f ? (w ? 2 : 1) : 0;                                               \
-    row_sums s;                                                                                    \
-    if (h)                                                                                         \
-        s = want_d == 0 ? sums_##SUF(z, n, m, 1, 0, NULL)                                          \
-          : want_d == 1 ? sums_##SUF(z, n, m, 1, 1, NULL) : sums_##SUF(z, n, m, 1, 2, w);          \
-    else                                                                                           \
-        s = want_d == 0 ? sums_##SUF(z, n, m, 0, 0, NULL)                                          \
-          : want_d == 1 ? sums_##SUF(z, n, m, 0, 1, NULL) : sums_##SUF(z, n, m, 0, 2, w);          \
-    const double log_s = log_normaliser(s.c, s.t);                                                 \
-    const double keep = 1.0 - (double)eps, spread = (double)eps / (double)n;                       \
-    const double coef_t = w ? keep * (double)w[t] : keep;                                          \
-    double value = coef_t != 0.0 ? coef_t * (((double)m - (double)LD(z, t)) + log_s) : 0.0;        \
-    if (want_d)                                                                                    \
-        value += spread * (w_sum * log_s + 2.0 * s.d);                                             \
-    *loss = (float)value;                                                                          \
-    put_lse(m, log_s, lse, res);                                                                   \
-    if (h)                                                                                         \
-        *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
-}                                                                                                  \
-                                                                                                   \
 /* Cross-entropy of a row against probability targets y (Chapter 5, eq-ce-stable), one sweep of   \
  * the row of z (from cache, after scan_) and of y (from memory):                                  \
  *   loss = U log S + 2 sum_j u_j (m - z_j) / 2,   u_j = w_j (keep y_j + spread),  U = sum_j u_j, \
@@ -383,6 +357,32 @@ static double mass_sum_##SUF(const T *y, int64_t n, const float *w, float keep, 
         total += uf;                                                                               \
     }                                                                                              \
     return total;                                                                                  \
+}                                                                                                  \
+                                                                                                   \
+/* Cross-entropy of a row against class index t (validity decided by the caller), Chapter 5:      \
+ *   loss = (1 - eps) w_t ((m - z_t) + log S) + (eps / C) sum_j w_j ((m - z_j) + log S),           \
+ * every term >= 0; a target weight of 0 gives 0 even against z_t = -inf. */                       \
+static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float *w, double w_sum,  \
+                         float eps, float *loss, float *lse, float *res, float *h)                 \
+{                                                                                                  \
+    const int want_d = eps > 0.0f ? (w ? 2 : 1) : 0;                                               \
+    row_sums s;                                                                                    \
+    if (h)                                                                                         \
+        s = want_d == 0 ? sums_##SUF(z, n, m, 1, 0, NULL)                                          \
+          : want_d == 1 ? sums_##SUF(z, n, m, 1, 1, NULL) : sums_##SUF(z, n, m, 1, 2, w);          \
+    else                                                                                           \
+        s = want_d == 0 ? sums_##SUF(z, n, m, 0, 0, NULL)                                          \
+          : want_d == 1 ? sums_##SUF(z, n, m, 0, 1, NULL) : sums_##SUF(z, n, m, 0, 2, w);          \
+    const double log_s = log_normaliser(s.c, s.t);                                                 \
+    const double keep = 1.0 - (double)eps, spread = (double)eps / (double)n;                       \
+    const double coef_t = w ? keep * (double)w[t] : keep;                                          \
+    double value = coef_t != 0.0 ? coef_t * (((double)m - (double)LD(z, t)) + log_s) : 0.0;        \
+    if (want_d)                                                                                    \
+        value += spread * (w_sum * log_s + 2.0 * s.d);                                             \
+    *loss = (float)value;                                                                          \
+    put_lse(m, log_s, lse, res);                                                                   \
+    if (h)                                                                                         \
+        *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
 }                                                                                                  \
                                                                                                    \
 /* KL(softmax(a) || softmax(b)) of a row pair with valid maxima ma, mb (Chapter 1,                 \
@@ -620,45 +620,6 @@ void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf1
         FOR_ROWS(r0, r1, threads, CE_ROW(f32, float));
 }
 
-/* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):
- *   dL/dz = p (g_loss sum u + g_lse - g_H (log p + H)) - g_loss u,
- * u_j = (eps / C) w_j + (1 - eps) w_t [j = t].  sum_u: the rows' sums of u (NULL: 1, unweighted).
- * Ignored rows get exactly 0; rows whose index is out of range, NaN. */
-#define CE_GRAD_ROW(SUF, TT)                                                                       \
-    do {                                                                                           \
-        const TT *zr = (const TT *)z + row * stride;                                               \
-        TT *gzr = (TT *)gz + row * gstride;                                                        \
-        const int64_t ti = t[row];                                                                 \
-        if (ti == ignore_index || ti < 0 || ti >= n) {                                             \
-            const float fill = ti == ignore_index ? 0.0f : NAN;                                    \
-            for (int64_t i = 0; i < n; ++i)                                                        \
-                st_##SUF(gzr, i, fill);                                                            \
-            break;                                                                                 \
-        }                                                                                          \
-        const float gl = g_loss[row];                                                              \
-        const float coef = gl * (sum_u ? sum_u[row] : 1.0f) + (g_lse ? g_lse[row] : 0.0f);        \
-        const float r = res[row];                                                                  \
-        const float gt = gl * keep * (w ? w[ti] : 1.0f);                                           \
-        const float back = (float)exp(-(double)r), ghr = g_h ? -g_h[row] : 0.0f;                  \
-        const float hr = g_h ? h[row] - r : 0.0f;                                                  \
-        if (w)                                                                                     \
-            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, w, gl * spread, ti, gt);     \
-        else                                                                                       \
-            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, NULL, gl * spread, ti, gt);  \
-    } while (0)
-
-void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, int64_t bf16, int64_t n,
-                    int64_t stride, int64_t gstride, int64_t r0, int64_t r1, float eps, int64_t ignore_index,
-                    const float *lse, const float *res, const float *h, const float *g_loss, const float *g_lse,
-                    const float *g_h, const float *sum_u, int64_t threads)
-{
-    const float keep = 1.0f - eps, spread = eps / (float)n;
-    if (bf16)
-        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(bf16, uint16_t));
-    else
-        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(f32, float));
-}
-
 /* Cross-entropy forward against probability targets y (rows of z's dtype, row stride ystride;
  * keep = 1 - eps, spread = eps / C): per row the loss (without z-loss), coded lse, its rounding
  * residual and (if h) the entropy.  Returns the number of rows without a distribution (their
@@ -726,6 +687,45 @@ void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz
         FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(f32, float));
+}
+
+/* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):
+ *   dL/dz = p (g_loss sum u + g_lse - g_H (log p + H)) - g_loss u,
+ * u_j = (eps / C) w_j + (1 - eps) w_t [j = t].  sum_u: the rows' sums of u (NULL: 1, unweighted).
+ * Ignored rows get exactly 0; rows whose index is out of range, NaN. */
+#define CE_GRAD_ROW(SUF, TT)                                                                       \
+    do {                                                                                           \
+        const TT *zr = (const TT *)z + row * stride;                                               \
+        TT *gzr = (TT *)gz + row * gstride;                                                        \
+        const int64_t ti = t[row];                                                                 \
+        if (ti == ignore_index || ti < 0 || ti >= n) {                                             \
+            const float fill = ti == ignore_index ? 0.0f : NAN;                                    \
+            for (int64_t i = 0; i < n; ++i)                                                        \
+                st_##SUF(gzr, i, fill);                                                            \
+            break;                                                                                 \
+        }                                                                                          \
+        const float gl = g_loss[row];                                                              \
+        const float coef = gl * (sum_u ? sum_u[row] : 1.0f) + (g_lse ? g_lse[row] : 0.0f);        \
+        const float r = res[row];                                                                  \
+        const float gt = gl * keep * (w ? w[ti] : 1.0f);                                           \
+        const float back = (float)exp(-(double)r), ghr = g_h ? -g_h[row] : 0.0f;                  \
+        const float hr = g_h ? h[row] - r : 0.0f;                                                  \
+        if (w)                                                                                     \
+            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, w, gl * spread, ti, gt);     \
+        else                                                                                       \
+            grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, NULL, gl * spread, ti, gt);  \
+    } while (0)
+
+void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, int64_t bf16, int64_t n,
+                    int64_t stride, int64_t gstride, int64_t r0, int64_t r1, float eps, int64_t ignore_index,
+                    const float *lse, const float *res, const float *h, const float *g_loss, const float *g_lse,
+                    const float *g_h, const float *sum_u, int64_t threads)
+{
+    const float keep = 1.0f - eps, spread = eps / (float)n;
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(f32, float));
 }
 
 /* KL forward: per row KL, and the coded log-normalisers of a and b. */
