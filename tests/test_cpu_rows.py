@@ -304,13 +304,21 @@ def test_threads_do_not_change_the_result():
     z = _rows(torch.float32, n_rows=64)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = entmath.entropy(z)
-        torch.set_num_threads(2)
-        two = entmath.entropy(z)
+        y = torch.softmax(z.flip(0), -1)
+        y[5, 9] = float("nan")  # counted by whichever thread takes row 5
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            zz, yy = z.clone().requires_grad_(), y.clone().requires_grad_()
+            loss = entmath.cross_entropy(zz, torch.nan_to_num(yy), reduction="none", label_smoothing=0.1)
+            loss.sum().backward()
+            with pytest.raises(ValueError, match=r"row\(s\) \[5\]"):
+                entmath.cross_entropy(z, y)
+            runs.append((entmath.entropy(z), loss, zz.grad, yy.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
 
 
 def test_registered_operators():
