@@ -1,5 +1,5 @@
 """The C kernel of the row ops (entmath/kernels/cpu/rows.c): entropy, kl and cross-entropy against
-class indices on float32/bfloat16 CPU rows.  Implementation checks: the C path against the eager torch
+class indices or probability targets on float32/bfloat16 CPU rows.  Implementation checks: the C path against the eager torch
 path on the same values (its twin), the registered operators, and the cases the kernel handles
 apart (the deep tail, spans beyond the max, bad rows).  Its accuracy against mpmath is held by the
 property tests of tests/test_extremes.py and tests/test_cross_entropy.py on the path "c"."""
@@ -30,7 +30,7 @@ def eager(monkeypatch):
 def calls(monkeypatch):
     """Counts of the C kernel's forward and backward entry points."""
     counts = {}
-    for name in ("entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd"):
+    for name in ("entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd", "ce_probs_fwd", "ce_probs_bwd"):
         real = getattr(cpu_rows, name)
 
         def counted(*a, _real=real, _name=name, **k):
@@ -132,6 +132,66 @@ def test_cross_entropy_c_path_matches_the_eager_path(dtype, opts, reduction, eag
     torch.testing.assert_close(zc.grad.float(), ze.grad.float(), **TOL[dtype])
 
 
+PROBS_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(weight=True),
+                 dict(weight=True, label_smoothing=0.2, z_loss=1e-3), dict(label_smoothing=1.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opts", PROBS_OPTIONS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_probability_targets_c_path_matches_the_eager_path(dtype, opts, reduction, eager, calls):
+    z = _rows(dtype, offset=50.0)
+    n_rows, n = z.shape
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(n_rows, n, generator=g) * (torch.rand(n_rows, n, generator=g) < 0.3)  # mostly 0
+    y = y / y.sum(-1, keepdim=True)
+    y[1, 5:] = 0.0  # the masked row: zero targets at its -inf logits (0, not NaN, without smoothing)
+    z[8, :40] = float("-inf")
+    y[8, 20] = 0.5  # a target at a -inf logit: +inf loss, dL/dy = +inf there
+    y[9] *= 3.0  # rows need not sum to 1
+    y = y.to(dtype)
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(n, generator=torch.Generator().manual_seed(2)).to(dtype)
+        kw["weight"][:10] = 0.0
+
+    def run(zz, yy):
+        loss, h = entmath.cross_entropy(zz, yy, reduction=reduction, return_entropy=True, **kw)
+        (loss.float().sum() + 0.3 * h.float().sum()).backward()
+        return loss, h
+
+    zc, yc = z.clone().requires_grad_(), y.clone().requires_grad_()
+    loss, h = run(zc, yc)
+    assert calls == {"ce_probs_fwd": 1, "ce_probs_bwd": 1}
+    ze, ye = z.clone().requires_grad_(), y.clone().requires_grad_()
+    loss_e, h_e = eager(lambda: run(ze, ye))
+    assert calls == {"ce_probs_fwd": 1, "ce_probs_bwd": 1}  # the eager run did not reach the kernel
+    if reduction == "none":  # +inf where a target (or smoothing's eps / C) meets a -inf logit
+        assert loss[8].item() == float("inf")
+        smoothed = bool(kw.get("label_smoothing"))
+        assert (loss[1].item() == float("inf")) == smoothed and loss[0].item() < float("inf")
+    if not opts:  # dL/dy = -g (1 - eps) w log p: +inf at p = 0
+        assert bool(yc.grad[8, :40].eq(float("inf")).all())
+    torch.testing.assert_close(loss.float(), loss_e.float(), **TOL[dtype])
+    torch.testing.assert_close(h.float(), h_e.float(), **TOL[dtype])
+    torch.testing.assert_close(zc.grad.float(), ze.grad.float(), **TOL[dtype])
+    torch.testing.assert_close(yc.grad.float(), ye.grad.float(), **TOL[dtype], equal_nan=True)
+
+
+def test_cross_entropy_probability_targets_without_grad_for_the_targets(calls):
+    """dL/dy is not formed when y does not require grad; the logits' gradient is the same."""
+    z = _rows(torch.float32)[4:]
+    y = torch.softmax(torch.randn(z.shape, generator=torch.Generator().manual_seed(5)), -1)
+    za, zb, yb = z.clone().requires_grad_(), z.clone().requires_grad_(), y.clone().requires_grad_()
+    entmath.cross_entropy(za, y, label_smoothing=0.1).backward()
+    entmath.cross_entropy(zb, yb, label_smoothing=0.1).backward()
+    assert calls == {"ce_probs_fwd": 2, "ce_probs_bwd": 2}
+    assert torch.equal(za.grad, zb.grad)
+    ref = z.clone().requires_grad_()
+    F.cross_entropy(ref, y, label_smoothing=0.1).backward()
+    torch.testing.assert_close(za.grad, ref.grad, rtol=1e-5, atol=1e-8)
+
+
 def test_cross_entropy_c_path_matches_torch_and_writes_in_place(calls):
     z = _rows(torch.float32)[4:]  # finite rows
     t = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(3))
@@ -156,8 +216,11 @@ def test_the_threshold_and_the_paths_it_leaves_alone(monkeypatch):
     assert kl_op._on_cpu_kernel(big, big) and not kl_op._on_cpu_kernel(big, big.bfloat16())
     t = torch.zeros(64, dtype=torch.long)
     assert ce_op._on_cpu_kernel(big, t, None)
-    assert not ce_op._on_cpu_kernel(big, None, None)  # probability targets: the eager path
+    assert ce_op._on_cpu_kernel(big, None, None, big)  # probability targets of the logits' dtype
+    assert not ce_op._on_cpu_kernel(big, None, None, big.double())  # of another dtype: the eager path
+    assert not ce_op._on_cpu_kernel(big, None, None)  # no target
     assert not ce_op._on_cpu_kernel(big, t, 30.0)  # soft-capping: the eager path
+    assert not ce_op._on_cpu_kernel(big, None, 30.0, big)
 
 
 def test_span_beyond_the_max_and_the_deep_tail():
@@ -208,17 +271,54 @@ def test_bad_rows_raise_or_give_nan_and_leave_other_rows_alone():
     torch.testing.assert_close(h[~bad], entmath.entropy(z[~bad].double()).float()[:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["plain", "graph"])
+def test_probability_targets_bad_values_raise_or_give_nan(grad, calls):
+    """The kernel counts rows with a NaN or +-inf target (validation reads the count); bad
+    targets and bad logits rows raise naming the rows, or with validation off give NaN rows."""
+    z = torch.randn(8, 1000)
+    y = torch.softmax(torch.randn(8, 1000), -1)
+    bad_y, bad_z = y.clone(), z.clone()
+    bad_y[3, 7] = float("nan")
+    bad_y[5, 0] = float("inf")
+    bad_z[2, 3] = float("nan")
+    bad_z[6, :] = float("-inf")
+    zz = z.clone().requires_grad_(grad)
+    with pytest.raises(ValueError, match=r"target contains NaN or \+-inf probabilities \(row\(s\) \[3, 5\]"):
+        entmath.cross_entropy(zz, bad_y)
+    with pytest.raises(ValueError, match="logits"):
+        entmath.cross_entropy(bad_z.requires_grad_(grad), y)
+    both_y = bad_y.clone()
+    both_y[2, 0] = float("nan")  # a target row whose logits have no distribution is still checked
+    with pytest.raises(ValueError, match=r"row\(s\) \[2, 3, 5\]"):
+        entmath.cross_entropy(bad_z, both_y)
+    assert calls["ce_probs_fwd"] == 3
+    with entmath.validation(False):
+        loss = entmath.cross_entropy(bad_z, bad_y, reduction="none")
+    bad = torch.zeros(8, dtype=torch.bool)
+    bad[[2, 3, 5, 6]] = True
+    assert bool(loss[[2, 3, 6]].isnan().all()) and loss[5].item() == float("inf")  # (a +inf target: +inf, as eager)
+    torch.testing.assert_close(loss[~bad], F.cross_entropy(z[~bad], y[~bad], reduction="none"))
+
+
 def test_threads_do_not_change_the_result():
     z = _rows(torch.float32, n_rows=64)
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = entmath.entropy(z)
-        torch.set_num_threads(2)
-        two = entmath.entropy(z)
+        y = torch.softmax(z.flip(0), -1)
+        y[5, 9] = float("nan")  # counted by whichever thread takes row 5
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            zz, yy = z.clone().requires_grad_(), y.clone().requires_grad_()
+            loss = entmath.cross_entropy(zz, torch.nan_to_num(yy), reduction="none", label_smoothing=0.1)
+            loss.sum().backward()
+            with pytest.raises(ValueError, match=r"row\(s\) \[5\]"):
+                entmath.cross_entropy(z, y)
+            runs.append((entmath.entropy(z), loss, zz.grad, yy.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
 
 
 def test_registered_operators():
@@ -237,6 +337,14 @@ def test_registered_operators():
     loss, lse, res, ent = torch.ops.entmath.cross_entropy_cpu(z, t, w, 0.1, -100, True)
     torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_cpu,
                           (torch.empty_like(z), z, t, w, lse, res, ent, torch.ones(4), None, torch.ones(4), 0.1, -100))
+    y = torch.softmax(z.flip(-1), -1)
+    for args in [(z, y, None, 0.0, False), (z, y, w, 0.1, True)]:
+        torch.library.opcheck(torch.ops.entmath.cross_entropy_probs_cpu, args)
+    loss, lse, res, ent = torch.ops.entmath.cross_entropy_probs_cpu(z, y, w, 0.1, True)
+    for want_gy in (False, True):
+        torch.library.opcheck(torch.ops.entmath.cross_entropy_probs_backward_cpu,
+                              (torch.empty_like(z), z, y, w, lse, res, ent, torch.ones(4), torch.rand(4), torch.ones(4),
+                               0.1, want_gy))
 
 
 def test_compiles_to_one_graph_with_the_kernel_inside():

@@ -61,6 +61,10 @@ def _cases(backend):
                                        [z, idx, cw]),
         "cross_entropy-probs-weight": (lambda x, y, w: entmath.cross_entropy(x, y, w.detach(), label_smoothing=0.1,
                                                                              **b), [z, probs, cw]),
+        # (float32: the torch backend's C kernel against probability targets)
+        "cross_entropy-probs-float32": (lambda x, y, w: entmath.cross_entropy(x, y, w.detach(), label_smoothing=0.1,
+                                                                              reduction="none", **b),
+                                        [z.float(), probs.float(), cw.float()]),
         "entropy_normalize": (lambda x, t: entmath.entropy_normalize(x, t, **b), [z, torch.full((4,), 0.7)]),
         "solve_gamma": (lambda x, t: entmath.solve_gamma(x, t, **b), [z, torch.tensor([0.3, 0.7, 1.0, 1.5])]),
         # (draws from one seeded generator: equal draws for equal probabilities; float32 takes the

@@ -84,6 +84,13 @@ def _ops(backend):
                                  + 0.01 * torch.logsumexp(z, -1).square().mean()),
         "cross_entropy_soft_weight": (lambda z, y: entmath.cross_entropy(z, y, cw, label_smoothing=0.2, **b),
                                       [_g(3, 5), probs], lambda z, y: F.cross_entropy(z, y, cw, label_smoothing=0.2)),
+        # (in float32, as the compile and fake-tensor tests run them, the probability targets take the C kernel)
+        "cross_entropy_soft_entropy": (lambda z, y: sum(entmath.cross_entropy(z, y, label_smoothing=0.1, z_loss=0.01,
+                                                                           return_entropy=True, reduction="none",
+                                                                           **b)),
+                                       [_g(3, 5), probs],
+                                       lambda z, y: F.cross_entropy(z, y, label_smoothing=0.1, reduction="none")
+                                       + 0.01 * torch.logsumexp(z, -1).square() + ent_ref(z)),
         "cross_entropy_softcap": (lambda z: entmath.cross_entropy(z, idx, softcap=1.5, label_smoothing=0.1,
                                                                   reduction="sum", **b),
                                   [_g(3, 5, scale=2.0)],
@@ -312,6 +319,8 @@ def _opcheck_cases():
         ("cross_entropy_triton", (zp, None, y, None, 0.0, -100, 0.0, False)),
         ("cross_entropy_triton", (z, t, None, cw, 0.1, -100, 2.5, True)),
         ("cross_entropy_triton", (zp, None, y, cw, 0.2, -100, 4.0, False)),
+        ("cross_entropy_probs_cpu", (z, y, None, 0.0, True)), ("cross_entropy_probs_cpu", (zp, y.t().contiguous().t(),
+                                                                                          cw, 0.2, False)),
         ("entropy_normalize_triton", (z, tt.float())), ("entropy_normalize_triton", (zp, tt.float())),
         ("entropy_normalize_solve", (z, tt)), ("entropy_normalize_solve", (zp, tt)),
         ("noise_softmax_triton", (z, "normal", 8)), ("noise_softmax_solve", (zp, "logistic", 8)),
@@ -354,6 +363,13 @@ def test_backward_operators_opcheck():
     torch.library.opcheck(torch.ops.entmath.cross_entropy_backward_triton,
                           (torch.empty_like(z), z, t, None, cw, lse, res, ent, torch.ones(3), torch.rand(3), None,
                            0.0, 2, 0.0, False))
+    for args in [(z, y, None, 0.0, True), (z, y, cw, 0.2, False)]:  # the C kernel against probability targets
+        loss, lse, res, ent = torch.ops.entmath.cross_entropy_probs_cpu(*args)
+        g_ent = torch.rand(3) if args[-1] else None
+        for want_gy in (False, True):
+            torch.library.opcheck(torch.ops.entmath.cross_entropy_probs_backward_cpu,
+                                  (torch.empty_like(z), z, y, args[2], lse, res, ent, torch.ones(3), torch.rand(3),
+                                   g_ent, args[3], want_gy))
     tt = torch.tensor([0.5, 1.0, 1.5])
     p, gamma, zbar = torch.ops.entmath.entropy_normalize_triton(z, tt)
     torch.library.opcheck(torch.ops.entmath.entropy_normalize_backward_triton,

@@ -37,9 +37,12 @@ allocated.
 Paths: ``cross_entropy_rows_torch`` (the reference, plain torch, in row chunks that stay in
 cache), ``torch.ops.entmath.cross_entropy_triton`` (``entmath/kernels/triton/cross_entropy.py``)
 and, for float32/bfloat16 logits on the CPU of at least ``kernels.cpu.rows.MIN_ELEMS`` entries
-with class-index targets and no soft-capping, ``torch.ops.entmath.cross_entropy_cpu`` (the C
-kernel of ``entmath/kernels/cpu/rows.c``: one read of each row from memory forward, one read and
-one write backward).  Probability targets and soft-capping on the CPU take the torch path.
+without soft-capping, the C kernels of ``entmath/kernels/cpu/rows.c``: against class indices
+``torch.ops.entmath.cross_entropy_cpu``, against probability targets of the logits' dtype
+``torch.ops.entmath.cross_entropy_probs_cpu`` (one read of each row of the logits and targets
+from memory forward; one read and one write backward, and one write of dL/dy when it is
+wanted).  Soft-capping on the CPU, and probability targets of another dtype than the logits',
+take the torch path.
 """
 from __future__ import annotations
 
@@ -294,6 +297,10 @@ class _CrossEntropy(torch.autograd.Function):
         if ctx.backend == "triton":
             gy = torch.ops.entmath.cross_entropy_backward_triton(
                 grad, z, t, y, w, lse, res, ent, g_loss, g_lse, g_ent, eps, ignore_index, softcap, want_gy)
+        elif ctx.cpu_kernel and y is not None:
+            direct = getattr(ctx, "direct", False)
+            backward_c = _backward_probs_c if direct else torch.ops.entmath.cross_entropy_probs_backward_cpu
+            gy = backward_c(grad, z, y, w, lse, res, ent, g_loss, g_lse, g_ent, eps, want_gy)
         elif ctx.cpu_kernel:
             backward_c = _backward_c if getattr(ctx, "direct", False) else torch.ops.entmath.cross_entropy_backward_cpu
             backward_c(grad, z, t, w, lse, res, ent, g_loss, g_lse, g_ent, eps, ignore_index)
@@ -320,6 +327,10 @@ def _forward(z, t, y, w, eps, ignore_index, softcap, want_entropy, backend, dire
     eager calls only), which fills ``counts`` if given (see ``kernels.cpu.rows.ce_fwd``)."""
     if backend == "triton":
         return torch.ops.entmath.cross_entropy_triton(z, t, y, w, eps, ignore_index, softcap, want_entropy)
+    if backend == "cpu" and y is not None:
+        if direct and cpu_rows.available():
+            return cpu_rows.ce_probs_fwd(z, y, w, eps, want_entropy, counts)[:4]
+        return torch.ops.entmath.cross_entropy_probs_cpu(z, y, w, eps, want_entropy)
     if backend == "cpu":
         if direct and cpu_rows.available():
             return cpu_rows.ce_fwd(z, t, w, eps, ignore_index, want_entropy, counts)
@@ -393,10 +404,13 @@ def _(grad, z, t, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_ind
     return torch.empty_like(y) if want_grad_y else z.new_empty(0)
 
 
-# ---- the C path (CPU; class indices, no soft-capping), registered the same way --------------
-def _on_cpu_kernel(z, t, softcap) -> bool:
-    """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py)."""
-    return t is not None and not softcap and cpu_rows.takes(z)
+# ---- the C path (CPU; no soft-capping), registered the same way ------------------------------
+def _on_cpu_kernel(z, t, softcap, y=None) -> bool:
+    """Whether the torch backend hands these rows to the C kernel (kernels/cpu/rows.py): class
+    indices t, or probability targets y of the logits' dtype, without soft-capping."""
+    if softcap or not cpu_rows.takes(z):
+        return False
+    return t is not None or (y is not None and y.dtype == z.dtype and y.device == z.device)
 
 
 @cpu_kernel_op("cross_entropy_cpu")
@@ -444,6 +458,56 @@ def _(grad, z, t, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, ignore_index)
     return None
 
 
+def _c_takes_probs(z, y) -> bool:
+    """Whether the C kernel can run these logits and probability targets (else the eager path)."""
+    return z.dtype in (torch.float32, torch.bfloat16) and y.dtype == z.dtype and cpu_rows.available()
+
+
+@cpu_kernel_op("cross_entropy_probs_cpu")
+def cross_entropy_probs_cpu(z: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor], eps: float,
+                            want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss, coded lse, lse residual, entropy or empty) of logits (rows, n) against
+    probability targets y (rows, n), by the C kernel for float32/bfloat16 logits and targets of
+    their dtype (one read of each row of z and y from memory), else by the eager path; in the
+    accumulation dtype."""
+    if not _c_takes_probs(z, y):
+        return cross_entropy_rows_torch(z, None, y, w, eps, -100, 0.0, want_entropy)
+    return cpu_rows.ce_probs_fwd(z if z.stride(-1) == 1 else z.contiguous(),
+                                 y if y.stride(-1) == 1 else y.contiguous(), w, eps, want_entropy)[:4]
+
+
+@cross_entropy_probs_cpu.register_fake
+def _(z, y, w, eps, want_entropy):
+    loss = z.new_empty(z.shape[:1], dtype=acc_dtype(z))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), z.new_empty(z.shape[0] if want_entropy else 0,
+                                                                           dtype=acc_dtype(z))
+
+
+@cpu_kernel_op("cross_entropy_probs_backward_cpu", mutates_args=("grad",))
+def cross_entropy_probs_backward_cpu(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, w: Optional[torch.Tensor],
+                                     lse: torch.Tensor, lse_res: torch.Tensor, ent: torch.Tensor,
+                                     g_loss: torch.Tensor, g_lse: Optional[torch.Tensor],
+                                     g_ent: Optional[torch.Tensor], eps: float, want_grad_y: bool) -> torch.Tensor:
+    """Write dL/dz into ``grad`` (contiguous rows; may be z itself); return dL/dy (empty unless
+    wanted).  By the C kernel, one read of each row of z and y and one write of each gradient."""
+    gy = _backward_probs_c(grad, z, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, want_grad_y)
+    return gy if gy is not None else z.new_empty(0)
+
+
+def _backward_probs_c(grad, z, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, want_grad_y):
+    """``cross_entropy_probs_backward_cpu`` itself (called directly by eager calls); dL/dy or None."""
+    if not _c_takes_probs(z, y):
+        return _vjp_into(grad, z, None, y, w, eps, -100, 0.0, lse, lse_res, ent, g_loss, g_lse, g_ent, want_grad_y)
+    return cpu_rows.ce_probs_bwd(grad, z if z.stride(-1) == 1 else z.contiguous(),
+                                 y if y.stride(-1) == 1 else y.contiguous(), w, eps, lse, lse_res,
+                                 ent if g_ent is not None else None, g_loss, g_lse, g_ent, want_grad_y)
+
+
+@cross_entropy_probs_backward_cpu.register_fake
+def _(grad, z, y, w, lse, lse_res, ent, g_loss, g_lse, g_ent, eps, want_grad_y):
+    return torch.empty_like(y, memory_format=torch.contiguous_format) if want_grad_y else z.new_empty(0)
+
+
 def _setup(ctx, inputs, output):
     z, t, y, w, eps, ignore_index, softcap, want_entropy = inputs
     ctx.set_materialize_grads(False)
@@ -473,6 +537,23 @@ def _setup_cpu(ctx, inputs, output):
 cross_entropy_cpu.register_autograd(lambda ctx, gl, gs, gr, ge: _backward(ctx, gl, gs, gr, ge)[:2]
                                     + (None, None, None, None), setup_context=_setup_cpu)
 register_row_vmap(cross_entropy_cpu, (1, 0, None, None, None, None))
+
+
+def _setup_probs_cpu(ctx, inputs, output):
+    z, y, w, eps, want_entropy = inputs
+    _setup(ctx, (z, None, y, w, eps, -100, 0.0, want_entropy), output)
+    ctx.want_gy = ctx.needs_input_grad[1]
+
+
+def _backward_probs_cpu(ctx, g_loss, g_lse, g_res, g_ent):
+    z, t, y, w, lse, res, ent = ctx.saved_tensors
+    g_ent = g_ent if ent.numel() else None
+    gz, gy = cross_entropy_vjp(z, t, y, w, *ctx.options, lse, res, ent, g_loss, g_lse, g_ent, want_gy=ctx.want_gy)
+    return gz, gy, None, None, None
+
+
+cross_entropy_probs_cpu.register_autograd(_backward_probs_cpu, setup_context=_setup_probs_cpu)
+register_row_vmap(cross_entropy_probs_cpu, (1, 1, None, None, None))
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
@@ -619,9 +700,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
                              f"in torch.nn.functional.cross_entropy: it must be negative (the default is -100), "
                              f"got {ignore_index}")
         y2d = rows_2d(target.movedim(dim, -1))
-        if value_checks_active(y2d) and not bool(torch.isfinite(y2d).all()):
-            rows = (~torch.isfinite(y2d)).any(-1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"target contains NaN or +-inf probabilities (row(s) {rows} of the flattened rows)")
     elif target.dtype in INDEX_DTYPES:
         if target.shape != lead:
             raise ValueError(f"target holds class indices, so its shape must be logits' shape without "
@@ -634,17 +712,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
                         f"(a floating dtype), got {target.dtype}")
     backend = resolve_backend(backend, logits)
     z2d = rows_2d(z)
-    if backend == "torch" and _on_cpu_kernel(z2d, t1d, cap):
+    if backend == "torch" and _on_cpu_kernel(z2d, t1d, cap, y2d):
         backend = "cpu"  # the C kernel of the torch path (kernels/cpu/rows.py)
     mode = eager_call(z2d, y2d, w)
     # On the C kernel, called directly, the kernel counts bad class indices, rows without a
     # distribution and ignored rows (into a buffer of three int64 the kernel writes and Python
     # reads, no tensor): the checks below then cost nothing instead of a dozen small tensor ops
     # (most of the time of a small call).
+    # Probability targets: the kernel counts the rows with a NaN or +-inf target in the same sweep
+    # (a torch check is one more read of the targets, most of the time of a large call).
     checks = t1d is not None and value_checks_active(z2d, t1d)
-    counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and checks and cpu_rows.available() else None)
+    y_checks = y2d is not None and value_checks_active(z2d, y2d)
+    counts = ((ctypes.c_int64 * 3)() if mode and backend == "cpu" and (checks or y_checks) and cpu_rows.available()
+              else None)
     if counts is None and checks:
         _check_class_indices(target, t1d, ignore_index, n_classes)
+    if counts is None and y_checks:
+        _check_probabilities(y2d)
     if mode == "plain":
         loss, lse, _, ent = _forward(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy), backend,
                                      direct=True, counts=counts)
@@ -654,7 +738,15 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
     else:
         loss, lse, _, ent = _CrossEntropy.apply(z2d, t1d, y2d, w, eps, ignore_index, cap, bool(return_entropy),
                                                 inplace and not torch.compiler.is_compiling(), backend)
-    if counts is not None:
+    if counts is not None and y2d is not None:
+        bad_targets, faults, _ = counts
+        if bad_targets:
+            _check_probabilities(y2d)  # raises, naming the rows
+        valid = None
+        if faults:
+            check_rows_finite(lse, "logits")  # raises, naming the rows
+        all_finite = True
+    elif counts is not None:
         out_of_range, faults, ignored = counts
         if out_of_range:
             _check_class_indices(target, t1d, ignore_index, n_classes)
@@ -685,6 +777,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
         ent = ent if bad_row is None else torch.where(bad_row, float("nan"), ent)
         return out, ent.view(lead).to(out_dtype)
     return out
+
+
+def _check_probabilities(y2d) -> None:
+    """Raise if a probability target is NaN or +-inf, naming the rows."""
+    if not bool(torch.isfinite(y2d).all()):
+        rows = (~torch.isfinite(y2d)).any(-1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"target contains NaN or +-inf probabilities (row(s) {rows} of the flattened rows)")
 
 
 def _check_class_indices(target, t1d, ignore_index: int, n_classes: int) -> None:

@@ -1,5 +1,5 @@
 /* The CPU kernels of the row ops: entropy and KL (Chapter 1) and cross-entropy against class
- * indices (Chapters 1 and 5), forward and backward.
+ * indices or probability targets (Chapters 1 and 5), forward and backward.
  *
  * rows.py (beside this file) builds it like the entropy-normalization kernel and calls the
  * entmath_* functions through ctypes on float32 or bfloat16 rows, one range of rows per call.
@@ -77,10 +77,21 @@ static inline int row_fault(float m, int nan, float *code)
 /* log S for S = c + T with c >= 1 maxima of weight 1 and T below them, accurate for T << c. */
 static inline double log_normaliser(double c, double t) { return log(c) + log1p(t / c); }
 
+/* lse = fl(m + log S) and its rounding (m + log S) - lse, for log p in the backward: m - fl(..)
+ * of two floats is exact in double, whatever m's size (m + log S itself would drop log S at
+ * m = 1e30). */
+static inline void put_lse(float m, double log_s, float *lse, float *res)
+{
+    *lse = (float)((double)m + log_s);
+    *res = (float)(((double)m - (double)*lse) + log_s);
+}
+
 /* What the second sweep gathers: c, T, A as above; D = sum_j w_j (m - z_j) / 2 over the classes
  * with w_j != 0 (w = 1 without class weights; halved so that a span beyond FLT_MAX overflows only
- * where the loss does); deep: an entry with -inf < d < DEEP. */
-typedef struct { double c, t, a, d; int deep; } row_sums;
+ * where the loss does), or for probability targets D = sum_j u_j (m - z_j) / 2 over u_j != 0 and
+ * U = sum_j u_j, u_j = w_j ((1 - eps) y_j + eps / C), and bad_y: a NaN or +-inf target; deep: an
+ * entry with -inf < d < DEEP. */
+typedef struct { double c, t, a, d, u; int deep, bad_y; } row_sums;
 
 /* What the first sweep of a KL row pair finds (scan_pair_): maxima, NaN flags, the least finite
  * entries (+inf if none), whether a has a -inf, and lost: a finite a against b = -inf. */
@@ -216,17 +227,19 @@ static void scan_pair_##SUF(const T *a, const T *b, int64_t n, pair_scan *out)  
     *out = (pair_scan){ma, mb, la, lb, na, nb, ka, l};                                             \
 }                                                                                                  \
                                                                                                    \
-/* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w.   \
+/* The second sweep of a valid row with max m.  want_d: 0 none, 1 unweighted, 2 weighted by w,   \
+ * 3 the probability targets y (a row of z's dtype), u_j = keep y_j + spread, 4 those times w_j.  \
  * Always inlined, and called with constant flags: each caller gets its own branch-free loop. */  \
-static inline __attribute__((always_inline)) row_sums sums_##SUF(const T *z, int64_t n, float m, int want_a, int want_d, const float *w)  \
+static inline __attribute__((always_inline)) row_sums target_sums_##SUF(const T *z, const T *y, int64_t n, float m, \
+        int want_a, int want_d, const float *w, float keep, float spread)                          \
 {                                                                                                  \
-    row_sums s = {0.0, 0.0, 0.0, 0.0, 0};                                                          \
+    row_sums s = {0.0, 0.0, 0.0, 0.0, 0.0, 0, 0};                                                  \
     const float hm = 0.5f * m;                                                                     \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
         const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
-        float cf = 0.0f, tf = 0.0f, af = 0.0f, df = 0.0f;                                          \
-        int deep = 0;                                                                              \
-        _Pragma("omp simd reduction(+ : cf, tf, af, df) reduction(| : deep)")                      \
+        float cf = 0.0f, tf = 0.0f, af = 0.0f, df = 0.0f, uf = 0.0f;                               \
+        int deep = 0, bad_y = 0;                                                                   \
+        _Pragma("omp simd reduction(+ : cf, tf, af, df, uf) reduction(| : deep, bad_y)")           \
         for (int64_t i = i0; i < i1; ++i) {                                                        \
             const float x = LD(z, i);                                                              \
             const float d = x - m;                                                                 \
@@ -243,8 +256,15 @@ static inline __attribute__((always_inline)) row_sums sums_##SUF(const T *z, int
                 df += (hm - 0.5f * x) * (1.0f / CHUNK);                                            \
             else if (want_d == 2)                                                                  \
                 df += w[i] != 0.0f ? w[i] * ((hm - 0.5f * x) * (1.0f / CHUNK)) : 0.0f;             \
+            else if (want_d >= 3) {  /* u_j = 0 adds 0 even at z_j = -inf; u_j > 0 there: +inf */  \
+                const float yi = LD(y, i), v = keep * yi + spread, u = want_d == 4 ? v * w[i] : v;  \
+                bad_y |= yi - yi != 0.0f;  /* NaN or +-inf: for validation */                      \
+                uf += u;                                                                           \
+                df += u != 0.0f ? u * ((hm - 0.5f * x) * (1.0f / CHUNK)) : 0.0f;                   \
+            }                                                                                      \
         }                                                                                          \
-        s.c += cf; s.t += tf; s.a += af; s.d += (double)df * CHUNK; s.deep |= deep;                \
+        s.c += cf; s.t += tf; s.a += af; s.d += (double)df * CHUNK; s.u += uf; s.deep |= deep;     \
+        s.bad_y |= bad_y;                                                                          \
     }                                                                                              \
     if (s.deep) {  /* the deep tail: T and A again, in double (see the top of the file) */          \
         double t = 0.0, a = 0.0;                                                                   \
@@ -260,6 +280,11 @@ static inline __attribute__((always_inline)) row_sums sums_##SUF(const T *z, int
         s.a = a;                                                                                   \
     }                                                                                              \
     return s;                                                                                      \
+}                                                                                                  \
+                                                                                                   \
+static inline __attribute__((always_inline)) row_sums sums_##SUF(const T *z, int64_t n, float m, int want_a, int want_d, const float *w)  \
+{                                                                                                  \
+    return target_sums_##SUF(z, NULL, n, m, want_a, want_d, w, 0.0f, 0.0f);                        \
 }                                                                                                  \
                                                                                                    \
 static void entropy_row_##SUF(const T *z, int64_t n, float *h, float *lse)                         \
@@ -278,12 +303,26 @@ static void entropy_row_##SUF(const T *z, int64_t n, float *h, float *lse)      
     *lse = (float)((double)m + log_s);                                                             \
 }                                                                                                  \
                                                                                                    \
+/* g_loss u_i in the gradient: from probability targets y, g_loss w_i (keep y_i + spread); from a \
+ * class index, gu (w_i) for every class plus gt at class t. */                                    \
+static inline __attribute__((always_inline)) float mass_##SUF(const T *y, const float *w, int64_t i, float keep, \
+        float spread, float gl, float gu, int64_t t, float gt)                                     \
+{                                                                                                  \
+    if (y) {                                                                                       \
+        const float v = keep * LD(y, i) + spread;                                                  \
+        return (w ? v * w[i] : v) * gl;                                                            \
+    }                                                                                              \
+    return (w ? w[i] * gu : gu) + (i == t ? gt : 0.0f);                                            \
+}                                                                                                  \
+                                                                                                   \
 /* One row's gradient  gz_i = p_i (coef + gh (log p_i + H')) - u_i,  log p_i = (z_i - lse) - res, \
  * p_i = e^{z_i - lse} back with back = e^{-res}: the entropy's (coef = 0, gh = -g, res = 0, no   \
- * u) and the cross-entropy's (u_i = gu_i for every class plus gt at class t).  In place is safe: \
- * each entry is read before it is written.  The deep tail is redone with the libm exp. */         \
-static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, \
-        float back, float coef, float gh, float h_res, const float *w, float gu, int64_t t, float gt) \
+ * u) and the cross-entropy's (u_i = mass_ above).  With gy, also dL/dy_i = gyf w_i log p_i       \
+ * (gyf = -g_loss (1 - eps); no exp, so the deep tail leaves it alone).  In place (gz = z) is     \
+ * safe: each entry is read before it is written.  The deep tail is redone with the libm exp. */  \
+static inline __attribute__((always_inline)) void target_grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, \
+        float back, float coef, float gh, float h_res, const float *w, float gu, int64_t t, float gt, \
+        const T *y, float keep, float spread, float gl, T *gy, float gyf, float res)              \
 {                                                                                                  \
     const float l = lse - lse == 0.0f ? lse : NAN;                                                 \
     const float cb = coef * back, ghb = gh * back;                                                 \
@@ -294,9 +333,11 @@ static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *
         const float lp = x - l;                                                                    \
         const float lpc = lp < -88.0f ? -88.0f : lp;                                               \
         const float p = exp_nonpos(lpc);                                                           \
-        const float u = (w ? w[i] * gu : gu) + (i == t ? gt : 0.0f);                               \
+        const float u = mass_##SUF(y, w, i, keep, spread, gl, gu, t, gt);                          \
         const int tail = (lp < DEEP) & (x > -INFINITY);                                            \
         deep |= tail;                                                                              \
+        if (gy)  /* +inf at z_i = -inf, as the eager path */                                       \
+            ST(gy, i, (lp - res) * (w ? gyf * w[i] : gyf));                                        \
         /* a deep entry keeps its logit until the loop below (gz may be z itself) */                \
         ST(gz, i, tail ? x : p * (cb + ghb * (lpc + h_res)) - u);                                  \
     }                                                                                              \
@@ -307,11 +348,74 @@ static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *
             if (lp < DEEP && x > -INFINITY) {                                                      \
                 const float lq = lp > -FLT_MAX ? lp : -FLT_MAX;  /* a span beyond the max: p = 0 */ \
                 const float p = expf(lq);                                                          \
-                const float u = (w ? w[i] * gu : gu) + (i == t ? gt : 0.0f);                       \
+                const float u = mass_##SUF(y, w, i, keep, spread, gl, gu, t, gt);                  \
                 ST(gz, i, p * (cb + ghb * (lq + h_res)) - u);                                      \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+static inline __attribute__((always_inline)) void grad_row_##SUF(const T *z, T *gz, int64_t n, float lse, \
+        float back, float coef, float gh, float h_res, const float *w, float gu, int64_t t, float gt) \
+{                                                                                                  \
+    target_grad_row_##SUF(z, gz, n, lse, back, coef, gh, h_res, w, gu, t, gt, NULL, 0.0f, 0.0f, 0.0f, NULL, \
+                          0.0f, 0.0f);                                                             \
+}                                                                                                  \
+                                                                                                   \
+/* Cross-entropy of a row against probability targets y (Chapter 5, eq-ce-stable), one sweep of   \
+ * the row of z (from cache, after scan_) and of y (from memory):                                  \
+ *   loss = U log S + 2 sum_j u_j (m - z_j) / 2,   u_j = w_j (keep y_j + spread),  U = sum_j u_j, \
+ * every term >= 0 for targets >= 0; u_j = 0 adds 0 even at z_j = -inf, u_j > 0 there gives +inf. */ \
+static int ce_probs_row_##SUF(const T *z, const T *y, int64_t n, float m, const float *w, float keep, \
+                              float spread, float *loss, float *lse, float *res, float *h)         \
+{                                                                                                  \
+    row_sums s;                                                                                    \
+    if (h)                                                                                         \
+        s = w ? target_sums_##SUF(z, y, n, m, 1, 4, w, keep, spread)                               \
+              : target_sums_##SUF(z, y, n, m, 1, 3, NULL, keep, spread);                           \
+    else                                                                                           \
+        s = w ? target_sums_##SUF(z, y, n, m, 0, 4, w, keep, spread)                               \
+              : target_sums_##SUF(z, y, n, m, 0, 3, NULL, keep, spread);                           \
+    const double log_s = log_normaliser(s.c, s.t);                                                 \
+    *loss = (float)(s.u * log_s + 2.0 * s.d);                                                      \
+    put_lse(m, log_s, lse, res);                                                                   \
+    if (h)                                                                                         \
+        *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
+    return s.bad_y;  /* a NaN or +-inf target in the row */                                        \
+}                                                                                                  \
+                                                                                                   \
+/* Whether a row of targets holds a NaN or +-inf (for the rows the sweep above skips). */         \
+static int bad_targets_##SUF(const T *y, int64_t n)                                                \
+{                                                                                                  \
+    int bad = 0;                                                                                   \
+    _Pragma("omp simd reduction(| : bad)")                                                         \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+        const float yi = LD(y, i);                                                                 \
+        bad |= yi - yi != 0.0f;                                                                    \
+    }                                                                                              \
+    return bad;                                                                                    \
+}                                                                                                  \
+                                                                                                   \
+/* U = sum_j u_j of a row of probability targets (the backward's coefficient of p; the forward   \
+ * sums it in its sweep), in float over CHUNK entries and then in double, as target_sums_. */     \
+static double mass_sum_##SUF(const T *y, int64_t n, const float *w, float keep, float spread)      \
+{                                                                                                  \
+    double total = 0.0;                                                                            \
+    for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                    \
+        const int64_t i1 = i0 + CHUNK < n ? i0 + CHUNK : n;                                        \
+        float uf = 0.0f;                                                                           \
+        if (w) {                                                                                   \
+            _Pragma("omp simd reduction(+ : uf)")                                                  \
+            for (int64_t i = i0; i < i1; ++i)                                                      \
+                uf += (keep * LD(y, i) + spread) * w[i];                                           \
+        } else {                                                                                   \
+            _Pragma("omp simd reduction(+ : uf)")                                                  \
+            for (int64_t i = i0; i < i1; ++i)                                                      \
+                uf += keep * LD(y, i) + spread;                                                    \
+        }                                                                                          \
+        total += uf;                                                                               \
+    }                                                                                              \
+    return total;                                                                                  \
 }                                                                                                  \
                                                                                                    \
 /* Cross-entropy of a row against class index t (validity decided by the caller), Chapter 5:      \
@@ -334,12 +438,8 @@ static void ce_row_##SUF(const T *z, int64_t n, float m, int64_t t, const float 
     double value = coef_t != 0.0 ? coef_t * (((double)m - (double)LD(z, t)) + log_s) : 0.0;        \
     if (want_d)                                                                                    \
         value += spread * (w_sum * log_s + 2.0 * s.d);                                             \
-    const double l = (double)m + log_s;                                                            \
     *loss = (float)value;                                                                          \
-    *lse = (float)l;                                                                               \
-    /* lse's rounding (m + log S) - fl(m + log S), for log p in the backward: m - fl(..) of two  \
-     * floats is exact in double, whatever m's size (l itself would drop log S at m = 1e30) */    \
-    *res = (float)(((double)m - (double)*lse) + log_s);                                            \
+    put_lse(m, log_s, lse, res);                                                                   \
     if (h)                                                                                         \
         *h = (float)(log_s - s.a / (s.c + s.t));                                                   \
 }                                                                                                  \
@@ -595,6 +695,75 @@ void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf1
         FOR_ROWS(r0, r1, threads, CE_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, CE_ROW(f32, float));
+}
+
+/* Cross-entropy forward against probability targets y (rows of z's dtype, row stride ystride;
+ * keep = 1 - eps, spread = eps / C): per row the loss (without z-loss), coded lse, its rounding
+ * residual and (if h) the entropy.  Returns the number of rows without a distribution (their
+ * loss and entropy NaN).  bad_y (optional, zeroed by the caller): receives the number of rows
+ * with a NaN or +-inf target, which the wrapper's validation reads instead of checking y with
+ * tensor ops (a second read of y, most of the time of a call). */
+#define CE_PROBS_ROW(SUF, TT)                                                                      \
+    do {                                                                                           \
+        const TT *zr = (const TT *)z + row * stride, *yr = (const TT *)y + row * ystride;          \
+        float m;                                                                                   \
+        int nan;                                                                                   \
+        scan_##SUF(zr, n, &m, &nan);                                                               \
+        res[row] = 0.0f;                                                                           \
+        if (row_fault(m, nan, lse + row)) {                                                        \
+            loss[row] = NAN;                                                                       \
+            if (h) h[row] = NAN;                                                                   \
+            if (bad_y && bad_targets_##SUF(yr, n))                                                 \
+                __atomic_fetch_add(bad_y, 1, __ATOMIC_RELAXED);                                    \
+            break;                                                                                 \
+        }                                                                                          \
+        if (ce_probs_row_##SUF(zr, yr, n, m, w, keep, spread, loss + row, lse + row, res + row,    \
+                               h ? h + row : NULL) && bad_y)                                       \
+            __atomic_fetch_add(bad_y, 1, __ATOMIC_RELAXED);                                        \
+    } while (0)
+
+int64_t entmath_ce_probs_fwd(const void *z, const void *y, const float *w, int64_t bf16, int64_t n, int64_t stride,
+                             int64_t ystride, int64_t r0, int64_t r1, float keep, float spread, float *loss,
+                             float *lse, float *res, float *h, int64_t *bad_y, int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, CE_PROBS_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, CE_PROBS_ROW(f32, float));
+    return count_faults(lse, r0, r1);
+}
+
+/* Cross-entropy backward against probability targets (Chapter 5, eq-ce-grad):
+ *   dL/dz = p (g_loss U + g_lse - g_H (log p + H)) - g_loss u,   U = sum_j u_j,
+ *   dL/dy = -g_loss (1 - eps) w log p   (into gy, when it is not NULL).
+ * Per row: U from the row of y (from memory), then one sweep of z (from memory) and y (from
+ * cache) that writes dz (and dy). */
+#define CE_PROBS_GRAD_ROW(SUF, TT)                                                                 \
+    do {                                                                                           \
+        const TT *zr = (const TT *)z + row * stride, *yr = (const TT *)y + row * ystride;          \
+        TT *gzr = (TT *)gz + row * gstride, *gyr = gy ? (TT *)gy + row * gystride : NULL;         \
+        const float gl = g_loss[row], r = res[row];                                                \
+        const float u_sum = (float)mass_sum_##SUF(yr, n, w, keep, spread);                         \
+        const float coef = gl * u_sum + (g_lse ? g_lse[row] : 0.0f);                               \
+        const float back = (float)exp(-(double)r), ghr = g_h ? -g_h[row] : 0.0f;                  \
+        const float hr = g_h ? h[row] - r : 0.0f;                                                  \
+        if (w)                                                                                     \
+            target_grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, w, 0.0f, -1, 0.0f, yr,  \
+                                  keep, spread, gl, gyr, -keep * gl, r);                           \
+        else                                                                                       \
+            target_grad_row_##SUF(zr, gzr, n, lse[row], back, coef, ghr, hr, NULL, 0.0f, -1, 0.0f,   \
+                                  yr, keep, spread, gl, gyr, -keep * gl, r);                       \
+    } while (0)
+
+void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz, void *gy, int64_t bf16, int64_t n,
+                          int64_t stride, int64_t ystride, int64_t gstride, int64_t gystride, int64_t r0, int64_t r1,
+                          float keep, float spread, const float *lse, const float *res, const float *h,
+                          const float *g_loss, const float *g_lse, const float *g_h, int64_t threads)
+{
+    if (bf16)
+        FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(bf16, uint16_t));
+    else
+        FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(f32, float));
 }
 
 /* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):

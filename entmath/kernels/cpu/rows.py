@@ -1,5 +1,5 @@
 """The CPU kernels of the row ops (``rows.c``): entropy, KL and cross-entropy against class
-indices, each forward and backward.
+indices or probability targets, each forward and backward.
 
 Built like the entropy-normalization kernel (the same flag sets and per-user cache, ``loader``)
 and sharing its vectorised exponential (``vecmath.h``); loaded with ctypes on first use.  Rows
@@ -27,7 +27,7 @@ from . import entropy_normalization as _en
 from . import loader
 
 __all__ = ["enabled", "available", "entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd",
-           "MIN_ELEMS"]
+           "ce_probs_fwd", "ce_probs_bwd", "MIN_ELEMS"]
 
 SOURCE = Path(__file__).with_name("rows.c")
 #: Smallest input (rows x classes) for the C path: every size (on a small input the eager path's
@@ -43,7 +43,7 @@ _executor = None
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 #: The entry points that return their count of rows without a distribution.
-_COUNTS_FAULTS = ("entmath_entropy_fwd", "entmath_kl_fwd")
+_COUNTS_FAULTS = ("entmath_entropy_fwd", "entmath_kl_fwd", "entmath_ce_probs_fwd")
 _SIGNATURES = {
     # (z, bf16, n, stride, r0, r1, h, lse, threads)
     "entmath_entropy_fwd": [_P, _I, _I, _I, _I, _I, _P, _P, _I],  # -> rows without a distribution
@@ -58,6 +58,12 @@ _SIGNATURES = {
     # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
     #  g_h, sum_u, threads)
     "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I],
+    # (z, y, w, bf16, n, stride, ystride, r0, r1, keep, spread, loss, lse, res, h, bad_y, threads)
+    "entmath_ce_probs_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I],
+    # (z, y, w, gz, gy, bf16, n, stride, ystride, gstride, gystride, r0, r1, keep, spread, lse, res, h,
+    #  g_loss, g_lse, g_h, threads)
+    "entmath_ce_probs_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _P,
+                             _I],
 }
 
 
@@ -250,3 +256,46 @@ def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_
                 _ptr(g_lse), _ptr(g_ent), _ptr(sum_u))
         _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return grad
+
+
+def ce_probs_fwd(z, y, w, eps: float, want_entropy: bool, counts=None):
+    """Per-row (loss, coded lse, lse residual, entropy or empty), float32, and the number of rows
+    without a distribution, of (rows, n) logits against probability targets y of the same shape
+    and dtype (unit column stride, any row stride), class weights w (n,) float32 or None: the
+    contract of ``ops.cross_entropy.cross_entropy_rows_torch`` for probability targets without
+    soft-capping.  ``counts``: None, or a zeroed ctypes int64 array of 3 that receives the numbers
+    of rows with a NaN or +-inf target and of rows without a distribution (as ``ce_fwd``'s)."""
+    rows, n = z.shape
+    loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
+    w = _f32(w)  # (kept referenced while the kernel runs)
+    faults = 0
+    if rows:
+        args = (z.data_ptr(), y.data_ptr(), _ptr(w), int(z.dtype == torch.bfloat16), n, z.stride(0), y.stride(0))
+        fn = build().entmath_ce_probs_fwd
+        # keep and spread rounded from double, as the eager path's scalars are
+        tail = (1.0 - eps, eps / n, loss.data_ptr(), lse.data_ptr(), res.data_ptr(),
+                h.data_ptr() if want_entropy else None, None if counts is None else ctypes.addressof(counts))
+        faults = _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
+        if counts is not None:
+            counts[1] = faults
+    return loss, lse, res, h, faults
+
+
+def ce_probs_bwd(grad, z, y, w, eps: float, lse, res, h, g_loss, g_lse, g_ent, want_grad_y: bool):
+    """Write dL/dz into ``grad`` (rows, n; may be z itself: each row is read before it is
+    written) and return dL/dy (a new contiguous tensor of y's dtype) if ``want_grad_y``, else
+    None.  g_loss (rows,); g_lse, g_ent (rows,) or None."""
+    rows, n = z.shape
+    grad_y = torch.empty((rows, n), dtype=y.dtype) if want_grad_y else None
+    # Every float32 copy is bound to a name: it must outlive the kernel call that reads it.
+    w, lse, res, g_loss, g_lse, g_ent = map(_f32, (w, lse, res, g_loss, g_lse, g_ent))
+    h = _f32(h) if g_ent is not None else None
+    if rows:
+        args = (z.data_ptr(), y.data_ptr(), _ptr(w), grad.data_ptr(), _ptr(grad_y), int(z.dtype == torch.bfloat16),
+                n, z.stride(0), y.stride(0), grad.stride(0), n)
+        fn = build().entmath_ce_probs_bwd
+        tail = (1.0 - eps, eps / n, lse.data_ptr(), res.data_ptr(), _ptr(h), g_loss.data_ptr(), _ptr(g_lse),
+                _ptr(g_ent))
+        _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
+    return grad_y
