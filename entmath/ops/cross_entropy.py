@@ -652,7 +652,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[t
             class index outside [0, C) other than ``ignore_index``; NaN or +-inf probability
             targets; non-finite weights; NaN, +inf, or all ``-inf`` logits in a row that is
             not ignored.  With validation off these are not raised: such rows (and rows whose
-            class index is out of range) give NaN, other rows are unaffected.
+            class index is out of range) give NaN (a row with a +inf probability target: NaN
+            or +inf); other rows are unaffected.
 
     Examples:
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0]])
