@@ -46,6 +46,7 @@ import functools
 import hashlib
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -538,11 +539,24 @@ def loop_summary(lps) -> str:
     return " | ".join(parts) or "-"
 
 
+# The distinct compiles, set before the worker processes fork (they inherit it: a JITFunction does
+# not pickle, an index does).
+JOBS: list = []
+
+
+def analyse_job(i: int):
+    launch, cap_name, cap = JOBS[i]
+    try:
+        return analyse(launch, cap_name, cap)
+    except Exception as e:  # returned as text: a compiler's exception need not pickle
+        return RuntimeError(str(e) or type(e).__name__)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the table here (for the book's appendix)")
     ap.add_argument("--only", help="only cases of this op (e.g. entropy, attention_entropy)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in flight (threads)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in flight (processes)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     rows, failures, known, jobs = [], [], [], {}
@@ -569,16 +583,13 @@ def main(argv=None) -> int:
                 rows[-1]["_compiles"][cap_name] = ckey
                 jobs.setdefault(ckey, (launch, cap_name, cap))
     # 2. Compile and read each distinct specialisation once per target (launches that differ only
-    #    in values Triton does not specialise on share one compile); ptxas and cuobjdump run as
-    #    subprocesses, so threads overlap them.
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {job: pool.submit(analyse, launch, cap_name, cap) for job, (launch, cap_name, cap) in jobs.items()}
-    results = {}
-    for ckey, fut in futures.items():
-        try:
-            results[ckey] = fut.result()
-        except Exception as e:
-            results[ckey] = e
+    #    in values Triton does not specialise on share one compile), in worker processes: Triton's
+    #    MLIR passes hold the GIL, so threads would use one core for them (ptxas and cuobjdump run
+    #    as subprocesses either way).
+    JOBS[:] = list(jobs.values())
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        outcomes = list(pool.map(analyse_job, range(len(JOBS)), chunksize=1))
+    results = dict(zip(jobs, outcomes))
     # 3. The table, the failures.
     for row in rows:
         compiles, launch = row.pop("_compiles"), row.pop("_launch")
