@@ -45,11 +45,8 @@ book: $(STAMP)
 	@test -f _build/html/index.html
 
 # Both use every core (pytest-xdist): a notebook's cells stay together in one worker (loadfile).
-# loadgroup: tests marked xdist_group (modules with an expensive module-scoped fixture: the
-# distributed spawn, the wheel build) stay on one worker, so the fixture is built once; the rest
-# are spread as with the default (load).
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n auto --dist loadgroup
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n auto
 
 nbval: $(STAMP)
 	rm -rf $(NBDIR) && mkdir -p $(NBDIR)

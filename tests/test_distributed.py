@@ -21,9 +21,6 @@ GROUPS = [4, 2]
 BACKENDS = ["torch", "triton"]
 NUMERIC = [c for c in worker.CASES if c != "errors"]
 TOL = 1e-12  # float64 inputs: the shards' summaries and the unsharded op agree to rounding
-# One pytest-xdist worker runs the whole module (make unit: --dist loadgroup), so the 4-process spawn
-# behind the module-scoped fixture happens once, not once per worker that draws one of its tests.
-pytestmark = pytest.mark.xdist_group("distributed")
 
 
 @pytest.fixture(scope="module")

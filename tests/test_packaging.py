@@ -20,9 +20,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "buildtools", "entmath")
-# One pytest-xdist worker runs the whole module (make unit: --dist loadgroup): the wheel behind the
-# module-scoped fixture is built once.
-pytestmark = pytest.mark.xdist_group("packaging")
 
 
 def _pip(*args, cwd=None):
