@@ -46,6 +46,7 @@ import functools
 import hashlib
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -265,16 +266,30 @@ def capture(run) -> list[Launch]:
     return launches
 
 
-def compile_for(launch: Launch, capability: int):
-    """Compile as ``JITFunction.run`` would on a GPU of this capability (same specialisation)."""
+def specialise(launch: Launch, capability: int):
+    """What ``JITFunction.run`` would compile on a GPU of this capability: (source with its
+    signature, constexprs and integer/alignment attributes; target; options)."""
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound_args,
                                                                   specialization, options)
-    return triton_compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
+    return ASTSource(launch.fn, signature, constexprs, attrs), target, backend.parse_options(options.__dict__)
+
+
+def compile_key(launch: Launch, capability: int) -> tuple:
+    """Two launches with the same key compile to the same binary (Triton's own cache key: the
+    kernel's source and specialisation, the target, the options), e.g. rows of 128256 and 32000
+    logits, both multiples of 16, at the same block sizes."""
+    src, target, options = specialise(launch, capability)
+    return src.hash(), options.hash(), str(target)
+
+
+def compile_for(launch: Launch, capability: int):
+    """Compile as ``JITFunction.run`` would on a GPU of this capability (same specialisation)."""
+    src, target, options = specialise(launch, capability)
+    return triton_compile(src, target=target, options=options.__dict__)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -524,11 +539,24 @@ def loop_summary(lps) -> str:
     return " | ".join(parts) or "-"
 
 
+# The distinct compiles, set before the worker processes fork (they inherit it: a JITFunction does
+# not pickle, an index does).
+JOBS: list = []
+
+
+def analyse_job(i: int):
+    launch, cap_name, cap = JOBS[i]
+    try:
+        return analyse(launch, cap_name, cap)
+    except Exception as e:  # returned as text: a compiler's exception need not pickle
+        return RuntimeError(str(e) or type(e).__name__)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the table here (for the book's appendix)")
     ap.add_argument("--only", help="only cases of this op (e.g. entropy, attention_entropy)")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in flight (threads)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in flight (processes)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     rows, failures, known, jobs = [], [], [], {}
@@ -544,30 +572,29 @@ def main(argv=None) -> int:
         if not launches:
             failures.append(f"{case.op} {case.shape}: the launcher launched nothing (no kernel to compile)")
         for launch in launches:
-            key = (launch.name, describe(launch), str(launch.args), str(sorted(launch.kwargs.items(), key=str)))
             passes = {k: v for k, v in traffic(launch).items() if v}
             rows.append({"op": case.op, "shape": case.shape, "production": case.production, "kernel": launch.name,
                          "config": describe(launch), "grid": list(launch.grid), "rows": case.rows,
                          "reads": {k: v for k, v in passes.items() if k not in OUTPUTS},
                          "writes": {k: v for k, v in passes.items() if k in OUTPUTS},
-                         "bytes_per_row": row_bytes(launch, passes), "targets": {}, "_key": key, "_launch": launch})
+                         "bytes_per_row": row_bytes(launch, passes), "targets": {}, "_compiles": {}, "_launch": launch})
             for cap_name, cap in TARGETS.items():
-                jobs.setdefault((key, cap_name), (launch, cap))
-    # 2. Compile and read each distinct (launch, target) once; ptxas and cuobjdump run as
-    #    subprocesses, so threads overlap them.
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {job: pool.submit(analyse, launch, job[1], cap) for job, (launch, cap) in jobs.items()}
-    results = {}
-    for (key, cap_name), fut in futures.items():
-        try:
-            results[(key, cap_name)] = fut.result()
-        except Exception as e:
-            results[(key, cap_name)] = e
+                ckey = compile_key(launch, cap)
+                rows[-1]["_compiles"][cap_name] = ckey
+                jobs.setdefault(ckey, (launch, cap_name, cap))
+    # 2. Compile and read each distinct specialisation once per target (launches that differ only
+    #    in values Triton does not specialise on share one compile), in worker processes: Triton's
+    #    MLIR passes hold the GIL, so threads would use one core for them (ptxas and cuobjdump run
+    #    as subprocesses either way).
+    JOBS[:] = list(jobs.values())
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        outcomes = list(pool.map(analyse_job, range(len(JOBS)), chunksize=1))
+    results = dict(zip(jobs, outcomes))
     # 3. The table, the failures.
     for row in rows:
-        key, launch = row.pop("_key"), row.pop("_launch")
+        compiles, launch = row.pop("_compiles"), row.pop("_launch")
         for cap_name in TARGETS:
-            r = results[(key, cap_name)]
+            r = results[compiles[cap_name]]
             where = f"{row['op']} {row['shape']} {row['kernel']} {cap_name}"
             if isinstance(r, Exception):
                 msg = str(r).strip().splitlines()
@@ -593,7 +620,8 @@ def main(argv=None) -> int:
         head = json.dumps(payload)[:-1]
         args.json.write_text(f'{head}, "kernels": [\n  {kernels}\n]}}\n')
         print(f"wrote {args.json}")
-    print(f"gpu_compile_check: {len(rows)} launches, {len(jobs)} distinct compiles in {elapsed:.0f} s")
+    print(f"gpu_compile_check: {len(rows)} launches on {len(TARGETS)} targets, {len(jobs)} distinct compiles "
+          f"in {elapsed:.0f} s")
     for k in known:
         print("known (KNOWN_SPILLS)", k)
     for f in failures:
