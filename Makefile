@@ -1,8 +1,7 @@
 # Two entry points, both usable on a fresh machine:
 #   make book  - create .venv if missing, install, execute every chapter, build _build/html
-#   make test  - the same set-up, then unit tests + the book build (which executes every chapter
-#                and fails on a cell error) + a headless-Chromium check of every page (make browser)
-#                + the GPU compile check
+#   make test  - the same set-up, then unit tests + nbval over every chapter + the book build
+#                + a headless-Chromium check of every page (make browser)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,12 +9,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.entmath-installed
 NBDIR  := _build/nbval
 # Chapters are MyST notebooks (the single source of truth); nbval only reads .ipynb, so
-# `nbval` converts them into $(NBDIR) first.  `make nbval` (or CHAPTERS=book/chNN_x.md) runs
-# chapters without building the book; `make test` does not run it: its book build executes every
-# chapter in the same environment and fails on any cell error (allow_errors: false,
-# nb_execution_raise_on_error) and on any warning a cell prints (-W), which is everything
-# nbval --nbval-lax checks and more, so running nbval too would only execute every chapter twice.
-CHAPTERS ?= $(sort $(wildcard book/ch*.md))
+# `nbval` converts them into $(NBDIR) first.
+CHAPTERS := $(sort $(wildcard book/ch*.md))
 # No GPU here: Triton kernels run on the CPU through Triton's interpreter.
 export TRITON_INTERPRET ?= 1
 # (The chapters import only the installed package: entmath.ledger is part of it.)
@@ -79,12 +74,12 @@ pdf: book browser-deps
 gpu-check: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python tests/gpu_compile_check.py --json benchmarks/results/gpu_compile.json
 
-# Two lanes at once (make -j2): the unit tests use both cores through pytest-xdist, while the book
-# build and the GPU compile check are mostly one process each, so running them side by side fills
-# the idle core.  Output is grouped per step (--output-sync).  The book and its browser check start
-# first: they are the longest chain of steps that must run one after another.
+# Two lanes at once (make -j2): the unit tests and nbval use both cores through pytest-xdist, while
+# the book build and the GPU compile check are mostly one process each, so running them side by
+# side fills the idle core.  Output is grouped per step (--output-sync).  The book and its browser
+# check start first: they are the longest chain of steps that must run one after another.
 test: $(STAMP)
-	$(MAKE) --no-print-directory -j2 --output-sync=target browser unit gpu-check
+	$(MAKE) --no-print-directory -j2 --output-sync=target browser unit gpu-check nbval
 
 clean:
 	rm -rf _build
