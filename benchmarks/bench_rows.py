@@ -2,7 +2,9 @@
 
     entropy        vs  l = F.log_softmax(z); -(l.exp() * l).sum(-1)
     kl             vs  F.kl_div(F.log_softmax(b), F.log_softmax(a), log_target=True, reduction="none").sum(-1)
-    cross_entropy  vs  F.cross_entropy(z, t, reduction="none")
+    cross_entropy  vs  F.cross_entropy(z, t, reduction="none")       (class indices t)
+    cross_entropy_probs  vs  F.cross_entropy(z, y, reduction="none")  (probabilities y, softmax of
+                           random logits; the gradient flows to z only)
 
 each forward only (no autograd graph) and forward + backward (of the sum), float32, at the shapes
 256 x 32000, 32 x 128256, 4096 x 512 and 8 x 500.  Timings alternate between entmath and the
@@ -46,7 +48,7 @@ def interleaved(fns, repeats: int, warmup: int = 2) -> list:
     return [statistics.median(t) for t in times]
 
 
-OPS = ("entropy", "kl", "cross_entropy")
+OPS = ("entropy", "kl", "cross_entropy", "cross_entropy_probs")
 
 
 def cases(rows: int, n: int, only=OPS):
@@ -54,6 +56,7 @@ def cases(rows: int, n: int, only=OPS):
     z = torch.randn(rows, n, generator=g) * 3
     b = torch.randn(rows, n, generator=g) * 3
     t = torch.randint(0, n, (rows,), generator=g)
+    y = torch.softmax(torch.randn(rows, n, generator=g), -1)
 
     def ent_ref(x):
         lp = F.log_softmax(x, -1)
@@ -67,6 +70,8 @@ def cases(rows: int, n: int, only=OPS):
         "kl": (lambda x, y: entmath.kl(x, y), kl_ref, [z, b]),
         "cross_entropy": (lambda x: entmath.cross_entropy(x, t, reduction="none"),
                           lambda x: F.cross_entropy(x, t, reduction="none"), [z]),
+        "cross_entropy_probs": (lambda x: entmath.cross_entropy(x, y, reduction="none"),
+                                lambda x: F.cross_entropy(x, y, reduction="none"), [z]),
     }
     for op, (ours, ref, args) in ops.items():
         if op not in only:
@@ -130,7 +135,7 @@ def main(argv=None) -> None:
                     row[f"entmath ms ({threads} thr)"] = a * 1e3
                     row[f"torch ms ({threads} thr)"] = b * 1e3
                     row[f"ratio ({threads} thr)"] = a / b
-                    print(f"{op:14s} {mode:19s} {r}x{n:<7d} {threads} thr  entmath {a * 1e3:9.3f} ms  "
+                    print(f"{op:20s} {mode:19s} {r}x{n:<7d} {threads} thr  entmath {a * 1e3:9.3f} ms  "
                           f"torch {b * 1e3:9.3f} ms  ratio {a / b:.2f}", flush=True)
         torch.set_num_threads(1)
         calls = overhead(args.repeats) if every_op else []
