@@ -40,8 +40,13 @@ book: $(STAMP)
 	@test -f _build/html/index.html
 
 # Both use every core (pytest-xdist): a notebook's cells stay together in one worker (loadfile).
+# The DataLoader-workers test forks from a process that an xdist worker started, and there its
+# workers and parent wait on each other for ever (seen from Dec 7, also on older commits; not
+# understood yet); outside xdist it passes in seconds, so it runs on its own after the rest.
+FORK_TEST := tests/test_kernel_cache.py::test_dataloader_workers_load_the_cached_kernel_and_leave_nothing_in_tmpdir
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n auto
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -n auto --deselect $(FORK_TEST)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(FORK_TEST)
 
 nbval: $(STAMP)
 	rm -rf $(NBDIR) && mkdir -p $(NBDIR)

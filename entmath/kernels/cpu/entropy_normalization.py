@@ -53,12 +53,10 @@ BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-f
 _lock = threading.Lock()
 _lib = None
 _failed = False
+_pool = None
 #: Logits per thread below which another thread costs more than it saves (waking a thread is
 #: tens of microseconds idle, milliseconds on a busy machine; a row costs a few passes of exp).
 GRAIN = 1 << 14
-
-
-_pool = None
 
 
 def _shares_torch_openmp(cc: list) -> bool:
