@@ -52,7 +52,8 @@ FEWER_EXAMPLES_ON_TRITON = {
                          "test_attention_entropy_within_its_stated_bound"},
     "test_entropy.py": {"test_matches_mpmath_fp64"},
     "test_kl.py": {"test_matches_mpmath"},
-    "test_jsd.py": {"test_matches_mpmath"},
+    # (Not test_jsd.py's test_matches_mpmath: a clean-clone run at 15 examples drew a case where the
+    # Triton kernel's JSD is half the exact 8.9e-178; it keeps the full profile until that is fixed.)
 }
 
 
