@@ -697,6 +697,47 @@ void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf1
         FOR_ROWS(r0, r1, threads, CE_ROW(f32, float));
 }
 
+/* The common call (class indices; no class weights, entropy, z-loss or soft-capping), forward in
+ * one call: entmath_ce_fwd over all rows, then its reduction into out: 1 "sum", 2 "mean" over the
+ * rows not ignored (0 if there are none), summed in double (no overflow, one rounding); 0 "none"
+ * (out is then the rows' losses).  scratch: 3 rows floats, the rows' losses, coded lse and
+ * residuals (what the backward reads), or NULL when nobody reads them (a call that records no
+ * graph): they then live in a buffer of this call.  counts is required: the mean reads the
+ * count of ignored rows.
+ * The integer arguments come packed in a[] (z, t, bf16, n, stride, rows, ignore_index, scratch,
+ * counts, reduction, out, threads): ctypes converts every argument it passes, about 0.25 us
+ * apiece, which was a sixth of a small call. */
+void entmath_ce_fwd_reduced(const int64_t *a, float eps)
+{
+    const void *z = (const void *)a[0];
+    const int64_t *t = (const int64_t *)a[1];
+    const int64_t bf16 = a[2], n = a[3], stride = a[4], rows = a[5], ignore_index = a[6];
+    float *scratch = (float *)a[7];
+    int64_t *counts = (int64_t *)a[8];
+    const int64_t reduction = a[9], threads = a[11];
+    float *out = (float *)a[10];
+    float *own = scratch ? NULL : malloc(sizeof(float) * (size_t)(3 * rows + 1));
+    float *buf = scratch ? scratch : own;
+    if (!buf) {  /* (out of memory: NaN, never a silent number) */
+        for (int64_t row = 0; row < (reduction ? 1 : rows); ++row)
+            out[row] = NAN;
+        return;
+    }
+    float *loss = reduction ? buf : out;
+    entmath_ce_fwd(z, t, NULL, bf16, n, stride, 0, rows, eps, ignore_index, loss, buf + rows, buf + 2 * rows, NULL,
+                   counts, threads);
+    if (reduction) {
+        double sum = 0.0;
+        for (int64_t row = 0; row < rows; ++row)
+            sum += (double)loss[row];
+        const int64_t counted = rows - counts[2];
+        if (reduction == 2)
+            sum = counted > 0 ? sum / (double)counted : 0.0;
+        *out = (float)sum;
+    }
+    free(own);
+}
+
 /* Cross-entropy forward against probability targets y (rows of z's dtype, row stride ystride;
  * keep = 1 - eps, spread = eps / C): per row the loss (without z-loss), coded lse, its rounding
  * residual and (if h) the entropy.  Returns the number of rows without a distribution (their
@@ -769,6 +810,8 @@ void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz
 /* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):
  *   dL/dz = p (g_loss sum u + g_lse - g_H (log p + H)) - g_loss u,
  * u_j = (eps / C) w_j + (1 - eps) w_t [j = t].  sum_u: the rows' sums of u (NULL: 1, unweighted).
+ * g_loss of row r is g_loss[r * g_stride] / g_div: stride 0 and g_div = the rows counted give a
+ * "mean" reduction's gradient without a rows-sized copy of it (the common call's backward).
  * Ignored rows get exactly 0; rows whose index is out of range, NaN. */
 #define CE_GRAD_ROW(SUF, TT)                                                                       \
     do {                                                                                           \
@@ -781,7 +824,7 @@ void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz
                 st_##SUF(gzr, i, fill);                                                            \
             break;                                                                                 \
         }                                                                                          \
-        const float gl = g_loss[row];                                                              \
+        const float gl = g_loss[row * g_stride] / g_div;                                           \
         const float coef = gl * (sum_u ? sum_u[row] : 1.0f) + (g_lse ? g_lse[row] : 0.0f);        \
         const float r = res[row];                                                                  \
         const float gt = gl * keep * (w ? w[ti] : 1.0f);                                           \
@@ -796,13 +839,27 @@ void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz
 void entmath_ce_bwd(const void *z, const int64_t *t, const float *w, void *gz, int64_t bf16, int64_t n,
                     int64_t stride, int64_t gstride, int64_t r0, int64_t r1, float eps, int64_t ignore_index,
                     const float *lse, const float *res, const float *h, const float *g_loss, const float *g_lse,
-                    const float *g_h, const float *sum_u, int64_t threads)
+                    const float *g_h, const float *sum_u, int64_t g_stride, float g_div, int64_t threads)
 {
     const float keep = 1.0f - eps, spread = eps / (float)n;
     if (bf16)
         FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, CE_GRAD_ROW(f32, float));
+}
+
+/* The common call's backward: dL/dz into gz (contiguous rows) from the forward's scratch (lse at
+ * scratch + rows, residuals at scratch + 2 rows) and the gradient g of its result: row r's is
+ * g[r * g_stride] / g_div (a "mean": g_stride 0, g_div the rows counted).  Integer arguments
+ * packed as entmath_ce_fwd_reduced's: (z, t, gz, bf16, n, stride, rows, ignore_index, scratch, g,
+ * g_stride, threads). */
+void entmath_ce_bwd_reduced(const int64_t *a, float eps, float g_div)
+{
+    const int64_t n = a[4], rows = a[6];
+    const float *scratch = (const float *)a[8];
+    entmath_ce_bwd((const void *)a[0], (const int64_t *)a[1], NULL, (void *)a[2], a[3], n, a[5], n, 0, rows, eps,
+                   a[7], scratch + rows, scratch + 2 * rows, NULL, (const float *)a[9], NULL, NULL, NULL, a[10],
+                   g_div, a[11]);
 }
 
 /* KL forward: per row KL, and the coded log-normalisers of a and b. */

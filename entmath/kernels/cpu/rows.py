@@ -27,7 +27,7 @@ from . import entropy_normalization as _en
 from . import loader
 
 __all__ = ["enabled", "available", "entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd",
-           "ce_probs_fwd", "ce_probs_bwd", "MIN_ELEMS"]
+           "ce_fwd_reduced", "ce_bwd_reduced", "ce_probs_fwd", "ce_probs_bwd", "MIN_ELEMS"]
 
 SOURCE = Path(__file__).with_name("rows.c")
 #: Smallest input (rows x classes) for the C path: every size (on a small input the eager path's
@@ -56,8 +56,11 @@ _SIGNATURES = {
     # (z, t, w, bf16, n, stride, r0, r1, eps, ignore_index, loss, lse, res, h, counts, threads)
     "entmath_ce_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _I],
     # (z, t, w, gz, bf16, n, stride, gstride, r0, r1, eps, ignore_index, lse, res, h, g_loss, g_lse,
-    #  g_h, sum_u, threads)
-    "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I],
+    #  g_h, sum_u, g_stride, g_div, threads)
+    "entmath_ce_bwd": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I, _P, _P, _P, _P, _P, _P, _P, _I, _F, _I],
+    # (packed integer arguments, eps), (packed, eps, g_div): see rows.c
+    "entmath_ce_fwd_reduced": [_P, _F],
+    "entmath_ce_bwd_reduced": [_P, _F, _F],
     # (z, y, w, bf16, n, stride, ystride, r0, r1, keep, spread, loss, lse, res, h, bad_y, threads)
     "entmath_ce_probs_fwd": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I],
     # (z, y, w, gz, gy, bf16, n, stride, ystride, gstride, gystride, r0, r1, keep, spread, lse, res, h,
@@ -97,7 +100,7 @@ def enabled(*tensors: torch.Tensor) -> bool:
     """Whether these (rows, n) tensors (the logits first) take the C path.  Decided from shapes,
     dtypes and flags alone (it is traced by torch.compile); the kernel is built by the first call
     that uses it, and ``available`` says whether that worked."""
-    if _failed or os.environ.get("ENTMATH_COMPILE", "1") == "0":
+    if not on():
         return False
     z = tensors[0]
     if z.dim() != 2 or z.numel() < max(MIN_ELEMS, 1) or z.dtype not in _DTYPES:
@@ -108,11 +111,25 @@ def enabled(*tensors: torch.Tensor) -> bool:
     return True
 
 
+# ENTMATH_COMPILE read where os.environ keeps it (a dict lookup: os.environ.get costs about a
+# microsecond, a tenth of a small cross-entropy call); os.environ.get where that store is not found.
+_ENVIRON = getattr(os.environ, "_data", None)
+if isinstance(_ENVIRON, dict) and hasattr(os.environ, "encodekey") and hasattr(os.environ, "encodevalue"):
+    _OFF = (os.environ.encodekey("ENTMATH_COMPILE"), os.environ.encodevalue("0"))
+
+    def on() -> bool:
+        """Whether the C path may be used at all: not turned off (``ENTMATH_COMPILE=0``), not failed."""
+        return not _failed and _ENVIRON.get(_OFF[0]) != _OFF[1]
+else:  # pragma: no cover - another os.environ
+    def on() -> bool:
+        """Whether the C path may be used at all: not turned off (``ENTMATH_COMPILE=0``), not failed."""
+        return not _failed and os.environ.get("ENTMATH_COMPILE", "1") != "0"
+
+
 def takes(z: torch.Tensor) -> bool:
     """``enabled`` for one tensor of any number of dimensions, classes last (the ops' quick test)."""
-    return (not _failed and z.dtype in _DTYPES and z.device.type == "cpu" and z.dim() >= 1
-            and z.numel() >= max(MIN_ELEMS, 1) and z.stride(-1) == 1
-            and os.environ.get("ENTMATH_COMPILE", "1") != "0")
+    return (z.dtype in _DTYPES and z.is_cpu and z.dim() >= 1 and z.numel() >= max(MIN_ELEMS, 1)
+            and z.stride(-1) == 1 and on())
 
 
 def available() -> bool:
@@ -239,6 +256,66 @@ def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool, counts=No
     return loss, lse, res, h
 
 
+#: The reductions of ``ce_fwd_reduced``, as the C entry point numbers them.
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def threads_of_one_call(rows: int, n: int) -> int:
+    """The threads of ``ce_fwd_reduced`` for (rows, n) logits, or 0 if one call cannot take them
+    (more than one thread's rows, without OpenMP: Python threads would split them, ``_run``)."""
+    threads = torch.get_num_threads()
+    if threads > 1 and rows * n >= 2 * GRAIN:
+        threads = min(threads, rows, _CPUS, rows * n // GRAIN)
+        return threads if _openmp() else 0
+    return 1
+
+
+_local = threading.local()
+
+
+def _packed():
+    """This thread's array for the packed integer arguments of the common call's entry points
+    (one per thread: ctypes releases the GIL during a call, so another thread may pack its own)."""
+    try:
+        return _local.args
+    except AttributeError:
+        _local.args = (ctypes.c_int64 * 12)()
+        return _local.args
+
+
+def ce_fwd_reduced(z, t, eps: float, ignore_index: int, reduction: int, counts, threads: int, keep: bool = False):
+    """Cross-entropy of (rows, n) logits, classes contiguous, against int64 class indices t
+    (rows,), contiguous, without class weights, entropy, z-loss or soft-capping, reduced
+    (``REDUCTION_CODES``), in one call of the kernel on ``threads`` threads
+    (``threads_of_one_call``): ``(out, scratch)``, out the float32 result (the rows' losses for
+    "none", else a 0-dim sum or mean over the rows not ignored), scratch (3 rows,) float32 the
+    rows' losses, coded lse and lse residuals if ``keep`` (what the backward and validation
+    read: ``scratch[rows:]``), else None (they stay inside the call).  counts: a zeroed ctypes
+    int64 array of 3, filled as ``ce_fwd`` fills it."""
+    rows, n = z.shape
+    out = torch.empty(() if reduction else rows, dtype=torch.float32)
+    scratch = torch.empty(3 * rows, dtype=torch.float32) if keep else None
+    args = _packed()
+    args[:] = (z.data_ptr(), t.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows, ignore_index,
+               scratch.data_ptr() if keep else 0, ctypes.addressof(counts), reduction, out.data_ptr(), threads)
+    build().entmath_ce_fwd_reduced(args, eps)
+    return out, scratch
+
+
+def ce_bwd_reduced(z, t, eps: float, ignore_index: int, scratch, g, g_div: float, threads: int):
+    """dL/dz (a new tensor like z, contiguous) of ``ce_fwd_reduced``'s result, given its gradient
+    g: a 0-dim tensor, or (rows,) for "none" (any stride: an expanded gradient is read as it is);
+    g_div: what the mean divided by (1 otherwise); threads: the forward's."""
+    rows, n = z.shape
+    grad = torch.empty((rows, n), dtype=z.dtype)
+    g = g if g.dtype is torch.float32 else g.to(torch.float32)  # (bound to a name: read by the kernel)
+    args = _packed()
+    args[:] = (z.data_ptr(), t.data_ptr(), grad.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows,
+               ignore_index, scratch.data_ptr(), g.data_ptr(), g.stride(0) if g.dim() else 0, threads)
+    build().entmath_ce_bwd_reduced(args, eps, g_div)
+    return grad
+
+
 def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_lse, g_ent, sum_u):
     """Write dL/dz into ``grad`` (rows, n; may be z itself: each row is read before it is
     written).  g_loss (rows,); g_lse, g_ent (rows,) or None; sum_u (rows,) the target mass sums,
@@ -253,7 +330,7 @@ def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_
                 z.stride(0), grad.stride(0))
         fn = build().entmath_ce_bwd
         tail = (float(eps), int(ignore_index), lse.data_ptr(), res.data_ptr(), _ptr(h), g_loss.data_ptr(),
-                _ptr(g_lse), _ptr(g_ent), _ptr(sum_u))
+                _ptr(g_lse), _ptr(g_ent), _ptr(sum_u), 1, 1.0)
         _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return grad
 
