@@ -2,8 +2,9 @@
 
 Implementation checks (the common call against the general path, which the mpmath property tests
 of tests/test_cross_entropy.py hold to the exact values): an eager call with CPU float32/bfloat16
-logits against int64 class indices, with no option but ``ignore_index``, ``reduction`` and
-``label_smoothing``, runs one C kernel call forward (the reduction included) and one backward.
+logits against int64 class indices or probability targets of their dtype, with no option but
+``ignore_index``, ``reduction`` and ``label_smoothing``, runs one C kernel call forward (the
+reduction included) and one backward.
 It must give the general path's values, gradients and Hessian-vector products, see the same bad
 input, and leave every other call to the general path.
 """
@@ -47,14 +48,22 @@ def general(monkeypatch):
 def calls(monkeypatch):
     """Count the common call's kernel calls."""
     count = []
-    real = cpu_rows.ce_fwd_reduced
+    for name in ("ce_fwd_reduced", "ce_probs_fwd_reduced"):
+        def counted(*args, real=getattr(cpu_rows, name), **kwargs):
+            count.append(1)
+            return real(*args, **kwargs)
 
-    def counted(*args, **kwargs):
-        count.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_rows, "ce_fwd_reduced", counted)
+        monkeypatch.setattr(cpu_rows, name, counted)
     return count
+
+
+def _probabilities(z, seed=1):
+    """Probability targets of z's dtype, one row of them with zeros where z is -inf (row 1)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.softmax(torch.randn(z.shape, generator=g, dtype=torch.float64) * 2, -1)
+    if z.shape[0] > 1:
+        y[1, 7:] = 0.0
+    return y.to(z.dtype)
 
 
 def test_the_common_call_takes_the_common_call_and_nothing_else(calls):
@@ -67,12 +76,18 @@ def test_the_common_call_takes_the_common_call_and_nothing_else(calls):
                    dict(inplace_backward=True)]:
         entmath.cross_entropy(z.detach() * 1, t, **kwargs)
     entmath.cross_entropy(z.detach().double(), t)  # float64: the torch path
+    y = _probabilities(z)
+    entmath.cross_entropy(z.detach(), y, label_smoothing=0.2)
+    assert len(calls) == 3
+    entmath.cross_entropy(z.detach(), y.double())  # targets of another dtype
+    entmath.cross_entropy(z.detach(), y.t().contiguous().t())  # targets' classes not contiguous
+    entmath.cross_entropy(z.detach(), y, weight=torch.ones(300))
     entmath.cross_entropy(z.detach().t().contiguous().t(), t)  # classes not contiguous
     entmath.cross_entropy(z.detach(), t.int())  # int32 indices
     entmath.cross_entropy(z.detach().unsqueeze(0), t.unsqueeze(0), dim=-1)  # three dimensions
     entmath.cross_entropy(z.detach().t(), t, dim=0)  # another class dimension
     torch.func.grad(lambda x: entmath.cross_entropy(x, t))(z.detach())
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -106,18 +121,50 @@ def test_values_and_gradients_are_the_general_paths(reduction, eps, dtype, ignor
         assert common[0].item() == 0.0 and not common[2].any()
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("wrt", ["z", "y", "both"])
+def test_probability_targets_give_the_general_paths_values_and_gradients(reduction, eps, dtype, wrt, general,
+                                                                         calls):
+    z, _ = _inputs(dtype)
+    y = _probabilities(z)
+    w = torch.linspace(-1.0, 2.0, 6)
+
+    def run():
+        zl, yl = z.clone().requires_grad_(wrt != "y"), y.clone().requires_grad_(wrt != "z")
+        out = entmath.cross_entropy(zl, yl, reduction=reduction, label_smoothing=eps)
+        (out * w).sum().backward() if reduction == "none" else (3.0 * out).backward()
+        with torch.no_grad():
+            plain = entmath.cross_entropy(z, y, reduction=reduction, label_smoothing=eps)
+        return out.detach(), plain, zl.grad, yl.grad
+
+    common = run()
+    assert len(calls) == 2
+    ref = general(run)
+    assert len(calls) == 2
+    tol = dict(rtol=0, atol=0) if reduction == "none" or dtype == torch.bfloat16 else dict(rtol=4e-7, atol=0)
+    for a, b in zip(common[:2], ref[:2]):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(common[2:], ref[2:]):  # (None where not wanted, on both paths)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("target", ["class", "probs"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_hessian_vector_products_are_the_general_paths(reduction, general):
+def test_hessian_vector_products_are_the_general_paths(target, reduction, general):
     """create_graph=True: the common call's backward builds its graph through the unit."""
     z, t = _inputs()
+    y = _probabilities(z)
     v = torch.cos(torch.arange(z.numel(), dtype=z.dtype)).view(z.shape)
 
     def run():
-        zl = z.clone().requires_grad_()
-        out = entmath.cross_entropy(zl, t, reduction=reduction, label_smoothing=0.1)
-        (g,) = torch.autograd.grad(out.sum(), zl, create_graph=True)
-        (hvp,) = torch.autograd.grad((g * v).sum(), zl)
-        return g.detach(), hvp
+        zl, yl = z.clone().requires_grad_(), y.clone().requires_grad_()
+        out = entmath.cross_entropy(zl, t if target == "class" else yl, reduction=reduction, label_smoothing=0.1)
+        g = torch.autograd.grad(out.sum(), zl, create_graph=True)[0]
+        wrt = [zl] if target == "class" else [zl, yl]  # (y's part: the mixed second derivative)
+        return (g.detach(), *torch.autograd.grad((g * v).sum(), wrt))
 
     for a, b in zip(run(), general(run)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
@@ -202,3 +249,22 @@ def test_bad_input_is_seen_as_on_the_general_path(grad, general):
             mean = entmath.cross_entropy(zb, t)
         torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
         assert out[3].isnan() and not out[[0, 1, 2, 4, 5]].isnan().any() and mean.isnan()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "graph"])
+def test_bad_probability_targets_and_rows_are_seen_as_on_the_general_path(grad, general):
+    z, _ = _inputs()
+    y = _probabilities(z)
+    y_bad = y.clone()
+    y_bad[2, 9] = float("nan")
+    with pytest.raises(ValueError, match=r"target contains NaN or \+-inf probabilities \(row\(s\) \[2\]"):
+        entmath.cross_entropy(z.requires_grad_(grad), y_bad)
+    zb = z.detach().clone()
+    zb[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        entmath.cross_entropy(zb.requires_grad_(grad), y)
+    with entmath.validation(False):
+        out = entmath.cross_entropy(zb, y_bad, reduction="none")
+        ref = general(entmath.cross_entropy, zb, y_bad, reduction="none")
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    assert out[[2, 3]].isnan().all() and not out[[0, 1, 4, 5]].isnan().any()

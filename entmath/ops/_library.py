@@ -26,7 +26,7 @@ import torch
 from .._backend import interpreter_enabled
 
 __all__ = ["triton_kernel_op", "cpu_kernel_op", "register_row_vmap", "acc_dtype", "eager_call", "plain_eager",
-           "eager_function"]
+           "eager_function", "eager_apply"]
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -105,11 +105,25 @@ def eager_call(*tensors):
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN_TENSORS or t.is_meta:
-            return None  # a subclass (FakeTensor, DTensor, ...) or a meta tensor
+        if type(t) not in _PLAIN_TENSORS or t.is_meta or _functorch_wrapped(t):
+            return None  # a subclass (FakeTensor, DTensor, ...), a meta tensor, or one left by a torch.func transform
         if grad and t.requires_grad:
             mode = "graph"
     return mode
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def eager_apply(function):
+    """Give the old-style Function ``function`` (one called only where ``eager_call`` allowed the
+    call) the C++ ``apply`` itself, without the Python layer of ``torch.autograd.Function.apply``
+    (about 4 us a call: a setup_context test, a nested function, the unwrapping of tensors left
+    by dead torch.func transforms).  That layer does nothing else for an old-style Function when
+    no torch.func transform is active and no tensor is a torch.func wrapper, which
+    ``eager_call`` has checked."""
+    function.apply = super(torch.autograd.Function, function).apply
+    return function
 
 
 def plain_eager(*tensors) -> bool:
@@ -142,4 +156,4 @@ def eager_function(unit):
             return *unit.backward(ctx, *grads), None
 
     Eager.__name__ = Eager.__qualname__ = f"{unit.__name__}Eager"
-    return Eager
+    return eager_apply(Eager)

@@ -55,7 +55,8 @@ from .._backend import resolve_backend
 from .._validate import (check_float_tensor, check_rows_finite, coded_lse, compute_dtype, is_validation_enabled, lowest,
                          normalize_dim, value_checks_active)
 from ..kernels.cpu import rows as cpu_rows
-from ._library import acc_dtype, cpu_kernel_op, eager_call, eager_function, register_row_vmap, triton_kernel_op
+from ._library import (acc_dtype, cpu_kernel_op, eager_apply, eager_call, eager_function, register_row_vmap,
+                       triton_kernel_op)
 from ._rows import kernels, output_dtype, rows_2d, upcast
 from ._stats import clamped, nan_unless_finite
 
@@ -557,83 +558,110 @@ register_row_vmap(cross_entropy_probs_cpu, (1, 1, None, None, None))
 
 
 # ---- the common call: one C kernel call forward, one backward ---------------------------------
+@eager_apply
 class _CommonCall(torch.autograd.Function):
-    """``cross_entropy`` of (rows, n) CPU logits against int64 class indices with no class
-    weights, entropy, z-loss, soft-capping or in-place backward, reduced, for eager calls that
-    record a graph (``_common_call``): the forward is one kernel call that also reduces
-    (``kernels.cpu.rows.ce_fwd_reduced``), the backward one that reads the reduction's gradient
-    as it is (a scalar, or the rows' gradients at any stride).  One autograd node instead of
-    the unit's three (the unit, a division and a sum): on small inputs the graph's bookkeeping
-    is most of the time.  A graph of the backward (``create_graph=True``) is built by the unit
-    itself, recomputed from the logits, so that double backward sees lse's dependence on z."""
+    """``cross_entropy`` of (rows, n) CPU logits against int64 class indices or probability
+    targets of their dtype, with no class weights, entropy, z-loss, soft-capping or in-place
+    backward, reduced, for eager calls that record a graph (``_common_call``): the forward is
+    one kernel call that also reduces (``kernels.cpu.rows.ce_fwd_reduced``,
+    ``ce_probs_fwd_reduced``), the backward one that reads the reduction's gradient as it is (a
+    scalar, or the rows' gradients at any stride).  One autograd node instead of the unit's
+    three (the unit, a division and a sum): on small inputs the graph's bookkeeping is most of
+    the time.  A graph of the backward (``create_graph=True``) is built by the unit itself,
+    recomputed from the inputs, so that double backward sees lse's dependence on them."""
 
     @staticmethod
-    def forward(ctx, z, t, options):
-        eps, ignore_index, reduction, counts, threads = options
-        out, scratch = cpu_rows.ce_fwd_reduced(z, t, eps, ignore_index, _REDUCTION_CODES[reduction], counts, threads,
-                                               keep=True)
-        ctx.save_for_backward(z, t, scratch)
+    def forward(ctx, z, target, options):
+        probs, eps, ignore_index, reduction, counts, threads = options
+        code = _REDUCTION_CODES[reduction]
+        if probs:
+            out, scratch = cpu_rows.ce_probs_fwd_reduced(z, target, eps, code, counts, threads, keep=True)
+        else:
+            out, scratch = cpu_rows.ce_fwd_reduced(z, target, eps, ignore_index, code, counts, threads, keep=True)
+        ctx.save_for_backward(z, target, scratch)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, g):
-        z, t, scratch = ctx.saved_tensors
-        eps, ignore_index, reduction, counts, threads = ctx.options
+        z, target, scratch = ctx.saved_tensors
+        probs, eps, ignore_index, reduction, counts, threads = ctx.options
+        need_z, need_y = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
             with torch.enable_grad():
-                loss, _, _, _ = _CrossEntropy.apply(z, t, None, None, eps, ignore_index, 0.0, False, False, "cpu")
-                out = _reduce(loss, None, reduction, t != ignore_index, None)
-            gz = torch.autograd.grad(out, z, g, create_graph=True)[0]
-        else:
-            counted = z.shape[0] - counts[2]  # rows not ignored (the kernel counted the others)
-            g_div = float(counted) if reduction == "mean" and counted > 0 else 1.0
-            gz = cpu_rows.ce_bwd_reduced(z, t, eps, ignore_index, scratch, g, g_div, threads)
-        return gz, None, None
+                t, y = (None, target) if probs else (target, None)
+                loss = _CrossEntropy.apply(z, t, y, None, eps, ignore_index, 0.0, False, False, "cpu")[0]
+                out = _reduce(loss, None, reduction, None if probs else target != ignore_index, None)
+            grads = iter(torch.autograd.grad(out, [x for x, need in ((z, need_z), (target, need_y)) if need], g,
+                                             create_graph=True))
+            return next(grads) if need_z else None, next(grads) if need_y else None, None
+        rows = z.shape[0]
+        counted = rows if probs else rows - counts[2]  # rows not ignored (the kernel counted the others)
+        g_div = float(counted) if reduction == "mean" and counted > 0 else 1.0
+        if probs:
+            gz, gy = cpu_rows.ce_probs_bwd_reduced(z, target, eps, scratch, g, g_div, threads, need_y)
+            return gz if need_z else None, gy, None
+        return cpu_rows.ce_bwd_reduced(z, target, eps, ignore_index, scratch, g, g_div, threads), None, None
 
 
 _NUMBERS = (float, int)
 _C_DTYPES = (torch.float32, torch.bfloat16)
-_COUNTS = ctypes.c_int64 * 3  # what the kernel counts (``kernels.cpu.rows.ce_fwd``)
+_COUNTS = ctypes.c_int64 * 3  # what the kernel counts (``kernels.cpu.rows.ce_fwd``, ``ce_probs_fwd``)
 _REDUCTION_CODES = cpu_rows.REDUCTION_CODES
 
 
 def _common_call(logits, target, dim, ignore_index, reduction, eps, backend):
-    """``cross_entropy`` for the call most programs make, or None (the general path then runs):
+    """``cross_entropy`` for the calls most programs make, or None (the general path then runs):
     an eager call (``eager_call``) with CPU float32/bfloat16 logits (rows, n), classes last and
-    contiguous, int64 class indices (rows,), contiguous, and only ``ignore_index``,
-    ``reduction`` and ``label_smoothing`` among the options.  It computes what the general path
-    computes, by the same C kernel, with the reduction in the kernel call (summed in double:
-    within a rounding or two of the general path's float32 sum of the rows divided first), and
-    reads the kernel's counts for validation: a handful of Python steps in all, so that a small
-    input costs about what ``F.cross_entropy`` costs.  Anything it does not accept, including
-    every bad argument, goes to the general path, which raises the documented errors."""
-    if not (type(target) is torch.Tensor and target.dtype is torch.int64 and target.dim() == 1
-            and logits.dim() == 2 and type(dim) is int and (dim == -1 or dim == 1)):
+    contiguous, against int64 class indices (rows,), contiguous, or probability targets of the
+    logits' dtype and shape, classes contiguous, with only ``ignore_index``, ``reduction`` and
+    ``label_smoothing`` among the options.  It computes what the general path computes, by the
+    same C kernel, with the reduction in the kernel call (summed in double: within a rounding or
+    two of the general path's float32 sum of the rows divided first), and reads the kernel's
+    counts for validation: a handful of Python steps in all, so that a small input costs about
+    what ``F.cross_entropy`` costs.  Anything it does not accept, including every bad argument,
+    goes to the general path, which raises the documented errors."""
+    if not (type(target) is torch.Tensor and logits.dim() == 2 and type(dim) is int and (dim == -1 or dim == 1)
+            and type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX):
         return None
     rows, n = logits.shape
-    if not (target.shape[0] == rows and n and target.is_contiguous() and logits.dtype in _C_DTYPES and logits.is_cpu
-            and logits.stride(1) == 1 and rows * n >= cpu_rows.MIN_ELEMS and cpu_rows.on()
-            and type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX
-            and backend in ("auto", "torch") and type(eps) in _NUMBERS and 0.0 <= eps <= 1.0):
+    probs = target.dtype is logits.dtype
+    if probs:
+        if not (target.shape == logits.shape and target.is_cpu and target.stride(1) == 1 and ignore_index < 0):
+            return None
+    elif not (target.dtype is torch.int64 and target.dim() == 1 and target.shape[0] == rows
+              and target.is_contiguous()):
+        return None
+    if not (n and logits.dtype in _C_DTYPES and logits.is_cpu and logits.stride(1) == 1
+            and rows * n >= cpu_rows.MIN_ELEMS and cpu_rows.on() and backend in ("auto", "torch")
+            and type(eps) in _NUMBERS and 0.0 <= eps <= 1.0):
         return None
     threads = cpu_rows.threads_of_one_call(rows, n)
-    mode = eager_call(logits)
+    mode = eager_call(logits, target) if probs else eager_call(logits)
     if mode is None or not threads or not cpu_rows.available():
         return None
-    counts = _COUNTS()
-    if mode == "plain":
-        out = cpu_rows.ce_fwd_reduced(logits, target, float(eps), ignore_index, _REDUCTION_CODES[reduction], counts,
-                                      threads)[0]
+    counts, eps = _COUNTS(), float(eps)
+    if mode == "graph":
+        out = _CommonCall.apply(logits, target, (probs, eps, ignore_index, reduction, counts, threads))
+    elif probs:
+        out = cpu_rows.ce_probs_fwd_reduced(logits, target, eps, _REDUCTION_CODES[reduction], counts, threads)[0]
     else:
-        out = _CommonCall.apply(logits, target, (float(eps), ignore_index, reduction, counts, threads))
+        out = cpu_rows.ce_fwd_reduced(logits, target, eps, ignore_index, _REDUCTION_CODES[reduction], counts,
+                                      threads)[0]
     if (counts[0] or counts[1]) and is_validation_enabled():
-        if counts[0]:
-            _check_class_indices(target, target, ignore_index, n)  # raises, naming the indices
-        # The rows' coded lse, which name the cause, from one more call that keeps them
-        lse = cpu_rows.ce_fwd_reduced(logits.detach(), target, float(eps), ignore_index, 0, _COUNTS(), threads,
-                                      keep=True)[1][rows:2 * rows]
-        check_rows_finite(lse, "logits", rows=target != ignore_index)  # raises
+        # (raises, naming the targets or rows; the rows' coded lse, which name the cause, come
+        # from one more call that keeps them)
+        z, again = logits.detach(), _COUNTS()
+        if probs:
+            if counts[0]:
+                _check_probabilities(target)
+            lse = cpu_rows.ce_probs_fwd_reduced(z, target.detach(), eps, 0, again, threads, keep=True)[1]
+            check_rows_finite(lse[rows:2 * rows], "logits")
+        else:
+            if counts[0]:
+                _check_class_indices(target, target, ignore_index, n)
+            lse = cpu_rows.ce_fwd_reduced(z, target, eps, ignore_index, 0, again, threads, keep=True)[1]
+            check_rows_finite(lse[rows:2 * rows], "logits", rows=target != ignore_index)
     if logits.dtype is not torch.float32:
         out = out.to(output_dtype(logits))
     return out

@@ -777,13 +777,14 @@ int64_t entmath_ce_probs_fwd(const void *z, const void *y, const float *w, int64
 /* Cross-entropy backward against probability targets (Chapter 5, eq-ce-grad):
  *   dL/dz = p (g_loss U + g_lse - g_H (log p + H)) - g_loss u,   U = sum_j u_j,
  *   dL/dy = -g_loss (1 - eps) w log p   (into gy, when it is not NULL).
+ * g_loss of row r is g_loss[r * g_stride] / g_div (as in entmath_ce_bwd).
  * Per row: U from the row of y (from memory), then one sweep of z (from memory) and y (from
  * cache) that writes dz (and dy). */
 #define CE_PROBS_GRAD_ROW(SUF, TT)                                                                 \
     do {                                                                                           \
         const TT *zr = (const TT *)z + row * stride, *yr = (const TT *)y + row * ystride;          \
         TT *gzr = (TT *)gz + row * gstride, *gyr = gy ? (TT *)gy + row * gystride : NULL;         \
-        const float gl = g_loss[row], r = res[row];                                                \
+        const float gl = g_loss[row * g_stride] / g_div, r = res[row];                             \
         const float u_sum = (float)mass_sum_##SUF(yr, n, w, keep, spread);                         \
         const float coef = gl * u_sum + (g_lse ? g_lse[row] : 0.0f);                               \
         const float back = (float)exp(-(double)r), ghr = g_h ? -g_h[row] : 0.0f;                  \
@@ -799,12 +800,57 @@ int64_t entmath_ce_probs_fwd(const void *z, const void *y, const float *w, int64
 void entmath_ce_probs_bwd(const void *z, const void *y, const float *w, void *gz, void *gy, int64_t bf16, int64_t n,
                           int64_t stride, int64_t ystride, int64_t gstride, int64_t gystride, int64_t r0, int64_t r1,
                           float keep, float spread, const float *lse, const float *res, const float *h,
-                          const float *g_loss, const float *g_lse, const float *g_h, int64_t threads)
+                          const float *g_loss, const float *g_lse, const float *g_h, int64_t g_stride, float g_div,
+                          int64_t threads)
 {
     if (bf16)
         FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(bf16, uint16_t));
     else
         FOR_ROWS(r0, r1, threads, CE_PROBS_GRAD_ROW(f32, float));
+}
+
+/* The common call against probability targets (of z's dtype, contiguous classes; no class
+ * weights, entropy, z-loss or soft-capping): entmath_ce_probs_fwd over all rows, then the
+ * reduction as entmath_ce_fwd_reduced's ("mean" over all rows).  counts[0] receives the rows with
+ * a NaN or +-inf target, counts[1] the rows without a distribution.  Packed integer arguments:
+ * (z, y, bf16, n, stride, ystride, rows, scratch, counts, reduction, out, threads). */
+void entmath_ce_probs_fwd_reduced(const int64_t *a, float keep, float spread)
+{
+    const int64_t rows = a[6], reduction = a[9];
+    float *scratch = (float *)a[7], *out = (float *)a[10];
+    int64_t *counts = (int64_t *)a[8];
+    float *own = scratch ? NULL : malloc(sizeof(float) * (size_t)(3 * rows + 1));
+    float *buf = scratch ? scratch : own;
+    if (!buf) {  /* (out of memory: NaN, never a silent number) */
+        for (int64_t row = 0; row < (reduction ? 1 : rows); ++row)
+            out[row] = NAN;
+        return;
+    }
+    float *loss = reduction ? buf : out;
+    counts[1] = entmath_ce_probs_fwd((const void *)a[0], (const void *)a[1], NULL, a[2], a[3], a[4], a[5], 0, rows,
+                                     keep, spread, loss, buf + rows, buf + 2 * rows, NULL, counts, a[11]);
+    if (reduction) {
+        double sum = 0.0;
+        for (int64_t row = 0; row < rows; ++row)
+            sum += (double)loss[row];
+        if (reduction == 2)
+            sum = rows > 0 ? sum / (double)rows : 0.0;
+        *out = (float)sum;
+    }
+    free(own);
+}
+
+/* Its backward: dL/dz into gz and, if gy is not NULL, dL/dy into gy (both contiguous), from the
+ * forward's scratch and the gradient g of its result (row r's: g[r * g_stride] / g_div).  Packed
+ * integer arguments: (z, y, gz, gy, bf16, n, stride, ystride, rows, scratch, g, g_stride,
+ * threads). */
+void entmath_ce_probs_bwd_reduced(const int64_t *a, float keep, float spread, float g_div)
+{
+    const int64_t n = a[5], rows = a[8];
+    const float *scratch = (const float *)a[9];
+    entmath_ce_probs_bwd((const void *)a[0], (const void *)a[1], NULL, (void *)a[2], (void *)a[3], a[4], n, a[6], a[7],
+                         n, n, 0, rows, keep, spread, scratch + rows, scratch + 2 * rows, NULL, (const float *)a[10],
+                         NULL, NULL, a[11], g_div, a[12]);
 }
 
 /* Cross-entropy backward against class indices (Chapter 5, eq-ce-grad):

@@ -27,7 +27,8 @@ from . import entropy_normalization as _en
 from . import loader
 
 __all__ = ["enabled", "available", "entropy_fwd", "entropy_bwd", "kl_fwd", "kl_bwd", "ce_fwd", "ce_bwd",
-           "ce_fwd_reduced", "ce_bwd_reduced", "ce_probs_fwd", "ce_probs_bwd", "MIN_ELEMS"]
+           "ce_fwd_reduced", "ce_bwd_reduced", "ce_probs_fwd", "ce_probs_bwd", "ce_probs_fwd_reduced",
+           "ce_probs_bwd_reduced", "MIN_ELEMS"]
 
 SOURCE = Path(__file__).with_name("rows.c")
 #: Smallest input (rows x classes) for the C path: every size (on a small input the eager path's
@@ -66,7 +67,10 @@ _SIGNATURES = {
     # (z, y, w, gz, gy, bf16, n, stride, ystride, gstride, gystride, r0, r1, keep, spread, lse, res, h,
     #  g_loss, g_lse, g_h, threads)
     "entmath_ce_probs_bwd": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _P,
-                             _I],
+                             _I, _F, _I],
+    # (packed integer arguments, keep, spread), (packed, keep, spread, g_div): see rows.c
+    "entmath_ce_probs_fwd_reduced": [_P, _F, _F],
+    "entmath_ce_probs_bwd_reduced": [_P, _F, _F, _F],
 }
 
 
@@ -279,7 +283,7 @@ def _packed():
     try:
         return _local.args
     except AttributeError:
-        _local.args = (ctypes.c_int64 * 12)()
+        _local.args = (ctypes.c_int64 * 13)()
         return _local.args
 
 
@@ -296,7 +300,7 @@ def ce_fwd_reduced(z, t, eps: float, ignore_index: int, reduction: int, counts, 
     out = torch.empty(() if reduction else rows, dtype=torch.float32)
     scratch = torch.empty(3 * rows, dtype=torch.float32) if keep else None
     args = _packed()
-    args[:] = (z.data_ptr(), t.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows, ignore_index,
+    args[:12] = (z.data_ptr(), t.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows, ignore_index,
                scratch.data_ptr() if keep else 0, ctypes.addressof(counts), reduction, out.data_ptr(), threads)
     build().entmath_ce_fwd_reduced(args, eps)
     return out, scratch
@@ -310,10 +314,39 @@ def ce_bwd_reduced(z, t, eps: float, ignore_index: int, scratch, g, g_div: float
     grad = torch.empty((rows, n), dtype=z.dtype)
     g = g if g.dtype is torch.float32 else g.to(torch.float32)  # (bound to a name: read by the kernel)
     args = _packed()
-    args[:] = (z.data_ptr(), t.data_ptr(), grad.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows,
+    args[:12] = (z.data_ptr(), t.data_ptr(), grad.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), rows,
                ignore_index, scratch.data_ptr(), g.data_ptr(), g.stride(0) if g.dim() else 0, threads)
     build().entmath_ce_bwd_reduced(args, eps, g_div)
     return grad
+
+
+def ce_probs_fwd_reduced(z, y, eps: float, reduction: int, counts, threads: int, keep: bool = False):
+    """``ce_fwd_reduced`` against probability targets y (rows, n) of z's dtype, classes contiguous
+    (any row stride), without class weights: "mean" is over all rows.  counts[0] receives the
+    number of rows with a NaN or +-inf target, counts[1] that of rows without a distribution."""
+    rows, n = z.shape
+    out = torch.empty(() if reduction else rows, dtype=torch.float32)
+    scratch = torch.empty(3 * rows, dtype=torch.float32) if keep else None
+    args = _packed()
+    args[:12] = (z.data_ptr(), y.data_ptr(), z.dtype is torch.bfloat16, n, z.stride(0), y.stride(0), rows,
+               scratch.data_ptr() if keep else 0, ctypes.addressof(counts), reduction, out.data_ptr(), threads)
+    build().entmath_ce_probs_fwd_reduced(args, 1.0 - eps, eps / n)  # (keep and spread rounded from double)
+    return out, scratch
+
+
+def ce_probs_bwd_reduced(z, y, eps: float, scratch, g, g_div: float, threads: int, want_grad_y: bool):
+    """``ce_bwd_reduced`` of ``ce_probs_fwd_reduced``: (dL/dz, dL/dy or None), new contiguous
+    tensors of z's and y's dtype."""
+    rows, n = z.shape
+    grad = torch.empty((rows, n), dtype=z.dtype)
+    grad_y = torch.empty((rows, n), dtype=y.dtype) if want_grad_y else None
+    g = g if g.dtype is torch.float32 else g.to(torch.float32)  # (bound to a name: read by the kernel)
+    args = _packed()
+    args[:13] = (z.data_ptr(), y.data_ptr(), grad.data_ptr(), grad_y.data_ptr() if want_grad_y else 0,
+                 z.dtype is torch.bfloat16, n, z.stride(0), y.stride(0), rows, scratch.data_ptr(), g.data_ptr(),
+                 g.stride(0) if g.dim() else 0, threads)
+    build().entmath_ce_probs_bwd_reduced(args, 1.0 - eps, eps / n, g_div)
+    return grad, grad_y
 
 
 def ce_bwd(grad, z, t, w, eps: float, ignore_index: int, lse, res, h, g_loss, g_lse, g_ent, sum_u):
@@ -373,6 +406,6 @@ def ce_probs_bwd(grad, z, y, w, eps: float, lse, res, h, g_loss, g_lse, g_ent, w
                 n, z.stride(0), y.stride(0), grad.stride(0), n)
         fn = build().entmath_ce_probs_bwd
         tail = (1.0 - eps, eps / n, lse.data_ptr(), res.data_ptr(), _ptr(h), g_loss.data_ptr(), _ptr(g_lse),
-                _ptr(g_ent))
+                _ptr(g_ent), 1, 1.0)
         _run(lambda r0, r1, threads: fn(*args, r0, r1, *tail, threads), rows, n)
     return grad_y
