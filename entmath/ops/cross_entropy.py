@@ -621,6 +621,8 @@ def _common_call(logits, target, dim, ignore_index, reduction, eps, backend):
     counts for validation: a handful of Python steps in all, so that a small input costs about
     what ``F.cross_entropy`` costs.  Anything it does not accept, including every bad argument,
     goes to the general path, which raises the documented errors."""
+    if torch.compiler.is_compiling():  # (first: nothing below is for the compiler to trace)
+        return None
     if not (type(target) is torch.Tensor and logits.dim() == 2 and type(dim) is int and (dim == -1 or dim == 1)
             and type(ignore_index) is int and INT64_MIN <= ignore_index <= INT64_MAX):
         return None
