@@ -27,7 +27,7 @@ import torch
 from .._validate import compute_dtype
 from ._library import acc_dtype, register_row_vmap, triton_kernel_op
 from ._rows import kernels, rows_2d
-from ._stats import chunk_summary, rebase_gap
+from ._stats import chunk_summary, exp_tail, rebase_gap
 from .cross_entropy import CHUNK_BYTES
 
 __all__ = ["combine_summaries", "combine_kl", "stacked", "logits_summary"]
@@ -57,14 +57,15 @@ def combine_summaries(m_k, r_k, a_k, extra, reduce_max, reduce_sum, gap=None):
     row with a NaN in some shard, +inf for a +inf, -inf when every shard's row is empty (all -inf).
     """
     M = reduce_max(m_k)
-    delta, w, top = _rescale(m_k, M)
+    delta, _, top = _rescale(m_k, M)
+    w, t = exp_tail(delta)  # e^delta = w t, so that a shard's moment survives a deep delta
     s_k = 1.0 + r_k
     live = w > 0  # shards whose row is empty (m_k = -inf) add nothing, not 0 * NaN
     if gap is not None:
         extra = [*extra, rebase_gap(gap[0], gap[1], m_k, M)]
-    parts = [torch.where(top, r_k, torch.where(live, w * s_k, 0.0)),  # R: the top shard's 1 left out
+    parts = [torch.where(top, r_k, torch.where(live, w * s_k * t, 0.0)),  # R: the top shard's 1 left out
              top.to(w.dtype),  # shards at the maximum; their 1's beyond the first go back into R
-             torch.where(live, w * (a_k + delta * s_k), 0.0),
+             torch.where(live, w * (a_k + delta * s_k) * t, 0.0),
              torch.isnan(m_k).to(w.dtype), *extra]
     sums = reduce_sum(torch.stack(parts, -1))
     R = sums[..., 0] + (sums[..., 1] - 1.0)

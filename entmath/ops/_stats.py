@@ -69,6 +69,13 @@ def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True, gap: bool 
     matmul that made it, so the two temporaries softmax_stats allocates matter.  ``masked``: the
     block may hold -inf logits (they then contribute exactly 0); the row maximum must be finite.
     ``moment=False``: A is not needed (no entropy); it is returned as zeros, two passes sooner.
+
+    Known gap: e^{z_i - m} is formed plainly, so where it rounds to 0 (z_i - m < -103.9 in float32)
+    its moment term is lost with it; in a block whose every entry but the maximum lies 104..109
+    below it, that term is the whole entropy, a subnormal, and A comes out 0 (the Triton kernels
+    split such terms with ``exp_tail``; here that cost 2-3x this function's time, so it is left:
+    tests/test_extremes.py marks the case).  Each lost term is under 60 sigma (float32's smallest
+    subnormal), inside the entropy bound's absolute term; only a result of 0 breaks the rule.
     """
     m, idx = z.max(-1, keepdim=True)
     d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
@@ -94,6 +101,24 @@ def rebase_gap(g, n, m, new_m):
     return torch.where(m == new_m, g, g + n * (new_m - m))
 
 
+# The deep tail of a rescaling factor e^delta (the twin of kernels/triton/softmax_stats.py's
+# exp_tail): below delta = -87.3 in float32 e^delta is subnormal and below -103.9 it is 0, while the
+# moment's term e^delta delta S is still representable down to about -108.6 (1.6e-45: the whole
+# entropy of a row whose other entries all lie that deep).  So e^delta is taken as e^{delta + 64}
+# times e^-64, and the factor delta S is applied before the scale.  delta + 64 is exact there.
+TAIL = -64.0
+E_TAIL = 1.603810890548637853e-28  # e^-64
+
+
+def exp_tail(delta: torch.Tensor):
+    """(w, s) with e^delta = w s: s = 1 for delta >= TAIL, e^TAIL below, where w = e^{delta - TAIL}
+    is a normal number wherever e^delta delta is representable.  Per-row factors (the merges):
+    the per-logit sums of ``chunk_summary`` keep the plain e^d (see its docstring)."""
+    deep = delta < TAIL
+    w = torch.where(deep, delta - TAIL, delta).exp()
+    return w, torch.where(deep, delta.new_full((), E_TAIL), delta.new_ones(()))
+
+
 def merge_summaries(run, new):
     """Merge two (m, R, A) summaries of disjoint sets of logits (eq-ln-rescale, eq-lh-merge).
 
@@ -103,10 +128,10 @@ def merge_summaries(run, new):
     (m1, r1, a1), (m2, r2, a2) = run, new
     m = torch.maximum(m1, m2)
     d1, d2 = m1 - m, m2 - m  # <= 0; the side holding the maximum has 0
-    w1, w2 = d1.exp(), d2.exp()
+    (w1, t1), (w2, t2) = exp_tail(d1), exp_tail(d2)  # e^{d_t} = w_t t_t: the deep tail survives
     s1, s2 = 1 + r1, 1 + r2
-    a = w1 * (a1 + d1 * s1) + w2 * (a2 + d2 * s2)
+    a = w1 * (a1 + d1 * s1) * t1 + w2 * (a2 + d2 * s2) * t2
     # R of the merged set: everything but the one entry at the new maximum, added without
     # forming 1 + R first (that rounding is what log1p avoids).
-    r = torch.where(m2 > m1, r2 + w1 * s1, r1 + w2 * s2)
+    r = torch.where(m2 > m1, r2 + w1 * s1 * t1, r1 + w2 * s2 * t2)
     return m, r, a

@@ -95,14 +95,15 @@ def linear_summary_kernel(h_ptr, w_ptr, b_ptr, t_ptr, coef_ptr, m_ptr, r_ptr, a_
         nan = (x != x) & col_ok[:, None]
         n_nan += tl.sum(nan.to(tl.int32), axis=0)
         x = tl.where(col_ok[:, None] & ~nan, x, float("-inf"))
-        m_old = m
-        m, c, T, A = update_stats(m, c, T, A, x)
         # (columns past the split's end may equal a target of the next split: masked)
         z_t += tl.sum(tl.where((cols[:, None] == t[None, :]) & col_ok[:, None], x, 0.0), axis=0)
         if GAP:  # the v0 - v_lo columns seen move to the new maximum; the tile's add m - x >= 0
-            gap = tl.where((m == m_old) | (v0 == v_lo), gap, gap + (v0 - v_lo) * (m - m_old))
-            gap += tl.sum(tl.where(col_ok[:, None], tl.where(x == float("-inf"), float("inf"), m[None, :] - x), 0.0),
-                          axis=0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))  # update_stats's new maximum
+            gap = tl.where((m_new == m) | (v0 == v_lo), gap, gap + (v0 - v_lo) * (m_new - m))
+            gap += tl.sum(tl.where(col_ok[:, None], tl.where(x == float("-inf"), float("inf"), m_new[None, :] - x),
+                                   0.0), axis=0)
+        # (last: the tile x is dead after update_stats, whose temporaries are the register peak)
+        m, c, T, A = update_stats(m, c, T, A, x)
     out = split * N + rows
     tl.store(m_ptr + out, tl.where(n_nan > 0, float("nan"), m), mask=row_ok)
     tl.store(r_ptr + out, (c - 1.0) + T, mask=row_ok)  # S = c + T = 1 + R
