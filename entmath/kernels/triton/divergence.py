@@ -37,12 +37,13 @@ def pair_stats(a_row, b_row, n_cols, BLOCK: tl.constexpr, ACC: tl.constexpr):
         b, kb = load_row_chunk(b_row + start, cols, n_cols - start, ACC)
         nan_a += ka
         nan_b += kb
-        # b at a's maximum: replaced when the maximum grows, the larger kept on a tie
-        top = tl.max(a, axis=0)
-        b_top = tl.max(tl.where(a == top, b, float("-inf")), axis=0)
-        b_k = tl.where(top > ma, b_top, tl.where(top == ma, tl.maximum(b_k, b_top), b_k))
+        ma_old = ma
         ma, ca, Ta, Aa = update_stats(ma, ca, Ta, Aa, a)
         mb, cb, Tb, Ab = update_stats(mb, cb, Tb, Ab, b)
+        # b at a's maximum: replaced when the maximum grows, the larger kept on a tie (b_top is
+        # -inf where this chunk does not reach the maximum)
+        b_top = tl.max(tl.where(a == ma, b, float("-inf")), axis=0)
+        b_k = tl.where(ma > ma_old, b_top, tl.maximum(b_k, b_top))
     return ma, log_normaliser(ca, Ta), nan_a, mb, log_normaliser(cb, Tb), nan_b, b_k
 
 
