@@ -1,6 +1,8 @@
 """High-precision references (mpmath, 50 digits) for the tests.  Independent of entmath's code."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import mpmath as mp
 
 mp.mp.dps = 50
@@ -79,42 +81,70 @@ def entropy_exact(z, dps=60):
         return +mp.fsum(-mp.exp(lp) * lp for lp in log_softmax_exact(z) if lp != mp.ninf)
 
 
+def _same_distribution(a, b):
+    """softmax(a) == softmax(b) exactly: the same -inf entries, and b - a constant on the rest
+    (differences of floats taken exactly, as fractions)."""
+    if [v == NEG_INF for v in a] != [v == NEG_INF for v in b]:
+        return False
+    return len({Fraction(y) - Fraction(x) for x, y in zip(a, b) if x != NEG_INF}) <= 1
+
+
+def _enough_digits(divergence, dps, a, b):
+    """divergence(dps) with enough digits: rows that differ by eps give a divergence of size
+    eps^2 from terms of size up to 1, so a result below 10^(25 - dps) may be rounding noise (at 120
+    digits, logits that differ by 1e-89 gave twice the exact 3e-180, and 1e-160 gave 0); it is
+    recomputed with twice the digits, until 400 or more (noise far below float64's smallest
+    subnormal).  Equal distributions give 0 at once."""
+    if _same_distribution(a, b):
+        return mp.mpf(0)
+    while True:
+        total = divergence(dps)
+        if dps >= 400 or total == mp.inf or abs(total) >= mp.mpf(10) ** (25 - dps):
+            return total
+        dps *= 2
+
+
 def kl_exact(a, b, dps=120):
-    """KL(softmax(a) || softmax(b)); +inf where p has mass q lacks.  120 digits: rows that differ
-    by eps give a divergence of size eps^2 from terms of size eps."""
-    with mp.workdps(dps):
-        lp, lq = log_softmax_exact(a), log_softmax_exact(b)
-        if any(x != mp.ninf and y == mp.ninf for x, y in zip(lp, lq)):
-            return mp.inf
-        return +mp.fsum(mp.exp(x) * (x - y) for x, y in zip(lp, lq) if x != mp.ninf)
+    """KL(softmax(a) || softmax(b)); +inf where p has mass q lacks.  At least 120 digits: rows that
+    differ by eps give a divergence of size eps^2 from terms of size eps (``_enough_digits``)."""
+    def divergence(dps):
+        with mp.workdps(dps):
+            lp, lq = log_softmax_exact(a), log_softmax_exact(b)
+            if any(x != mp.ninf and y == mp.ninf for x, y in zip(lp, lq)):
+                return mp.inf
+            return +mp.fsum(mp.exp(x) * (x - y) for x, y in zip(lp, lq) if x != mp.ninf)
+    return _enough_digits(divergence, dps, a, b)
 
 
 def jsd_exact(a, b, beta, dps=120):
     """Generalised Jensen-Shannon divergence beta KL(p || m) + (1 - beta) KL(q || m),
     m = beta p + (1 - beta) q; KL(p || q) at beta = 0 and KL(q || p) at beta = 1 (as Liger-Kernel
-    defines beta)."""
+    defines beta); at least 120 digits (``_enough_digits``)."""
     if beta == 0:
         return kl_exact(a, b, dps)
     if beta == 1:
         return kl_exact(b, a, dps)
-    with mp.workdps(dps):
-        beta = mp.mpf(beta)
-        w = 1 - beta
-        lp, lq = log_softmax_exact(a), log_softmax_exact(b)
-        total = mp.mpf(0)
-        for x, y in zip(lp, lq):
-            if x == mp.ninf and y == mp.ninf:
-                continue
-            # log m from the larger of the two, without forming 1 + tiny
-            if y == mp.ninf or (x != mp.ninf and x >= y):
-                lm = x + (mp.log(beta) if y == mp.ninf else mp.log1p(w * mp.expm1(y - x)))
-            else:
-                lm = y + (mp.log(w) if x == mp.ninf else mp.log1p(beta * mp.expm1(x - y)))
-            if x != mp.ninf:
-                total += beta * mp.exp(x) * (x - lm)
-            if y != mp.ninf:
-                total += w * mp.exp(y) * (y - lm)
-        return +total
+
+    def divergence(dps):
+        with mp.workdps(dps):
+            bt = mp.mpf(beta)
+            w = 1 - bt
+            lp, lq = log_softmax_exact(a), log_softmax_exact(b)
+            total = mp.mpf(0)
+            for x, y in zip(lp, lq):
+                if x == mp.ninf and y == mp.ninf:
+                    continue
+                # log m from the larger of the two, without forming 1 + tiny
+                if y == mp.ninf or (x != mp.ninf and x >= y):
+                    lm = x + (mp.log(bt) if y == mp.ninf else mp.log1p(w * mp.expm1(y - x)))
+                else:
+                    lm = y + (mp.log(w) if x == mp.ninf else mp.log1p(bt * mp.expm1(x - y)))
+                if x != mp.ninf:
+                    total += bt * mp.exp(x) * (x - lm)
+                if y != mp.ninf:
+                    total += w * mp.exp(y) * (y - lm)
+            return +total
+    return _enough_digits(divergence, dps, a, b)
 
 
 def soft_capped(z, softcap):

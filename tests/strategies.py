@@ -99,3 +99,22 @@ def extreme_row_pairs(draw, dtype, max_n=12, lost=True):
         if all(v == NEG_INF for v in b):
             b[live[0]] = 0.0
     return a, b
+
+
+# ---- Fixed row pairs in the deep tail (kl and jsd regression tests) ------------------------------
+# Rows whose logits differ by 1e-150 .. 1e-41 in a few entries (float64): divergences of 1e-180 ..
+# 1e-115.  The first is the kind of row test_jsd's 15-example draw met, where the Triton jsd was
+# half the exact value (its log S_a and log S_b rounded one ulp apart, and that rounding of the
+# shift log S_b - log S_a swamped the log-ratios) and the Triton kl 0.0; on the second the torch
+# jsd gave 3.0e-64 for 1.7e-115.
+DEEP_TAIL = [
+    ([-7.744314282368549, -34.764245771629454, 0.0, -1.175402730653363e-77, -11.900195745324488, -20.405117042444],
+     [-7.744314282368549, -34.764245771629454, 0.0, 0.0, -11.900195745324488, -20.405117042444]),
+    ([0.0, -11.803665077491274, -5.54395375182257e-150, -4.863318797704257e-119, -2.112465732339554e-62,
+      -3.1198017113661227e-57, 0.0],
+     [0.0, -11.803665077491274, -6.681966364796766e-112, 5.647493162226583e-109, 0.0, 0.0, 0.0]),
+    ([-4.285611866266426e-86, 0.0, 0.0], [0.0, 4.844088883028431e-91, -1.919869077822797e-76]),
+    ([2.0725767373594582e-106, 0.0, 2.793602671459037e-103, -10.292098545229127],
+     [0.0, -1.346132571705781e-128, 0.0, -10.292098545229127]),
+    ([0.0, 0.0], [0.0, 1e-89]),
+]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import entmath
 from tests import reference as ref
-from tests.strategies import logit_row_pairs
+from tests.strategies import DEEP_TAIL, logit_row_pairs
 
 BACKENDS = ["torch", "triton"]
 f64 = torch.float64
@@ -77,6 +77,25 @@ def test_tiny_divergences_keep_relative_accuracy(backend):
         naive = jsd_by_definition(a, b, 0.3).double()
         if eps <= 1e-4:
             assert ((naive - want).abs() / want).max() > 1e-2  # what the straightforward form loses
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", DEEP_TAIL)
+def test_deep_tail_matches_mpmath(backend, rows):
+    """The Triton and torch paths against the exact value (mpmath) where p and q agree to 1e-40 and
+    better: within the bound of test_matches_mpmath, both ways round, never 0."""
+    a, b = rows
+    for x, y, beta in ((a, b, 0.1), (b, a, 0.1), (a, b, 0.5), (a, b, 0.9), (a, b, 0.37)):
+        got = entmath.jsd(torch.tensor([x], dtype=f64), torch.tensor([y], dtype=f64), beta, backend=backend).item()
+        want = float(ref.jsd_exact(x, y, beta))
+        assert 0 < want < 1e-100
+        assert abs(got - want) <= 1e-300 + 1e-13 * want, (x, y, beta, got, want)
+
+
+def test_deep_tail_reference_has_enough_digits():
+    """(Of the reference.)  p = (1/2, 1/2), q = softmax(0, d): JSD_1/2 = d^2 / 32 + O(d^4); at a fixed
+    120 digits the reference gave twice that for d = 1e-89."""
+    assert float(ref.jsd_exact([0.0, 0.0], [0.0, 1e-89], 0.5)) == pytest.approx(1e-178 / 32, rel=1e-14)
 
 
 def liger_jsd_loss(student_logits, teacher_logits, beta, labels=None, ignore_index=-100):

@@ -8,7 +8,7 @@ from hypothesis import given
 
 import entmath
 from tests import reference as ref
-from tests.strategies import logit_row_pairs
+from tests.strategies import DEEP_TAIL, logit_row_pairs
 
 BACKENDS = ["torch", "triton"]
 
@@ -21,6 +21,22 @@ def test_matches_mpmath(backend, pair):
     want = float(ref.kl(a, b))
     assert got >= 0
     assert abs(got - want) <= 1e-12 + 1e-10 * abs(want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", DEEP_TAIL)
+def test_deep_tail_matches_mpmath(backend, rows):
+    """The Triton and torch paths against the exact value (mpmath) where p and q agree to 1e-40 and
+    better (strategies.DEEP_TAIL): the Triton kernel returned 0.0 for the first (exact 1.7e-155), the
+    torch path 8.2e-48 for the second (exact 6.8e-115); with log S_b - log S_a as the shift, its
+    rounding swamped the log-ratios."""
+    for x, y in (rows, rows[::-1]):
+        got = entmath.kl(torch.tensor([x], dtype=torch.float64), torch.tensor([y], dtype=torch.float64),
+                         backend=backend).item()
+        want = float(ref.kl_exact(x, y))
+        assert 0 < want < 1e-100
+        assert abs(got - want) <= 1e-300 + 1e-13 * want, (x, y, got, want)
+    assert float(ref.kl_exact([0.0, 0.0], [0.0, 1e-89])) == pytest.approx(1e-178 / 8, rel=1e-14)  # d^2 / 8
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,14 @@ per-element y = r + eta; since sum_i p_i e^{r_i} = sum_{p_i > 0} q_i exactly, et
 
     Z = sum_{p_i > 0} p_i (e^{y_i} - 1) = e^eta (1 - q_out) - 1,   q_out = sum_{p_i = 0} q_i,
 
-to within u |p - q|, not u: ``kl`` takes its effect out exactly, ``jsd`` re-evaluates with it.
+to within u (|eta| + sum_i p_i |r_i|): ``kl`` takes its effect out exactly, ``jsd`` re-evaluates
+with it.  That error is u |eta| ~ u^2 log n even when p = q to far better than u: y_i = r_i + eta
+rounds away every |r_i| < u |eta|, and a divergence of size r^2 (rows whose logits differ by
+1e-80, say) would come out as 0, or as eta^2 ~ 1e-32, or wrong by a factor.  So the first shift is
+taken from the data where it is as good as log S_b - log S_a: at k, the first maximum of a
+(d_a,k = 0, p_k = max p >= 1/n), the pivot D_k = d_b,k = r_k + (log S_b - log S_a) is the shift up
+to r_k, and |r_k| <= max |r|; it is used where it agrees with log S_b - log S_a to within that
+one's rounding (``pivot_shift``), so its error is of the size of the r it must resolve.
 
 The divergences are then sums of non-negative terms, built on
 
@@ -81,6 +88,18 @@ def pieces(a, b, ma, mb, log_sa, shift):
     return ha.mul_(2.0).sub_(log_sa), hb.mul_(2.0), y_h, a > float("-inf"), b > float("-inf")
 
 
+def pivot_shift(a, b, ma, mb, log_sa, log_sb):
+    """(shift0, shift), keepdim: shift0 = log S_b - log S_a (rounding eta ~ u log n), and the shift
+    to start from: the pivot D_k = max{b_k : a_k = max a} - max b where it is within 16 u (1 + |log
+    S_a| + |log S_b|) of shift0 (then its error -r_k is at most of that size and of the size of
+    the log-ratios themselves), else shift0 (the pivot may be -inf, NaN, or far: p and q differ by
+    more than rounding there, and u |eta| is negligible against the divergence)."""
+    shift0 = log_sb - log_sa
+    d_k = torch.where(a == ma, b, float("-inf")).amax(-1, keepdim=True) - mb
+    tol = 8.0 * torch.finfo(a.dtype).eps * (1.0 + log_sa.abs() + log_sb.abs())
+    return shift0, torch.where((d_k - shift0).abs() <= tol, d_k, shift0)
+
+
 def blockwise(fn, a, b, *per_row):
     """Row sums ``fn(a, b, *per_row)`` (a (k, rows) tensor) of an elementwise stage, computed in
     blocks small enough that its temporaries stay in cache in eager mode (a stage makes ~50
@@ -129,9 +148,14 @@ def kl_rows(a, b, ma, mb, log_sa, log_sb):
     q_out the mass of q where p is 0.  Every term of K is >= 0, and chi(log1p Z) = eta^2/2 + ...
     takes out exactly what the rounding eta of the shift adds.  When q_out > 1/2 (q has little mass
     where p has: KL > log 2 and large) the first-order form KL = -sum p y is used instead, which
-    stays finite up to the dtype's max.  +inf where p has mass and q none."""
-    K, Z, s_yh, q_out, lost = blockwise(kl_sums, a, b, ma, mb, log_sa, log_sb, log_sb - log_sa)
-    kl = torch.where(q_out <= 0.5, K - chi(torch.log1p(Z))[0] - torch.log1p(-q_out), -2.0 * s_yh)
+    stays finite up to the dtype's max (sum p y is linear in the shift: started from the pivot,
+    the step back to log S_b - log S_a is subtracted).  +inf where p has mass and q none.  The
+    shift starts at ``pivot_shift``: from log S_b - log S_a alone, KL of rows whose logits differ
+    by 1e-77 came out as 0.0 (the exact 1.7e-155 lost under eta^2 / 2)."""
+    shift0, shift = pivot_shift(a, b, ma, mb, log_sa, log_sb)
+    K, Z, s_yh, q_out, lost = blockwise(kl_sums, a, b, ma, mb, log_sa, log_sb, shift)
+    kl = torch.where(q_out <= 0.5, K - chi(torch.log1p(Z))[0] - torch.log1p(-q_out),
+                     -2.0 * s_yh - (shift - shift0).squeeze(-1))
     kl = kl.clamp_min(0.0)  # Gibbs: KL >= 0
     return torch.where(lost > 0, float("inf"), kl)  # p has mass where q has none, however small
 
@@ -141,12 +165,14 @@ def jsd_rows(a, b, ma, mb, log_sa, log_sb, beta: float):
     of the non-negative terms m_i psi(p_i / m_i - 1) and m_i psi(q_i / m_i - 1) (Chapter 1,
     eq-ent-jsd-stable).  The KL stage first measures eta (from Z and q_out), which the terms are
     then evaluated without: left in, it would add about beta (1 - beta) eta^2 / 2 to a divergence
-    that can be far smaller."""
-    shift = log_sb - log_sa
+    that can be far smaller.  The KL stage starts from ``pivot_shift``, so that eta (and what the
+    measurement leaves of it) is of the size of the log-ratios however small they are."""
+    shift0, shift = pivot_shift(a, b, ma, mb, log_sa, log_sb)
     _, Z, _, q_out, _ = blockwise(kl_sums, a, b, ma, mb, log_sa, log_sb, shift)
-    eta = torch.where(q_out <= 0.5, torch.log1p(Z) - torch.log1p(-q_out), 0.0)  # else: jsd is large
-    kp, kq = blockwise(lambda *args: _jsd_sums(*args, beta), a, b, ma, mb, log_sa, log_sb,
-                       shift + eta.unsqueeze(-1))
+    # q_out > 1/2: the divergence is large, and log1p(-q_out) inaccurate; shift0's eta is negligible
+    shift = torch.where((q_out <= 0.5).unsqueeze(-1), shift + (torch.log1p(Z) - torch.log1p(-q_out)).unsqueeze(-1),
+                        shift0)
+    kp, kq = blockwise(lambda *args: _jsd_sums(*args, beta), a, b, ma, mb, log_sa, log_sb, shift)
     return kp, kq
 
 

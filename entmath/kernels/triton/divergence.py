@@ -2,8 +2,9 @@
 
 The line-by-line twin of ``entmath/ops/_divergence.py`` (whose docstring derives the method;
 Chapter 1, "KL without cancellation"): both kernels read a row pair twice, first folding a and b
-into the online statistics of ``softmax_stats`` (``pair_stats``), then evaluating non-negative
-terms that need each row's final max and log-normaliser (``pieces``, ``chi``, ``psi``).  Scalars
+into the online statistics of ``softmax_stats`` (``pair_stats``), then, from a shift chosen by
+``pivot_shift``, evaluating non-negative terms that need each row's final max and
+log-normaliser (``pieces``, ``chi``, ``psi``).  Scalars
 are carried in the accumulation dtype; constants that are not exact in float32 (the 1/k of the
 series) are formed in that dtype, since a Python float in a kernel is a float32 constant.
 """
@@ -17,7 +18,8 @@ SERIES = tl.constexpr(1.0)  # chi and omega use their series for |argument| <= S
 
 @triton.jit
 def pair_stats(a_row, b_row, n_cols, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Pass 1 over a row pair: (max, log S, NaN count) of a and of b."""
+    """Pass 1 over a row pair: (max, log S, NaN count) of a and of b, and b_k: the largest b where
+    a is at its maximum (the pivot of ``pivot_shift``)."""
     cols = tl.arange(0, BLOCK)
     ma = tl.full([], float("-inf"), ACC)
     ca = tl.zeros([], ACC)
@@ -29,14 +31,32 @@ def pair_stats(a_row, b_row, n_cols, BLOCK: tl.constexpr, ACC: tl.constexpr):
     Ab = tl.zeros([], ACC)
     nan_a = tl.zeros([], tl.int32)
     nan_b = tl.zeros([], tl.int32)
+    b_k = tl.full([], float("-inf"), ACC)
     for start in range(0, n_cols, BLOCK):
         a, ka = load_row_chunk(a_row + start, cols, n_cols - start, ACC)
         b, kb = load_row_chunk(b_row + start, cols, n_cols - start, ACC)
         nan_a += ka
         nan_b += kb
+        ma_old = ma
         ma, ca, Ta, Aa = update_stats(ma, ca, Ta, Aa, a)
         mb, cb, Tb, Ab = update_stats(mb, cb, Tb, Ab, b)
-    return ma, log_normaliser(ca, Ta), nan_a, mb, log_normaliser(cb, Tb), nan_b
+        # b at a's maximum: replaced when the maximum grows, the larger kept on a tie (b_top is
+        # -inf where this chunk does not reach the maximum)
+        b_top = tl.max(tl.where(a == ma, b, float("-inf")), axis=0)
+        b_k = tl.where(ma > ma_old, b_top, tl.maximum(b_k, b_top))
+    return ma, log_normaliser(ca, Ta), nan_a, mb, log_normaliser(cb, Tb), nan_b, b_k
+
+
+@triton.jit
+def pivot_shift(b_k, mb, log_sa, log_sb, ACC: tl.constexpr):
+    """(shift0, shift) as ``ops/_divergence.pivot_shift``: shift0 = log S_b - log S_a, and the pivot
+    D_k = b_k - max b (exact to u |D_k|, of the size of the log-ratios) where it is within 16 u
+    (1 + |log S_a| + |log S_b|) of shift0, else shift0 (D_k -inf, NaN or far)."""
+    EPS: tl.constexpr = 2.220446049250313e-16 if ACC == tl.float64 else 1.1920928955078125e-07
+    shift0 = log_sb - log_sa
+    d_k = b_k - mb
+    tol = 8.0 * EPS * (1.0 + tl.abs(log_sa) + tl.abs(log_sb))
+    return shift0, tl.where(tl.abs(d_k - shift0) <= tol, d_k, shift0)
 
 
 @triton.jit

@@ -2,9 +2,10 @@
 
 Forward, three reads of each row pair (HBM: 6n elements read, five scalars written; the later
 reads of a row of up to BLOCK elements are of the same addresses, usually from L2): pass 1 folds
-a and b into the online statistics of ``softmax_stats`` (``divergence.pair_stats``); pass 2 is
-``kl``'s, which measures the rounding eta of log S_b - log S_a; pass 3 sums, per element, with
-eta taken out, the non-negative terms m_i psi(p_i / m_i - 1) and m_i psi(q_i / m_i - 1)
+a and b into the online statistics of ``softmax_stats`` and keeps b at a's maximum
+(``divergence.pair_stats``), whose offset is the shift to start from where it agrees with
+log S_b - log S_a (``divergence.pivot_shift``); pass 2 is ``kl``'s, which measures that shift's
+error eta; pass 3 sums, per element, with eta taken out, the non-negative terms m_i psi(p_i / m_i - 1) and m_i psi(q_i / m_i - 1)
 of KL(p || m) and KL(q || m), m = beta p + (1 - beta) q (Chapter 1, eq-ent-jsd-stable; the twin
 of ``ops/_divergence.jsd_rows``).  Each term starts from the larger of p_i and q_i and from
 E = e^{-|y|} - 1, y the compensated log-ratio, so nothing overflows and m_i is never formed as a
@@ -23,7 +24,7 @@ from torch.library import wrap_triton
 
 from ...ops._divergence import series_terms
 from . import block_size, num_warps
-from .divergence import SERIES, chi, kl_sums, pair_stats, pieces, psi
+from .divergence import SERIES, chi, kl_sums, pair_stats, pieces, pivot_shift, psi
 from .softmax_stats import DEEP, coded_lse, log1p
 
 
@@ -33,12 +34,14 @@ def jsd_fwd_kernel(a_ptr, b_ptr, j_ptr, kp_ptr, kq_ptr, lse_a_ptr, lse_b_ptr, n_
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_a
     b_row = b_ptr + row * stride_b
-    ma, log_sa, nan_a, mb, log_sb, nan_b = pair_stats(a_row, b_row, n_cols, BLOCK, ACC)
-    # Pass 2: the rounding eta of log S_b - log S_a, measured (Z = e^eta (1 - q_out) - 1) and then
-    # left out of pass 3, where it would add about beta (1 - beta) eta^2 / 2.
-    shift = log_sb - log_sa
+    ma, log_sa, nan_a, mb, log_sb, nan_b, b_k = pair_stats(a_row, b_row, n_cols, BLOCK, ACC)
+    # Pass 2: the error eta of the shift, measured (Z = e^eta (1 - q_out) - 1) and then left out of
+    # pass 3, where it would add about beta (1 - beta) eta^2 / 2.  The shift starts at the pivot
+    # where it can: from log S_b - log S_a, y = r + eta would round away every |r| < u |eta|.
+    shift0, shift = pivot_shift(b_k, mb, log_sa, log_sb, ACC)
     K, Z, s_yh, q_out, n_lost = kl_sums(a_row, b_row, n_cols, ma, mb, log_sa, log_sb, shift, BLOCK, ACC, TERMS)
-    shift += tl.where(q_out <= 0.5, log1p(Z) - log1p(-q_out), 0.0)  # else the divergence is large
+    # q_out > 1/2: the divergence is large (log1p(-q_out) inaccurate), shift0's eta negligible
+    shift = tl.where(q_out <= 0.5, shift + (log1p(Z) - log1p(-q_out)), shift0)
     beta = tl.load(beta_ptr)  # beta, 1 - beta in ACC (a float argument would be a float32)
     w = tl.load(beta_ptr + 1)
     cols = tl.arange(0, BLOCK)

@@ -2,9 +2,9 @@
 
 Forward, two reads of each row pair (HBM: 4n elements read, three scalars written; the second
 read of a row of up to BLOCK elements is of the same addresses, usually from L2): pass 1 folds
-a and b into the online statistics of ``softmax_stats`` (max and log S of each row, NaN counts);
-pass 2 sums the non-negative terms of Chapter 1's cancellation-free form (``divergence.py``,
-twin of ``ops/_divergence.kl_rows``)
+a and b into the online statistics of ``softmax_stats`` (max and log S of each row, NaN counts,
+b at a's maximum for ``divergence.pivot_shift``); pass 2 sums the non-negative terms of Chapter
+1's cancellation-free form (``divergence.py``, twin of ``ops/_divergence.kl_rows``)
 
     K = sum_{p_i > 0} p_i chi(y_i),  Z = sum_{p_i > 0} p_i (e^{y_i} - 1),  y = log q - log p + eta,
     KL = K - chi(log1p Z) - log1p(-q_out)    (or -sum p y when q_out > 1/2),
@@ -24,7 +24,7 @@ from torch.library import wrap_triton
 
 from ...ops._divergence import series_terms
 from . import block_size, num_warps
-from .divergence import chi, kl_sums, pair_stats
+from .divergence import chi, kl_sums, pair_stats, pivot_shift
 from .softmax_stats import coded_lse, log1p
 
 
@@ -34,10 +34,13 @@ def kl_fwd_kernel(a_ptr, b_ptr, kl_ptr, lse_a_ptr, lse_b_ptr, n_cols, stride_a, 
     row = tl.program_id(0).to(tl.int64)
     a_row = a_ptr + row * stride_a
     b_row = b_ptr + row * stride_b
-    ma, log_sa, nan_a, mb, log_sb, nan_b = pair_stats(a_row, b_row, n_cols, BLOCK, ACC)
-    K, Z, s_yh, q_out, n_lost = kl_sums(a_row, b_row, n_cols, ma, mb, log_sa, log_sb, log_sb - log_sa, BLOCK, ACC,
-                                        TERMS)
-    kl = tl.where(q_out <= 0.5, K - chi(log1p(Z), TERMS) - log1p(-q_out), -2.0 * s_yh)
+    ma, log_sa, nan_a, mb, log_sb, nan_b, b_k = pair_stats(a_row, b_row, n_cols, BLOCK, ACC)
+    # From the pivot where it can (log S_b - log S_a's rounding eta would swamp log-ratios below
+    # u eta); -sum p y is linear in the shift, so the far form steps back to shift0.
+    # (shift0 = log S_b - log S_a is formed again after the loop: kept live, it spilled in float64)
+    _, shift = pivot_shift(b_k, mb, log_sa, log_sb, ACC)
+    K, Z, s_yh, q_out, n_lost = kl_sums(a_row, b_row, n_cols, ma, mb, log_sa, log_sb, shift, BLOCK, ACC, TERMS)
+    kl = tl.where(q_out <= 0.5, K - chi(log1p(Z), TERMS) - log1p(-q_out), -2.0 * s_yh - (shift - (log_sb - log_sa)))
     kl = tl.where(kl < 0.0, 0.0, kl)  # Gibbs: KL >= 0
     kl = tl.where(n_lost > 0, float("inf"), kl)
     # Each argument gets its own coded lse, so validation can name the argument at fault.
