@@ -42,7 +42,11 @@ without soft-capping, the C kernels of ``entmath/kernels/cpu/rows.c``: against c
 ``torch.ops.entmath.cross_entropy_probs_cpu`` (one read of each row of the logits and targets
 from memory forward; one read and one write backward, and one write of dL/dy when it is
 wanted).  Soft-capping on the CPU, and probability targets of another dtype than the logits',
-take the torch path.
+take the torch path.  The call most programs make (those CPU logits, classes last, against int64
+class indices or such probability targets, with only ``ignore_index``, ``reduction`` and
+``label_smoothing``) is the *common call* (``_common_call``): the same kernels, entered with the
+reduction done in the forward's kernel call and one autograd node, so that a small input costs
+about what ``F.cross_entropy`` costs.
 """
 from __future__ import annotations
 

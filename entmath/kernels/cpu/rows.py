@@ -242,16 +242,14 @@ def ce_fwd(z, t, w, eps: float, ignore_index: int, want_entropy: bool, counts=No
     """Per-row (loss, coded lse, lse residual, entropy or empty), float32, of (rows, n) logits
     against int64 class indices t (rows,), class weights w (n,) float32 or None: the contract of
     ``ops.cross_entropy.cross_entropy_rows_torch`` for class targets without soft-capping.
-    ``counts``: None, or a zeroed int64 buffer of 3 (a tensor, or a ctypes array) that receives
-    the numbers of class indices out of range, of counted rows without a distribution, and of
-    ignored rows."""
+    ``counts``: None, or a zeroed ctypes int64 array of 3 that receives the numbers of class
+    indices out of range, of counted rows without a distribution, and of ignored rows."""
     rows, n = z.shape
     loss, lse, res = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
     h = torch.empty(rows if want_entropy else 0, dtype=torch.float32)
     t, w = t.to(torch.int64).contiguous(), _f32(w)  # (kept referenced while the kernel runs)
     if rows:
-        cp = counts.data_ptr() if isinstance(counts, torch.Tensor) else \
-            (None if counts is None else ctypes.addressof(counts))
+        cp = None if counts is None else ctypes.addressof(counts)
         args = (z.data_ptr(), t.data_ptr(), _ptr(w), int(z.dtype == torch.bfloat16), n, z.stride(0))
         fn = build().entmath_ce_fwd
         tail = (float(eps), int(ignore_index), loss.data_ptr(), lse.data_ptr(), res.data_ptr(),
