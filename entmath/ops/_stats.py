@@ -65,10 +65,13 @@ def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True, gap: bool 
     float32) or to a subnormal, its moment term e^d d (representable down to d ~ -108.6) is lost
     or blurred with it; in a block whose every entry but the maximum lies that deep, that term is
     the whole entropy.  ``restore_tail`` recomputes (R, A) with ``exp_tail`` for the rows where
-    the loss can show (only rows with a tiny A); on the CPU that is a
-    check of one value per row (no measurable cost on ordinary rows: 2.34 -> 2.3x ms per 2 MiB
-    float32 tile, one thread); elsewhere (CUDA, compiled or transformed calls) it is branch-free,
-    a second pass over the block (about 2x this function's time on the torch fallback).
+    the loss can show (only rows with a tiny A).  On the CPU that is a check of one value per row
+    and a recomputation of the flagged rows only: on a 2 MiB float32 tile (64 x 8192, one thread)
+    ordinary rows cost 2.25-2.40 ms before and after (within noise), a tile of rows all in the
+    deep tail 13 -> 27 ms (their plain pass is already slow: subnormal arithmetic).  Elsewhere
+    (CUDA, compiled, faked or torch.func-transformed calls) a host branch would be a sync, so the
+    recomputation runs for every row, branch-free: about 2x this function's time, on the torch
+    fallback only (the Triton kernels split the tail themselves, ``exp_tail``).
     """
     m, idx = z.max(-1, keepdim=True)
     d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
@@ -127,7 +130,7 @@ def _tail_threshold(dtype: torch.dtype) -> float:
 
 
 def _tail_sums(d: torch.Tensor):
-    """(R, A) of rows of d = z - m <= 0 (clamped: finite) with e^d split by ``exp_tail``: the shallow
+    """(R, A) of rows of d = z - m <= 0 (clamped: finite) with e^d split as ``exp_tail`` does: the shallow
     terms summed as they are, the deep ones as e^TAIL times a sum of normal numbers, so that no term
     e^d d that is representable is lost.  The first maximal entry (d = 0) is left out of R."""
     deep = d < TAIL
