@@ -270,7 +270,9 @@ def test_linear_cross_entropy_within_its_stated_bound(backend, dtype, data):
 # Regression (deterministic): rows whose entropy is a subnormal number.  Every entry but the
 # maximum lies 104..109 below it (float32; 745..752 in float64), where e^d rounds to 0 but the
 # moment's terms e^d d (the whole entropy) do not.  "drawn" is the row the property test above
-# drew (15 examples, float32): the Triton kernel returned 0.0 for an exact 1.6e-45.  The others put
+# drew (15 examples, float32): the Triton kernel returned 0.0 for an exact 1.6e-45, and so did the
+# torch path (its per-tile sums, _stats.chunk_summary, until _stats.restore_tail); "pair" is a
+# two-class row where the torch path returned 0.0 for an exact 2.3e-45.  The others put
 # the maximum after the target's tile, so that the deep tail arrives through a rescaling: in a
 # later tile of the same split (the kernel's running summary, update_stats; the torch path's
 # merge_summaries) or in the other split (combine_summaries).
@@ -278,21 +280,19 @@ def _deep_tail_head(dtype, case):
     gap = {torch.float32: 107.8125, torch.float64: 748.0}[dtype]
     if case == "drawn":  # logits 152.8 (class 9), 45 (class 8), 0 elsewhere
         return [[2.5]], [[0.0]] * 9 + [[73.125]] + [[0.0]] * 4, [0.0] * 8 + [45.0, -30.0] + [0.0] * 4
+    if case == "pair":  # two classes, logits 107.46 and -0.36: one entry 107.8 below the maximum
+        return [[-2.21875, 0.0, 0.5, -1.0]], [[60.0, 0.0, 90.0, -56.25], [-71.25, 0.0, 30.0, 15.0]], [82.5, 0.0]
     v = 300  # on the CPU the Triton kernel cuts it into splits 0..255, 256..299 of 128-column tiles
     b = [0.0] + [-1.0e4] * (v - 1)
     b[{"tile": 200, "split": 299}[case]] = gap
     return [[1.0]], [[0.0]] * v, b
 
 
-@pytest.mark.parametrize("dtype,case", [(torch.float32, "drawn"), (torch.float32, "tile"), (torch.float32, "split"),
-                                        (torch.float64, "tile"), (torch.float64, "split")],
-                         ids=["f32-drawn", "f32-tile", "f32-split", "f64-tile", "f64-split"])
+@pytest.mark.parametrize("dtype,case", [(torch.float32, "drawn"), (torch.float32, "pair"), (torch.float32, "tile"),
+                                        (torch.float32, "split"), (torch.float64, "tile"), (torch.float64, "split")],
+                         ids=["f32-drawn", "f32-pair", "f32-tile", "f32-split", "f64-tile", "f64-split"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_cross_entropy_keeps_a_subnormal_entropy(backend, dtype, case, monkeypatch, request):
-    if backend == "torch" and case == "drawn":  # strict: once fixed, this fails until the mark goes
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the torch path's per-logit sums (_stats.chunk_summary) still round e^d to 0 before the product "
-            "e^d d: split branch-free at the deep tail, they took 2-3x as long")))
+def test_linear_cross_entropy_keeps_a_subnormal_entropy(backend, dtype, case, monkeypatch):
     monkeypatch.setattr(lce_op, "VOCAB_BLOCK", 27)  # torch path: 12 tiles
     h, w, b = _deep_tail_head(dtype, case)
     (z, zf, delta_u), = _exact_logits(h, w, b, [1])
@@ -309,6 +309,50 @@ def test_linear_cross_entropy_keeps_a_subnormal_entropy(backend, dtype, case, mo
     assert excess(got, want_h, rows, dtype, slack) <= _allowed(rows, dtype), (got, float(want_h))
     allowed_l = 8 * u * (want_l + want_h) + 2 * delta_u * u + torch.finfo(dtype).tiny  # the docstring's
     assert abs(loss[0].double().item() - want_l) <= allowed_l, (loss[0].item(), float(want_l))
+
+
+# The same deep tail through the entropy op's reference path (``entropy_torch``, which shares
+# _stats.chunk_summary): rows of few logits (below the C kernel's size), each with every entry but
+# the maximum 104..109 below it (float32) or 745..752 (float64); a masked entry or a repeated
+# maximum must not disturb it.
+@pytest.mark.parametrize("dtype,row", [
+    (torch.float32, [152.8125, 45.0, 0.0, 0.0]),
+    (torch.float32, [0.0, -104.5, -106.0, -108.5]),
+    (torch.float32, [3.0, NEG_INF, 3.0 - 105.25]),
+    (torch.float32, [7.0, 7.0, 7.0 - 107.0]),
+    (torch.float64, [0.0, -746.0, -748.5, NEG_INF]),
+], ids=["f32-drawn", "f32-spread", "f32-masked", "f32-two-maxima", "f64-spread"])
+def test_entropy_torch_keeps_a_deep_tail(dtype, row):
+    from entmath.ops.entropy import entropy_torch  # itself: the torch backend hands float32 rows to C
+
+    got, want, rows = entropy_torch(torch.tensor([row], dtype=dtype))[0].double().item(), ref.entropy_exact(row), (row,)
+    assert want > 0  # a subnormal; with two maxima, log 2 (the restored R must stay exactly 1)
+    assert excess(got, want, rows, dtype) <= _allowed(rows, dtype), (got, float(want))
+
+
+def test_restore_tail_branch_free_matches_the_branch(monkeypatch):
+    """Implementation check: ``restore_tail`` recomputes the flagged rows on the CPU by a data-dependent
+    branch and elsewhere (CUDA, compiled, transformed) branch-free for every row; both must give the
+    same summaries, and ordinary rows must keep their plain sums bit for bit."""
+    from entmath.ops import _stats
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 40, generator=g, dtype=torch.float64).float() * 4
+    z[1, 0], z[1, 1:] = 0.0, -106.0 + torch.rand(39, generator=g)  # deep tail: the whole entropy is subnormal
+    z[3, 1:] = NEG_INF  # one live entry: A = 0 exactly
+    z[4, 2:] = -300.0
+    z[4, 1] = z[4, 0]  # two maxima, the rest beyond any tail
+    plain = _stats.chunk_summary(z.clone(), masked=True)
+    monkeypatch.setattr(_stats, "restore_tail", lambda d, r, a: (r, a))
+    raw = _stats.chunk_summary(z.clone(), masked=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(_stats, "_may_branch", lambda t: False)
+    free = _stats.chunk_summary(z.clone(), masked=True)
+    for x, y in zip(plain, free):
+        assert torch.equal(x, y)
+    for i in (0, 2, 5):  # ordinary rows: untouched
+        assert all(torch.equal(x[i], y[i]) for x, y in zip(plain, raw))
+    assert raw[2][1] == 0 and plain[2][1] < 0  # the deep row's moment, lost plainly, kept
 
 
 @st.composite

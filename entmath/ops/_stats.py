@@ -10,26 +10,17 @@ import torch
 from .._validate import coded_lse, lowest
 
 
-def log_normaliser(z: torch.Tensor, keep_exp: bool = False):
+def log_normaliser(z: torch.Tensor):
     """Return ``(m, log_s)`` with m = max z (keepdim) and log S = log sum_i e^{z_i - m}.
 
     The first maximal entry contributes exactly 1 to S; it is kept out of the sum so that
     log S = log1p(rest) stays accurate when the row is nearly one-hot (rest << 1), where
-    log(1 + rest) would round to 0.  With ``keep_exp`` also return e = exp(z - m) with that entry
-    zeroed.
+    log(1 + rest) would round to 0.
     """
     m, argmax = z.max(dim=-1, keepdim=True)
     e = (z - m).exp_()
     e.scatter_(-1, argmax, 0.0)
-    log_s = torch.log1p(e.sum(-1))
-    return (m, log_s, e) if keep_exp else (m, log_s)
-
-
-def softmax_stats(z: torch.Tensor):
-    """``(m, d, e, log_s)``: as ``log_normaliser(z, keep_exp=True)`` plus d = z - m with -inf
-    clamped to the lowest finite value (so e * d = 0 there)."""
-    m, log_s, e = log_normaliser(z, keep_exp=True)
-    return m, clamped(z - m), e, log_s
+    return m, torch.log1p(e.sum(-1))
 
 
 def log_softmax_and_lse(z: torch.Tensor):
@@ -64,18 +55,23 @@ def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True, gap: bool 
     ``gap`` also G = sum_i (m - z_i) >= 0 (+inf if some z_i = -inf), the sum of the logits that
     label smoothing needs, held relative to the maximum (``rebase_gap`` moves it to another).
 
-    The statistics of ``softmax_stats`` (max, e^{z-m} with the first maximal entry left out,
-    first moment), computed in place: on CPU each pass over a block costs about as much as the
-    matmul that made it, so the two temporaries softmax_stats allocates matter.  ``masked``: the
-    block may hold -inf logits (they then contribute exactly 0); the row maximum must be finite.
+    Max, e^{z-m} with the first maximal entry left out, first moment, computed in place: on CPU
+    each pass over a block costs about as much as the matmul that made it, so every temporary
+    matters.  ``entropy_torch`` uses it too (on a copy).  ``masked``: the block may hold -inf
+    logits (they then contribute exactly 0); the row maximum must be finite (else R and A are NaN).
     ``moment=False``: A is not needed (no entropy); it is returned as zeros, two passes sooner.
 
-    Known gap: e^{z_i - m} is formed plainly, so where it rounds to 0 (z_i - m < -103.9 in float32)
-    its moment term is lost with it; in a block whose every entry but the maximum lies 104..109
-    below it, that term is the whole entropy, a subnormal, and A comes out 0 (the Triton kernels
-    split such terms with ``exp_tail``; here that cost 2-3x this function's time, so it is left:
-    tests/test_extremes.py marks the case).  Each lost term is under 60 sigma (float32's smallest
-    subnormal), inside the entropy bound's absolute term; only a result of 0 breaks the rule.
+    The deep tail: e^{z_i - m} is formed plainly, so where it rounds to 0 (z_i - m < -103.9 in
+    float32) or to a subnormal, its moment term e^d d (representable down to d ~ -108.6) is lost
+    or blurred with it; in a block whose every entry but the maximum lies that deep, that term is
+    the whole entropy.  ``restore_tail`` recomputes (R, A) with ``exp_tail`` for the rows where
+    the loss can show (only rows with a tiny A).  On the CPU that is a check of one value per row
+    and a recomputation of the flagged rows only: on a 2 MiB float32 tile (64 x 8192, one thread)
+    ordinary rows cost 2.25-2.40 ms before and after (within noise), a tile of rows all in the
+    deep tail 13 -> 27 ms (their plain pass is already slow: subnormal arithmetic).  Elsewhere
+    (CUDA, compiled, faked or torch.func-transformed calls) a host branch would be a sync, so the
+    recomputation runs for every row, branch-free: about 2x this function's time, on the torch
+    fallback only (the Triton kernels split the tail themselves, ``exp_tail``).
     """
     m, idx = z.max(-1, keepdim=True)
     d = z.sub_(m)  # d = z - m <= 0, exactly 0 at the maxima
@@ -88,7 +84,11 @@ def chunk_summary(z: torch.Tensor, masked: bool, moment: bool = True, gap: bool 
     e = d.exp()
     e.scatter_(-1, idx, 0.0)  # leave the first maximal entry (e = 1) out: S = 1 + R
     r = e.sum(-1)
-    a = e.mul_(d).sum(-1) if moment else torch.zeros_like(r)  # sum e d; the maxima have d = 0 anyway
+    if not moment:
+        a = torch.zeros_like(r)
+    else:
+        a = e.mul_(d).sum(-1)  # sum e d; the maxima have d = 0 anyway
+        r, a = restore_tail(d, r, a)
     return (m.squeeze(-1), r, a, g) if gap else (m.squeeze(-1), r, a)
 
 
@@ -112,11 +112,58 @@ E_TAIL = 1.603810890548637853e-28  # e^-64
 
 def exp_tail(delta: torch.Tensor):
     """(w, s) with e^delta = w s: s = 1 for delta >= TAIL, e^TAIL below, where w = e^{delta - TAIL}
-    is a normal number wherever e^delta delta is representable.  Per-row factors (the merges):
-    the per-logit sums of ``chunk_summary`` keep the plain e^d (see its docstring)."""
+    is a normal number wherever e^delta delta is representable.  Per-row factors (the merges),
+    and the per-logit sums of the rows ``restore_tail`` recomputes."""
     deep = delta < TAIL
     w = torch.where(deep, delta - TAIL, delta).exp()
     return w, torch.where(deep, delta.new_full((), E_TAIL), delta.new_ones(()))
+
+
+# What one entry's moment term can lose when e^d is formed plainly: below smallest_subnormal / 2
+# e^d rounds to 0 (and a subnormal e^d is off by up to that much), times |d| <= -log(smallest) + 8;
+# a row whose plain |A| exceeds n such losses over eps carries them inside its own rounding.
+def _tail_threshold(dtype: torch.dtype) -> float:
+    import math
+    fi = torch.finfo(dtype)
+    tiny = fi.smallest_normal * fi.eps  # the smallest subnormal
+    return tiny * (8 - math.log(tiny)) / fi.eps
+
+
+def _tail_sums(d: torch.Tensor):
+    """(R, A) of rows of d = z - m <= 0 (clamped: finite) with e^d split as ``exp_tail`` does: the shallow
+    terms summed as they are, the deep ones as e^TAIL times a sum of normal numbers, so that no term
+    e^d d that is representable is lost.  The first maximal entry (d = 0) is left out of R."""
+    deep = d < TAIL
+    w = torch.where(deep, d - TAIL, d).exp_()
+    w.scatter_(-1, d.argmax(-1, keepdim=True), 0.0)  # argmax: the first maximal entry, as in R
+    wd = w * d
+    zero = w.new_zeros(())
+    r = torch.where(deep, zero, w).sum(-1) + E_TAIL * torch.where(deep, w, zero).sum(-1)
+    a = torch.where(deep, zero, wd).sum(-1) + E_TAIL * torch.where(deep, wd, zero).sum(-1)
+    return r, a
+
+
+def _may_branch(t: torch.Tensor) -> bool:
+    """Whether a data-dependent Python branch on t is free: a plain CPU tensor in eager mode (on CUDA
+    it would be a device-to-host sync; compiled, faked or torch.func-transformed it cannot run)."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def restore_tail(d: torch.Tensor, r: torch.Tensor, a: torch.Tensor):
+    """(R, A) of the rows of d = z - m (finite, <= 0) given the plain sums r = sum' e^d and
+    a = sum e^d d, with the deep tail put back (``_tail_sums``) in the rows where it can matter:
+    those whose |a| is under n losses per entry over eps (``_tail_threshold``).  A row with
+    every other entry far below its maximum (or masked) has a tiny A and is recomputed; an ordinary
+    row is not.  On the CPU only those rows are recomputed; elsewhere every row, branch-free."""
+    bad = a.neg() < d.shape[-1] * _tail_threshold(d.dtype)
+    if _may_branch(d):
+        if not bad.any():
+            return r, a
+        r_t, a_t = _tail_sums(d[bad])
+        return r.index_put((bad,), r_t), a.index_put((bad,), a_t)
+    r_t, a_t = _tail_sums(d)
+    return torch.where(bad, r_t, r), torch.where(bad, a_t, a)
 
 
 def merge_summaries(run, new):

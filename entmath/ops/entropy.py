@@ -28,7 +28,7 @@ from .._validate import check_float_tensor, check_rows_finite, coded_lse, normal
 from ..kernels.cpu import rows as cpu_rows
 from ._library import acc_dtype, cpu_kernel_op, eager_call, eager_function, register_row_vmap, triton_kernel_op
 from ._rows import kernels, output_dtype, rows_2d, upcast
-from ._stats import clamped, nan_unless_finite, softmax_stats
+from ._stats import chunk_summary, clamped, nan_unless_finite
 
 __all__ = ["entropy"]
 
@@ -36,11 +36,12 @@ __all__ = ["entropy"]
 def entropy_torch(z: torch.Tensor):
     """Reference forward along the last dim.  Returns (H, lse) in the accumulation dtype; lse is
     coded for validation (``_validate.coded_lse``)."""
-    z = upcast(z)
-    m, d, e, log_s = softmax_stats(z)  # d = z - m, e = exp(d) without the first maximal entry
-    moment = e.mul_(d).sum(-1)  # sum_i e^{d_i} d_i; the maximal entry has d = 0 anyway
+    zc = upcast(z)
+    # (m, R, A): S = 1 + R, A = sum_i e^{d_i} d_i, with the deep tail kept (chunk_summary overwrites
+    # its argument: a copy unless upcast made one)
+    m, r, moment = chunk_summary(zc.clone() if zc is z else zc, masked=True)
+    log_s = torch.log1p(r)
     h = log_s - moment / log_s.exp()
-    m = m.squeeze(-1)
     return h, coded_lse(m, m + log_s)
 
 
