@@ -156,6 +156,9 @@ def restore_tail(d: torch.Tensor, r: torch.Tensor, a: torch.Tensor):
     those whose |a| is under n losses per entry over eps (``_tail_threshold``).  A row with
     every other entry far below its maximum (or masked) has a tiny A and is recomputed; an ordinary
     row is not.  On the CPU only those rows are recomputed; elsewhere every row, branch-free."""
+    if d.dim() == 1:  # one row (a 1-D input): as a batch of one
+        r, a = restore_tail(d.unsqueeze(0), r.reshape(1), a.reshape(1))
+        return r.reshape(()), a.reshape(())
     bad = a.neg() < d.shape[-1] * _tail_threshold(d.dtype)
     if _may_branch(d):
         if not bad.any():
