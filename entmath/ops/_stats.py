@@ -5,6 +5,8 @@ updates of one temporary otherwise (an extra logits-sized allocation costs as mu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validate import coded_lse, lowest
@@ -123,7 +125,6 @@ def exp_tail(delta: torch.Tensor):
 # e^d rounds to 0 (and a subnormal e^d is off by up to that much), times |d| <= -log(smallest) + 8;
 # a row whose plain |A| exceeds n such losses over eps carries them inside its own rounding.
 def _tail_threshold(dtype: torch.dtype) -> float:
-    import math
     fi = torch.finfo(dtype)
     tiny = fi.smallest_normal * fi.eps  # the smallest subnormal
     return tiny * (8 - math.log(tiny)) / fi.eps

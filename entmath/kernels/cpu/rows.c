@@ -697,6 +697,28 @@ void entmath_ce_fwd(const void *z, const int64_t *t, const float *w, int64_t bf1
         FOR_ROWS(r0, r1, threads, CE_ROW(f32, float));
 }
 
+/* The common calls' reduction of the rows' losses into *out: 1 "sum", 2 "mean" over `counted`
+ * rows (0 if there are none), summed in double (no overflow, one rounding); 0 "none" (nothing to
+ * do: out holds the rows' losses). */
+static void reduce_losses(const float *loss, int64_t rows, int64_t counted, int64_t reduction, float *out)
+{
+    if (!reduction)
+        return;
+    double sum = 0.0;
+    for (int64_t row = 0; row < rows; ++row)
+        sum += (double)loss[row];
+    if (reduction == 2)
+        sum = counted > 0 ? sum / (double)counted : 0.0;
+    *out = (float)sum;
+}
+
+/* Out of memory for a common call's buffer: NaN results, never a silent number. */
+static void fail_reduced(float *out, int64_t rows, int64_t reduction)
+{
+    for (int64_t row = 0; row < (reduction ? 1 : rows); ++row)
+        out[row] = NAN;
+}
+
 /* The common call (class indices; no class weights, entropy, z-loss or soft-capping), forward in
  * one call: entmath_ce_fwd over all rows, then its reduction into out: 1 "sum", 2 "mean" over the
  * rows not ignored (0 if there are none), summed in double (no overflow, one rounding); 0 "none"
@@ -718,23 +740,14 @@ void entmath_ce_fwd_reduced(const int64_t *a, float eps)
     float *out = (float *)a[10];
     float *own = scratch ? NULL : malloc(sizeof(float) * (size_t)(3 * rows + 1));
     float *buf = scratch ? scratch : own;
-    if (!buf) {  /* (out of memory: NaN, never a silent number) */
-        for (int64_t row = 0; row < (reduction ? 1 : rows); ++row)
-            out[row] = NAN;
+    if (!buf) {
+        fail_reduced(out, rows, reduction);
         return;
     }
     float *loss = reduction ? buf : out;
     entmath_ce_fwd(z, t, NULL, bf16, n, stride, 0, rows, eps, ignore_index, loss, buf + rows, buf + 2 * rows, NULL,
                    counts, threads);
-    if (reduction) {
-        double sum = 0.0;
-        for (int64_t row = 0; row < rows; ++row)
-            sum += (double)loss[row];
-        const int64_t counted = rows - counts[2];
-        if (reduction == 2)
-            sum = counted > 0 ? sum / (double)counted : 0.0;
-        *out = (float)sum;
-    }
+    reduce_losses(loss, rows, rows - counts[2], reduction, out);
     free(own);
 }
 
@@ -821,22 +834,14 @@ void entmath_ce_probs_fwd_reduced(const int64_t *a, float keep, float spread)
     int64_t *counts = (int64_t *)a[8];
     float *own = scratch ? NULL : malloc(sizeof(float) * (size_t)(3 * rows + 1));
     float *buf = scratch ? scratch : own;
-    if (!buf) {  /* (out of memory: NaN, never a silent number) */
-        for (int64_t row = 0; row < (reduction ? 1 : rows); ++row)
-            out[row] = NAN;
+    if (!buf) {
+        fail_reduced(out, rows, reduction);
         return;
     }
     float *loss = reduction ? buf : out;
     counts[1] = entmath_ce_probs_fwd((const void *)a[0], (const void *)a[1], NULL, a[2], a[3], a[4], a[5], 0, rows,
                                      keep, spread, loss, buf + rows, buf + 2 * rows, NULL, counts, a[11]);
-    if (reduction) {
-        double sum = 0.0;
-        for (int64_t row = 0; row < rows; ++row)
-            sum += (double)loss[row];
-        if (reduction == 2)
-            sum = rows > 0 ? sum / (double)rows : 0.0;
-        *out = (float)sum;
-    }
+    reduce_losses(loss, rows, rows, reduction, out);
     free(own);
 }
 
